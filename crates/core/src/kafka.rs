@@ -1,0 +1,130 @@
+//! Kafka client configuration shared by every stage. All producers use
+//! `murmur2_random` (Kafka's Java default) so topics with equal partition
+//! counts are co-partitioned, and are idempotent with `acks=all`.
+
+use rdkafka::ClientConfig;
+use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+use rdkafka::client::DefaultClientContext;
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::types::RDKafkaErrorCode;
+use std::time::Duration;
+
+use crate::config::{ConfigError, KafkaArgs};
+
+/// Largest record (bytes) producers accept; raw records up to this size are
+/// carried to the DLQ intact when a stage rejects them.
+pub const MAX_MESSAGE_BYTES: usize = 16 * 1024 * 1024;
+
+/// The base config: brokers plus every user-supplied property.
+pub fn base_config(args: &KafkaArgs) -> Result<ClientConfig, ConfigError> {
+    let mut cfg = ClientConfig::new();
+    cfg.set("bootstrap.servers", &args.brokers);
+    for (k, v) in args.all_options()? {
+        cfg.set(k, v);
+    }
+    Ok(cfg)
+}
+
+/// Producer settings: idempotent, ordered per partition, Java-compatible
+/// partitioner. User options given with `--kafka-option producer.<key>=…`
+/// are not special-cased: plain options apply to every client.
+pub fn producer_config(args: &KafkaArgs) -> Result<ClientConfig, ConfigError> {
+    let mut cfg = ClientConfig::new();
+    cfg.set("enable.idempotence", "true")
+        .set("acks", "all")
+        .set("partitioner", "murmur2_random")
+        .set("linger.ms", "5")
+        .set("compression.type", "none")
+        .set("message.max.bytes", MAX_MESSAGE_BYTES.to_string())
+        .set("queue.buffering.max.messages", "200000")
+        .set("queue.buffering.max.kbytes", "1048576");
+    overlay(&mut cfg, base_config(args)?);
+    Ok(cfg)
+}
+
+/// Consumer settings for a group member that stores offsets only after the
+/// records are handled (`enable.auto.offset.store=false`); stored offsets
+/// are committed in the background and on shutdown / revoke.
+pub fn consumer_config(args: &KafkaArgs, group: &str) -> Result<ClientConfig, ConfigError> {
+    let mut cfg = ClientConfig::new();
+    cfg.set("group.id", args.topic(group))
+        .set("enable.auto.commit", "true")
+        .set("auto.commit.interval.ms", "1000")
+        .set("enable.auto.offset.store", "false")
+        .set("auto.offset.reset", "earliest")
+        .set("partition.assignment.strategy", "cooperative-sticky")
+        .set("session.timeout.ms", "10000")
+        .set("fetch.message.max.bytes", "1048576")
+        .set("statistics.interval.ms", "5000")
+        .set(
+            "receive.message.max.bytes",
+            (MAX_MESSAGE_BYTES * 2).to_string(),
+        );
+    overlay(&mut cfg, base_config(args)?);
+    Ok(cfg)
+}
+
+/// Consumer settings without a group (tail, loaders that assign partitions
+/// themselves).
+pub fn reader_config(args: &KafkaArgs) -> Result<ClientConfig, ConfigError> {
+    let mut cfg = ClientConfig::new();
+    cfg.set("group.id", args.topic("vidpulse-reader"))
+        .set("enable.auto.commit", "false")
+        .set("enable.auto.offset.store", "false")
+        .set(
+            "receive.message.max.bytes",
+            (MAX_MESSAGE_BYTES * 2).to_string(),
+        );
+    overlay(&mut cfg, base_config(args)?);
+    Ok(cfg)
+}
+
+fn overlay(cfg: &mut ClientConfig, top: ClientConfig) {
+    for (k, v) in top.config_map() {
+        cfg.set(k, v);
+    }
+}
+
+/// Creates `topic` with `partitions` partitions unless it exists. Returns
+/// whether it was created. Idempotent.
+pub async fn ensure_topic(
+    admin: &AdminClient<DefaultClientContext>,
+    topic: &str,
+    partitions: i32,
+    config: &[(&str, &str)],
+) -> Result<bool, rdkafka::error::KafkaError> {
+    let mut new = NewTopic::new(topic, partitions, TopicReplication::Fixed(1));
+    for (k, v) in config {
+        new = new.set(k, v);
+    }
+    let opts = AdminOptions::new().operation_timeout(Some(Duration::from_secs(10)));
+    let results = admin.create_topics([&new], &opts).await?;
+    for r in results {
+        match r {
+            Ok(_) => return Ok(true),
+            Err((_, RDKafkaErrorCode::TopicAlreadyExists)) => return Ok(false),
+            Err((_, code)) => return Err(rdkafka::error::KafkaError::AdminOp(code)),
+        }
+    }
+    Ok(false)
+}
+
+/// Partition count of `topic`, or `None` when it does not exist.
+pub fn partition_count(
+    consumer: &BaseConsumer,
+    topic: &str,
+    timeout: Duration,
+) -> Result<Option<i32>, rdkafka::error::KafkaError> {
+    let md = consumer.fetch_metadata(Some(topic), timeout)?;
+    Ok(md
+        .topics()
+        .iter()
+        .find(|t| t.name() == topic)
+        .and_then(|t| {
+            if t.error().is_some() || t.partitions().is_empty() {
+                None
+            } else {
+                Some(t.partitions().len() as i32)
+            }
+        }))
+}

@@ -1,0 +1,18 @@
+//! Shared pieces of every vidpulse stage: the config blocks each binary
+//! flattens into its flags, Kafka client setup, the offset tracker and the
+//! consume→process→produce loop, shutdown on SIGTERM/SIGINT, the admin HTTP
+//! port (`/healthz`, `/readyz`, `/metrics`), metric names and DLQ headers.
+#![forbid(unsafe_code)]
+
+pub mod admin;
+pub mod config;
+pub mod dlq;
+pub mod kafka;
+pub mod metrics;
+pub mod offsets;
+pub mod pipeline;
+pub mod shutdown;
+pub mod telemetry;
+pub mod topics;
+
+pub use tokio_util::sync::CancellationToken;

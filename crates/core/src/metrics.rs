@@ -1,0 +1,38 @@
+//! Metric names (Prometheus) shared by the stages, and the recorder setup.
+//! Every stage counts records received, produced and dead-lettered (by
+//! reason), and exposes consumer lag per partition.
+
+use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
+use std::sync::OnceLock;
+
+/// Records read from an input topic. Labels: `stage`, `topic`.
+pub const RECORDS_RECEIVED: &str = "vidpulse_records_received_total";
+/// Records produced and acknowledged. Labels: `stage`, `topic`.
+pub const RECORDS_PRODUCED: &str = "vidpulse_records_produced_total";
+/// Records sent to the dead-letter topic. Labels: `stage`, `reason`.
+pub const RECORDS_DLQ: &str = "vidpulse_records_dlq_total";
+/// Records deliberately not forwarded. Labels: `stage`, `reason`.
+pub const RECORDS_DROPPED: &str = "vidpulse_records_dropped_total";
+/// Records whose produce failed for good. Labels: `stage`.
+pub const PRODUCE_FAILED: &str = "vidpulse_produce_failed_total";
+/// Inputs read but not yet fully acknowledged downstream. Labels: `stage`.
+pub const IN_FLIGHT: &str = "vidpulse_records_in_flight";
+/// Consumer lag (records) per partition, from librdkafka statistics.
+/// Labels: `stage`, `topic`, `partition`.
+pub const CONSUMER_LAG: &str = "vidpulse_consumer_lag";
+/// Offset commits that failed. Labels: `stage`.
+pub const COMMIT_FAILED: &str = "vidpulse_commit_failed_total";
+
+static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
+
+/// Installs the process-wide Prometheus recorder (once) and returns its handle.
+pub fn install() -> PrometheusHandle {
+    HANDLE
+        .get_or_init(|| match PrometheusBuilder::new().install_recorder() {
+            Ok(h) => h,
+            // A recorder is already installed (tests running several stages in
+            // one process): render from a detached one instead of failing.
+            Err(_) => PrometheusBuilder::new().build_recorder().handle(),
+        })
+        .clone()
+}

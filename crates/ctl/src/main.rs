@@ -1,0 +1,51 @@
+//! `vidpulse`: the operator CLI. Thin: parses flags, runs one command, maps
+//! errors to exit codes (1 = failed, 2 = bad usage, from clap).
+#![forbid(unsafe_code)]
+
+mod mapping_check;
+mod tail;
+mod topics;
+
+use clap::{Parser, Subcommand};
+use vidpulse_core::config::KafkaArgs;
+
+/// Operate a vidpulse pipeline.
+#[derive(Parser)]
+#[command(name = "vidpulse", version)]
+struct Cli {
+    #[command(flatten)]
+    kafka: KafkaArgs,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Create or inspect the pipeline's topics.
+    #[command(subcommand)]
+    Topics(topics::TopicsCmd),
+    /// Print records of any topic as JSON lines (protobuf decoded, DLQ
+    /// records with their headers and original payload).
+    Tail(tail::TailArgs),
+    /// Check mappings offline.
+    #[command(subcommand)]
+    Mapping(mapping_check::MappingCmd),
+}
+
+#[tokio::main]
+async fn main() -> std::process::ExitCode {
+    let cli = Cli::parse();
+    vidpulse_core::telemetry::init(vidpulse_core::telemetry::LogFormat::Text);
+    let result = match cli.command {
+        Command::Topics(cmd) => topics::run(&cli.kafka, cmd).await,
+        Command::Tail(args) => tail::run(&cli.kafka, args).await,
+        Command::Mapping(cmd) => mapping_check::run(cmd),
+    };
+    match result {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(error) => {
+            eprintln!("vidpulse: {error:#}");
+            std::process::ExitCode::from(1)
+        }
+    }
+}

@@ -1,0 +1,195 @@
+//! `vidpulse tail <topic>`: prints records as JSON lines, one object per
+//! record with `topic`, `partition`, `offset`, `timestamp`, `key`, `headers`
+//! and `value`. Pipeline topics are decoded (protobuf events as JSON); DLQ
+//! records show their original payload as text when it is UTF-8, else
+//! base64 (`value_encoding` says which). Reads without a consumer group, so
+//! it never disturbs a stage.
+
+use std::collections::HashMap;
+use std::io::Write;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+use base64::Engine;
+use clap::Args;
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::message::{BorrowedMessage, Headers, Message};
+use rdkafka::{Offset, TopicPartitionList};
+use serde_json::{Map, Value, json};
+use vidpulse_core::config::KafkaArgs;
+use vidpulse_core::{kafka, topics};
+use vidpulse_proto::{Event, Message as _};
+
+#[derive(Args)]
+pub struct TailArgs {
+    /// Topic name (without the prefix).
+    topic: String,
+    /// Start at the earliest record; stops at the current end unless
+    /// --follow. Without it, tail starts at the end and follows.
+    #[arg(long)]
+    from_beginning: bool,
+    /// Keep waiting for new records.
+    #[arg(long)]
+    follow: bool,
+    /// Stop after this many records.
+    #[arg(long)]
+    max: Option<u64>,
+    /// Only this partition.
+    #[arg(long)]
+    partition: Option<i32>,
+    /// Print the value as stored (no decoding).
+    #[arg(long)]
+    raw: bool,
+}
+
+#[derive(Clone, Copy)]
+enum Decode {
+    Event,
+    Text,
+    Json,
+}
+
+fn decoder(topic: &str, raw: bool) -> Decode {
+    if raw {
+        Decode::Text
+    } else if topic == topics::EVENTS || topic == topics::LATE || topic == topics::MONITORED {
+        Decode::Event
+    } else if topic == topics::DLQ || topic.starts_with("vp.pool.") {
+        Decode::Text
+    } else {
+        Decode::Json
+    }
+}
+
+pub async fn run(kafka_args: &KafkaArgs, args: TailArgs) -> anyhow::Result<()> {
+    let kafka_args = kafka_args.clone();
+    tokio::task::spawn_blocking(move || tail(&kafka_args, &args)).await?
+}
+
+fn tail(kafka_args: &KafkaArgs, args: &TailArgs) -> anyhow::Result<()> {
+    let full = kafka_args.topic(&args.topic);
+    let consumer: BaseConsumer = kafka::reader_config(kafka_args)?
+        .create()
+        .context("cannot create Kafka consumer")?;
+    let md = consumer.fetch_metadata(Some(&full), Duration::from_secs(10))?;
+    let Some(t) = md
+        .topics()
+        .iter()
+        .find(|t| t.name() == full && t.error().is_none() && !t.partitions().is_empty())
+    else {
+        bail!("topic {full} does not exist (create it with `vidpulse topics create`)");
+    };
+    let follow = args.follow || !args.from_beginning;
+    let mut tpl = TopicPartitionList::new();
+    // Partition → end offset at start; reading stops when all are reached.
+    let mut ends: HashMap<i32, i64> = HashMap::new();
+    for p in t.partitions() {
+        if args.partition.is_some_and(|only| only != p.id()) {
+            continue;
+        }
+        let (lo, hi) = consumer.fetch_watermarks(&full, p.id(), Duration::from_secs(10))?;
+        let start = if args.from_beginning { lo } else { hi };
+        tpl.add_partition_offset(&full, p.id(), Offset::Offset(start))?;
+        if hi > start {
+            ends.insert(p.id(), hi);
+        }
+    }
+    if tpl.count() == 0 {
+        bail!(
+            "topic {full} has no partition {}",
+            args.partition.unwrap_or(-1)
+        );
+    }
+    consumer.assign(&tpl)?;
+    let decode = decoder(&args.topic, args.raw);
+    let stdout = std::io::stdout();
+    let mut out = std::io::BufWriter::new(stdout.lock());
+    let mut printed = 0u64;
+    let mut last_flush = Instant::now();
+    loop {
+        if args.max.is_some_and(|m| printed >= m) || (!follow && ends.is_empty()) {
+            break;
+        }
+        match consumer.poll(Duration::from_millis(200)) {
+            Some(Ok(msg)) => {
+                if let Some(end) = ends.get(&msg.partition())
+                    && msg.offset() + 1 >= *end
+                {
+                    ends.remove(&msg.partition());
+                }
+                let line = render(&msg, &args.topic, decode);
+                if writeln!(out, "{line}").is_err() {
+                    return Ok(()); // stdout closed (e.g. piped to head)
+                }
+                printed += 1;
+            }
+            Some(Err(e)) => eprintln!("vidpulse tail: {e}"),
+            None => {}
+        }
+        if last_flush.elapsed() > Duration::from_millis(200) {
+            let _ = out.flush();
+            last_flush = Instant::now();
+        }
+    }
+    let _ = out.flush();
+    Ok(())
+}
+
+fn bytes_to_value(b: &[u8]) -> (Value, &'static str) {
+    match std::str::from_utf8(b) {
+        Ok(s) => (Value::String(s.to_owned()), "text"),
+        Err(_) => (
+            Value::String(base64::engine::general_purpose::STANDARD.encode(b)),
+            "base64",
+        ),
+    }
+}
+
+/// Decodes a canonical event into JSON with its kind.
+pub fn event_json(bytes: &[u8]) -> Result<Value, String> {
+    let ev = Event::decode(bytes).map_err(|e| format!("not a vidpulse event: {e}"))?;
+    let mut v = serde_json::to_value(&ev).map_err(|e| e.to_string())?;
+    if let (Value::Object(m), Some(k)) = (&mut v, ev.kind()) {
+        m.insert("kind".into(), Value::String(k.as_str().into()));
+    }
+    Ok(v)
+}
+
+fn render(msg: &BorrowedMessage<'_>, topic: &str, decode: Decode) -> Value {
+    let mut o = Map::new();
+    o.insert("topic".into(), json!(topic));
+    o.insert("partition".into(), json!(msg.partition()));
+    o.insert("offset".into(), json!(msg.offset()));
+    o.insert("timestamp".into(), json!(msg.timestamp().to_millis()));
+    o.insert(
+        "key".into(),
+        msg.key()
+            .map(|k| bytes_to_value(k).0)
+            .unwrap_or(Value::Null),
+    );
+    let mut headers = Map::new();
+    if let Some(hs) = msg.headers() {
+        for h in hs.iter() {
+            headers.insert(
+                h.key.to_owned(),
+                h.value.map(|v| bytes_to_value(v).0).unwrap_or(Value::Null),
+            );
+        }
+    }
+    o.insert("headers".into(), Value::Object(headers));
+    let (value, encoding) = match (msg.payload(), decode) {
+        (None, _) => (Value::Null, "null"),
+        (Some(b), Decode::Event) => match event_json(b) {
+            Ok(v) => (v, "event"),
+            Err(_) => bytes_to_value(b),
+        },
+        (Some(b), Decode::Json) => match serde_json::from_slice::<Value>(b) {
+            Ok(v) => (v, "json"),
+            Err(_) => bytes_to_value(b),
+        },
+        (Some(b), Decode::Text) => bytes_to_value(b),
+    };
+    o.insert("value".into(), value);
+    o.insert("value_encoding".into(), json!(encoding));
+    Value::Object(o)
+}

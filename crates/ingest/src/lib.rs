@@ -1,0 +1,234 @@
+//! vidpulse ingest: reads raw JSON topics, normalizes each record with its
+//! mapping (a built-in preset or a user's TOML file) into the canonical
+//! protobuf event and produces it to `vp.events.v1`, keyed by its subject
+//! id; rejects go to `vp.dlq.v1` with their original bytes and a reason.
+//!
+//! Delivery: at-least-once through the shared pipeline loop; event ids are
+//! deterministic, so a re-read record yields the same event.
+#![forbid(unsafe_code)]
+
+pub mod mapping;
+pub mod normalize;
+pub mod presets;
+pub mod reject;
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use chrono_tz::Tz;
+use clap::Parser;
+use vidpulse_core::admin::{self, Health};
+use vidpulse_core::config::{AdminArgs, ConfigError, KafkaArgs};
+use vidpulse_core::{CancellationToken, pipeline, topics};
+
+use mapping::Mapping;
+use normalize::Normalizer;
+
+/// Normalize raw JSON events into canonical vidpulse events.
+///
+/// With no --preset and no --mapping, every built-in preset is read from its
+/// default raw topic.
+#[derive(Parser, Debug, Clone)]
+#[command(name = "vidpulse-ingest", version)]
+pub struct Args {
+    /// A built-in preset to run, optionally on another topic: `NAME` or
+    /// `NAME=TOPIC`. Repeatable. Presets: video_events, video_messages,
+    /// play_request, live_streaming_log, live_gift_total, live_room_events,
+    /// video_production_log, video_consumption_log, user_actions.
+    #[arg(
+        long = "preset",
+        env = "VIDPULSE_INGEST_PRESETS",
+        value_delimiter = ','
+    )]
+    pub presets: Vec<String>,
+
+    /// A TOML mapping file, optionally on another topic: `FILE` or
+    /// `FILE=TOPIC`. Repeatable. See docs/mapping.md.
+    #[arg(
+        long = "mapping",
+        env = "VIDPULSE_INGEST_MAPPINGS",
+        value_delimiter = ','
+    )]
+    pub mappings: Vec<String>,
+
+    /// Zone of zone-less times for mappings that name none (IANA name).
+    #[arg(
+        long,
+        env = "VIDPULSE_INGEST_TIME_ZONE",
+        default_value = "Asia/Shanghai"
+    )]
+    pub time_zone: String,
+
+    /// Topic normalized events are written to.
+    #[arg(long, env = "VIDPULSE_INGEST_EVENTS_TOPIC", default_value = topics::EVENTS)]
+    pub events_topic: String,
+
+    /// Dead-letter topic for records that cannot be normalized.
+    #[arg(long, env = "VIDPULSE_INGEST_DLQ_TOPIC", default_value = topics::DLQ)]
+    pub dlq_topic: String,
+
+    /// Consumer group.
+    #[arg(long, env = "VIDPULSE_INGEST_GROUP", default_value = "vidpulse-ingest")]
+    pub group: String,
+
+    /// Raw records larger than this go to the DLQ as `payload_too_large`.
+    #[arg(long, env = "VIDPULSE_INGEST_MAX_PAYLOAD_BYTES", default_value_t = 1024 * 1024)]
+    pub max_payload_bytes: usize,
+
+    /// Most records produced but not yet acknowledged.
+    #[arg(long, env = "VIDPULSE_INGEST_MAX_IN_FLIGHT", default_value_t = 100_000)]
+    pub max_in_flight: usize,
+
+    /// How long shutdown waits for in-flight records.
+    #[arg(long, env = "VIDPULSE_INGEST_DRAIN_TIMEOUT", default_value = "30s", value_parser = humantime::parse_duration)]
+    pub drain_timeout: Duration,
+
+    /// Print the built-in presets (name and TOML) and exit.
+    #[arg(long)]
+    pub list_presets: bool,
+
+    #[command(flatten)]
+    pub kafka: KafkaArgs,
+
+    #[command(flatten)]
+    pub admin: AdminArgs,
+}
+
+/// Default admin address of ingest.
+pub const DEFAULT_ADMIN_ADDR: &str = "0.0.0.0:9101";
+
+/// Validated settings, built once at start.
+pub struct Settings {
+    /// Full input topic → mapping.
+    pub mappings: HashMap<String, Arc<Mapping>>,
+    pub events_topic: String,
+    pub dlq_topic: String,
+    pub admin_addr: SocketAddr,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum IngestError {
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    #[error(transparent)]
+    Mapping(#[from] mapping::MappingError),
+    #[error(transparent)]
+    Pipeline(#[from] pipeline::PipelineError),
+    #[error("admin server: {0}")]
+    Admin(std::io::Error),
+}
+
+fn invalid(field: &str, message: String) -> ConfigError {
+    ConfigError::Invalid {
+        field: field.into(),
+        message,
+    }
+}
+
+/// `VALUE` or `VALUE=TOPIC`.
+fn split_topic(s: &str) -> (&str, Option<&str>) {
+    match s.split_once('=') {
+        Some((v, t)) => (v.trim(), Some(t.trim())),
+        None => (s.trim(), None),
+    }
+}
+
+impl Settings {
+    pub fn from_args(args: &Args) -> Result<Settings, IngestError> {
+        let zone: Tz = args.time_zone.parse().map_err(|_| {
+            invalid(
+                "--time-zone",
+                format!(
+                    "unknown zone {:?}; use an IANA name such as Asia/Shanghai",
+                    args.time_zone
+                ),
+            )
+        })?;
+        let mut list: Vec<(Mapping, Option<String>)> = Vec::new();
+        for p in &args.presets {
+            let (name, topic) = split_topic(p);
+            let names: Vec<&str> = presets::names().collect();
+            let m = presets::preset(name, zone).ok_or_else(|| {
+                invalid(
+                    "--preset",
+                    format!("unknown preset {name:?}; presets are {}", names.join(", ")),
+                )
+            })??;
+            list.push((m, topic.map(str::to_owned)));
+        }
+        for f in &args.mappings {
+            let (file, topic) = split_topic(f);
+            let text = std::fs::read_to_string(PathBuf::from(file))
+                .map_err(|e| invalid("--mapping", format!("cannot read {file}: {e}")))?;
+            let m = Mapping::from_toml(&text, zone).map_err(|mut e| {
+                if e.mapping == "<file>" {
+                    e.mapping = file.to_owned();
+                }
+                e
+            })?;
+            list.push((m, topic.map(str::to_owned)));
+        }
+        if list.is_empty() {
+            for name in presets::names() {
+                if let Some(m) = presets::preset(name, zone) {
+                    list.push((m?, None));
+                }
+            }
+        }
+        let mut mappings = HashMap::new();
+        for (m, topic) in list {
+            let full = args.kafka.topic(topic.as_deref().unwrap_or(&m.topic));
+            if let Some(prev) = mappings.insert(full.clone(), Arc::new(m)) {
+                return Err(invalid(
+                    "--preset/--mapping",
+                    format!("topic {full} is read by two mappings ({} and another); give one of them another topic", prev.name),
+                )
+                .into());
+            }
+        }
+        let admin_addr = match args.admin.admin_addr {
+            Some(a) => a,
+            None => DEFAULT_ADMIN_ADDR
+                .parse()
+                .map_err(|_| invalid("--admin-addr", "bad default".into()))?,
+        };
+        Ok(Settings {
+            mappings,
+            events_topic: args.kafka.topic(&args.events_topic),
+            dlq_topic: args.kafka.topic(&args.dlq_topic),
+            admin_addr,
+        })
+    }
+}
+
+/// Runs ingest until `shutdown` is cancelled.
+pub async fn run(args: Args, shutdown: CancellationToken) -> Result<(), IngestError> {
+    let settings = Settings::from_args(&args)?;
+    let health = Health::new();
+    admin::serve(settings.admin_addr, health.clone(), shutdown.clone())
+        .await
+        .map_err(IngestError::Admin)?;
+    let mut inputs: Vec<String> = settings.mappings.keys().cloned().collect();
+    inputs.sort();
+    for t in &inputs {
+        tracing::info!(topic = %t, mapping = %settings.mappings[t].name, "Reading raw topic.");
+    }
+    let processor = Normalizer::new(
+        settings.mappings,
+        settings.events_topic.clone(),
+        settings.dlq_topic.clone(),
+        args.max_payload_bytes,
+    );
+    let pl = pipeline::Settings {
+        stage: "ingest",
+        group: args.group.clone(),
+        inputs,
+        max_in_flight: args.max_in_flight,
+        drain_timeout: args.drain_timeout,
+    };
+    pipeline::run(&args.kafka, pl, processor, health, shutdown).await?;
+    Ok(())
+}

@@ -1,0 +1,174 @@
+//! The canonical vidpulse event (generated from `proto/vidpulse/v1/event.proto`)
+//! plus the few rules every stage shares about it: kind names and the
+//! partition key.
+#![forbid(unsafe_code)]
+
+#[allow(clippy::all, missing_docs)]
+mod generated {
+    include!(concat!(env!("OUT_DIR"), "/vidpulse.v1.rs"));
+}
+
+pub use generated::*;
+pub use prost::Message;
+
+/// Version written into `Event::schema_version` by this build.
+pub const SCHEMA_VERSION: u32 = 1;
+
+/// The payload kinds, by the names used in mappings, metric specs and docs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Kind {
+    VideoUploaded,
+    VideoMetadata,
+    PlayRequested,
+    VideoPlayed,
+    UserAction,
+    ViewerArrived,
+    ViewerLeft,
+    GiftSent,
+    LiveRoomStarted,
+    LiveRoomEnded,
+    VideoPublished,
+}
+
+impl Kind {
+    pub const ALL: [Kind; 11] = [
+        Kind::VideoUploaded,
+        Kind::VideoMetadata,
+        Kind::PlayRequested,
+        Kind::VideoPlayed,
+        Kind::UserAction,
+        Kind::ViewerArrived,
+        Kind::ViewerLeft,
+        Kind::GiftSent,
+        Kind::LiveRoomStarted,
+        Kind::LiveRoomEnded,
+        Kind::VideoPublished,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Kind::VideoUploaded => "video_uploaded",
+            Kind::VideoMetadata => "video_metadata",
+            Kind::PlayRequested => "play_requested",
+            Kind::VideoPlayed => "video_played",
+            Kind::UserAction => "user_action",
+            Kind::ViewerArrived => "viewer_arrived",
+            Kind::ViewerLeft => "viewer_left",
+            Kind::GiftSent => "gift_sent",
+            Kind::LiveRoomStarted => "live_room_started",
+            Kind::LiveRoomEnded => "live_room_ended",
+            Kind::VideoPublished => "video_published",
+        }
+    }
+
+    pub fn parse(name: &str) -> Option<Kind> {
+        Kind::ALL.into_iter().find(|k| k.as_str() == name)
+    }
+}
+
+impl std::fmt::Display for Kind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl event::Payload {
+    pub fn kind(&self) -> Kind {
+        use event::Payload as P;
+        match self {
+            P::VideoUploaded(_) => Kind::VideoUploaded,
+            P::VideoMetadata(_) => Kind::VideoMetadata,
+            P::PlayRequested(_) => Kind::PlayRequested,
+            P::VideoPlayed(_) => Kind::VideoPlayed,
+            P::UserAction(_) => Kind::UserAction,
+            P::ViewerArrived(_) => Kind::ViewerArrived,
+            P::ViewerLeft(_) => Kind::ViewerLeft,
+            P::GiftSent(_) => Kind::GiftSent,
+            P::LiveRoomStarted(_) => Kind::LiveRoomStarted,
+            P::LiveRoomEnded(_) => Kind::LiveRoomEnded,
+            P::VideoPublished(_) => Kind::VideoPublished,
+        }
+    }
+}
+
+impl Event {
+    pub fn kind(&self) -> Option<Kind> {
+        self.payload.as_ref().map(event::Payload::kind)
+    }
+
+    /// The id this event is "about", used as the Kafka key of `vp.events.v1`:
+    /// the video for video events, the author for publications, the room for
+    /// live events. When that id is absent (a gift without a room, a user
+    /// action without a target) the user id, then the event id, is used, so
+    /// the key is never empty and per-subject order is kept.
+    pub fn subject_key(&self) -> &str {
+        let primary = match self.kind() {
+            Some(
+                Kind::VideoUploaded | Kind::VideoMetadata | Kind::PlayRequested | Kind::VideoPlayed,
+            ) => self.video_id.as_str(),
+            Some(Kind::VideoPublished) => self.author_id.as_str(),
+            Some(Kind::UserAction) => {
+                if !self.video_id.is_empty() {
+                    self.video_id.as_str()
+                } else if let Some(event::Payload::UserAction(a)) = &self.payload {
+                    a.target_id.as_str()
+                } else {
+                    ""
+                }
+            }
+            Some(
+                Kind::ViewerArrived
+                | Kind::ViewerLeft
+                | Kind::GiftSent
+                | Kind::LiveRoomStarted
+                | Kind::LiveRoomEnded,
+            ) => self.room_id.as_str(),
+            None => "",
+        };
+        [primary, self.user_id.as_str(), self.event_id.as_str()]
+            .into_iter()
+            .find(|s| !s.is_empty())
+            .unwrap_or("")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn kind_names_round_trip() {
+        for k in Kind::ALL {
+            assert_eq!(Kind::parse(k.as_str()), Some(k));
+        }
+        assert_eq!(Kind::parse("nope"), None);
+    }
+
+    #[test]
+    fn subject_key_follows_the_subject_then_falls_back() {
+        let mut e = Event {
+            event_id: "e1".into(),
+            user_id: "u1".into(),
+            video_id: "v1".into(),
+            room_id: "r1".into(),
+            payload: Some(event::Payload::VideoPlayed(VideoPlayed::default())),
+            ..Default::default()
+        };
+        assert_eq!(e.subject_key(), "v1");
+        e.payload = Some(event::Payload::GiftSent(GiftSent::default()));
+        assert_eq!(e.subject_key(), "r1");
+        e.room_id.clear();
+        assert_eq!(e.subject_key(), "u1");
+        e.user_id.clear();
+        assert_eq!(e.subject_key(), "e1");
+        let a = Event {
+            event_id: "e2".into(),
+            payload: Some(event::Payload::UserAction(UserAction {
+                action: "like".into(),
+                target_id: "t9".into(),
+            })),
+            ..Default::default()
+        };
+        assert_eq!(a.subject_key(), "t9");
+    }
+}

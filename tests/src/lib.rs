@@ -1,0 +1,292 @@
+//! Harness for end-to-end tests: runs the release binaries (built once by
+//! `scripts/test`) against the local stack started by `scripts/stack up`,
+//! each test under its own topic prefix so tests never collide.
+#![forbid(unsafe_code)]
+#![allow(clippy::unwrap_used)] // test harness: a failed step should panic with context
+
+use std::collections::BTreeMap;
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::path::PathBuf;
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::{Duration, Instant};
+
+use rdkafka::ClientConfig;
+use rdkafka::producer::{BaseRecord, DefaultProducerContext, Producer, ThreadedProducer};
+use serde_json::Value;
+
+pub fn repo_root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .unwrap()
+        .to_path_buf()
+}
+
+/// Path of a release binary of this workspace.
+pub fn bin(name: &str) -> PathBuf {
+    let target = std::env::var("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|_| repo_root().join("target"));
+    let p = target.join("release").join(name);
+    assert!(
+        p.exists(),
+        "{} missing: run `cargo build --release --workspace --bins` (scripts/test does)",
+        p.display()
+    );
+    p
+}
+
+pub fn brokers() -> String {
+    std::env::var("VIDPULSE_KAFKA_BROKERS").unwrap_or_else(|_| "127.0.0.1:9092".into())
+}
+
+/// A scratch directory under `.work/tests`.
+pub fn scratch(prefix: &str) -> PathBuf {
+    let d = repo_root()
+        .join(".work/tests")
+        .join(prefix.trim_end_matches('.'));
+    std::fs::create_dir_all(&d).unwrap();
+    d
+}
+
+/// A free loopback port.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// One test's isolated pipeline: every topic and group is prefixed.
+pub struct Env {
+    pub prefix: String,
+}
+
+static SEQ: AtomicU32 = AtomicU32::new(0);
+
+impl Env {
+    pub fn new(name: &str) -> Env {
+        let nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_nanos()
+            % 1_000_000_000;
+        let prefix = format!(
+            "t{}{}{}.{name}.",
+            std::process::id(),
+            nanos,
+            SEQ.fetch_add(1, Ordering::SeqCst)
+        );
+        Env { prefix }
+    }
+
+    pub fn topic(&self, name: &str) -> String {
+        format!("{}{name}", self.prefix)
+    }
+
+    /// A command for binary `name` with this env's prefix and brokers.
+    pub fn cmd(&self, name: &str) -> Command {
+        let mut c = Command::new(bin(name));
+        c.env("VIDPULSE_TOPIC_PREFIX", &self.prefix)
+            .env("VIDPULSE_KAFKA_BROKERS", brokers())
+            .env("VIDPULSE_LOG", "info,librdkafka=warn")
+            .stdin(Stdio::null());
+        c
+    }
+
+    /// Runs `vidpulse <args>` and returns stdout; panics on failure.
+    pub fn ctl(&self, args: &[&str]) -> String {
+        let out = self.run("vidpulse", args);
+        assert!(
+            out.status.success(),
+            "vidpulse {args:?} failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8(out.stdout).unwrap()
+    }
+
+    pub fn run(&self, name: &str, args: &[&str]) -> Output {
+        self.cmd(name).args(args).output().unwrap()
+    }
+
+    /// Creates every pipeline and raw topic under this prefix.
+    pub fn create_topics(&self) {
+        self.ctl(&["topics", "create"]);
+    }
+
+    /// Every record of `topic` (unprefixed name), as printed by `vidpulse tail`.
+    pub fn tail_all(&self, topic: &str) -> Vec<Value> {
+        let out = self.ctl(&["tail", topic, "--from-beginning"]);
+        out.lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect()
+    }
+
+    /// Total records in `topic` (sum of high − low watermarks).
+    pub fn count(&self, topic: &str) -> i64 {
+        let out = self.ctl(&["topics", "describe", topic]);
+        let line = out.lines().next().unwrap_or("");
+        // "<name>: N partitions, M records  ..."
+        line.split(", ")
+            .nth(1)
+            .and_then(|s| s.split(' ').next())
+            .and_then(|n| n.parse().ok())
+            .unwrap_or(-1)
+    }
+
+    /// Spawns a long-running stage.
+    pub fn spawn(&self, name: &str, args: &[&str], log: &str) -> Proc {
+        let logf = std::fs::File::create(scratch(&self.prefix).join(log)).unwrap();
+        let child = self
+            .cmd(name)
+            .args(args)
+            .stdout(logf.try_clone().unwrap())
+            .stderr(logf)
+            .spawn()
+            .unwrap();
+        Proc {
+            child: Some(child),
+            name: name.to_owned(),
+        }
+    }
+
+    /// A producer for crafting raw records.
+    pub fn producer(&self) -> ThreadedProducer<DefaultProducerContext> {
+        ClientConfig::new()
+            .set("bootstrap.servers", brokers())
+            .set("message.max.bytes", "16777216")
+            .set("partitioner", "murmur2_random")
+            .create()
+            .unwrap()
+    }
+
+    /// Produces `(key, payload)` records to raw topic `topic` and waits.
+    pub fn produce(&self, topic: &str, records: &[(Option<&str>, Option<Vec<u8>>)]) {
+        let p = self.producer();
+        let full = self.topic(topic);
+        for (k, v) in records {
+            let mut r: BaseRecord<'_, str, [u8]> = BaseRecord::to(&full);
+            if let Some(k) = k {
+                r = r.key(*k);
+            }
+            if let Some(v) = v {
+                r = r.payload(v.as_slice());
+            }
+            p.send(r).map_err(|(e, _)| e).unwrap();
+        }
+        p.flush(Duration::from_secs(30)).unwrap();
+    }
+}
+
+/// A spawned binary, killed when dropped.
+pub struct Proc {
+    child: Option<Child>,
+    pub name: String,
+}
+
+impl Proc {
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().unwrap().id()
+    }
+
+    /// SIGKILL, no drain.
+    pub fn kill9(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// SIGTERM and wait for a clean exit; returns whether it exited 0.
+    pub fn terminate(&mut self) -> bool {
+        let Some(mut c) = self.child.take() else {
+            return false;
+        };
+        let _ = Command::new("kill")
+            .args(["-TERM", &c.id().to_string()])
+            .status();
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            if let Some(status) = c.try_wait().unwrap() {
+                return status.success();
+            }
+            if Instant::now() > deadline {
+                let _ = c.kill();
+                return false;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    pub fn is_running(&mut self) -> bool {
+        self.child
+            .as_mut()
+            .is_some_and(|c| c.try_wait().unwrap().is_none())
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        self.kill9();
+    }
+}
+
+/// Polls `f` until it returns `Some`, or panics after `timeout` with `what`.
+pub fn wait_for<T>(what: &str, timeout: Duration, mut f: impl FnMut() -> Option<T>) -> T {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(v) = f() {
+            return v;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "timed out after {timeout:?} waiting for {what}"
+        );
+        std::thread::sleep(Duration::from_millis(250));
+    }
+}
+
+/// GET `path` on a loopback port; returns (status, body).
+pub fn http_get(port: u16, path: &str) -> Option<(u16, String)> {
+    let mut s = TcpStream::connect(("127.0.0.1", port)).ok()?;
+    s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n"
+    )
+    .ok()?;
+    let mut buf = String::new();
+    s.read_to_string(&mut buf).ok()?;
+    let status = buf.split(' ').nth(1)?.parse().ok()?;
+    let body = buf
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_owned())
+        .unwrap_or_default();
+    Some((status, body))
+}
+
+/// Parses Prometheus text into `name{labels}` → value.
+pub fn prom(body: &str) -> BTreeMap<String, f64> {
+    body.lines()
+        .filter(|l| !l.starts_with('#') && !l.trim().is_empty())
+        .filter_map(|l| {
+            let (k, v) = l.rsplit_once(' ')?;
+            Some((k.to_owned(), v.parse().ok()?))
+        })
+        .collect()
+}
+
+/// Sum of every sample of metric `name` whose labels contain all `labels`.
+pub fn prom_sum(m: &BTreeMap<String, f64>, name: &str, labels: &[&str]) -> f64 {
+    m.iter()
+        .filter(|(k, _)| k.split('{').next() == Some(name) && labels.iter().all(|l| k.contains(l)))
+        .map(|(_, v)| v)
+        .sum()
+}
+
+/// Reads a JSON file.
+pub fn read_json(path: &std::path::Path) -> Value {
+    serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap()
+}
