@@ -34,6 +34,10 @@ pub struct TailArgs {
     /// Stop after this many records.
     #[arg(long)]
     max: Option<u64>,
+    /// Print only the last N records of each partition, then stop (unless
+    /// --follow).
+    #[arg(long, conflicts_with = "from_beginning")]
+    last: Option<i64>,
     /// Only this partition.
     #[arg(long)]
     partition: Option<i32>,
@@ -79,7 +83,7 @@ fn tail(kafka_args: &KafkaArgs, args: &TailArgs) -> anyhow::Result<()> {
     else {
         bail!("topic {full} does not exist (create it with `vidpulse topics create`)");
     };
-    let follow = args.follow || !args.from_beginning;
+    let follow = args.follow || !(args.from_beginning || args.last.is_some());
     let mut tpl = TopicPartitionList::new();
     // Partition → end offset at start; reading stops when all are reached.
     let mut ends: HashMap<i32, i64> = HashMap::new();
@@ -88,7 +92,11 @@ fn tail(kafka_args: &KafkaArgs, args: &TailArgs) -> anyhow::Result<()> {
             continue;
         }
         let (lo, hi) = consumer.fetch_watermarks(&full, p.id(), Duration::from_secs(10))?;
-        let start = if args.from_beginning { lo } else { hi };
+        let start = match args.last {
+            Some(n) => (hi - n.max(0)).max(lo),
+            None if args.from_beginning => lo,
+            None => hi,
+        };
         tpl.add_partition_offset(&full, p.id(), Offset::Offset(start))?;
         if hi > start {
             ends.insert(p.id(), hi);
