@@ -12,6 +12,7 @@ pub mod metrics;
 pub mod offsets;
 pub mod pipeline;
 pub mod shutdown;
+pub mod sink;
 pub mod telemetry;
 pub mod topics;
 

@@ -202,21 +202,8 @@ impl ClientContext for ConsumerCtx {
     }
 
     fn stats(&self, stats: Statistics) {
-        let Ok(mut gauges) = self.0.lag.lock() else {
-            return;
-        };
-        for (name, topic) in &stats.topics {
-            for (p, part) in &topic.partitions {
-                if *p < 0 || part.consumer_lag < 0 {
-                    continue;
-                }
-                gauges
-                    .entry((name.clone(), *p))
-                    .or_insert_with(|| {
-                        gauge!(m::CONSUMER_LAG, "stage" => self.0.stage, "topic" => name.clone(), "partition" => p.to_string())
-                    })
-                    .set(part.consumer_lag as f64);
-            }
+        if let Ok(mut gauges) = self.0.lag.lock() {
+            record_lag(self.0.stage, &stats, &mut gauges);
         }
     }
 }
@@ -283,7 +270,39 @@ impl ConsumerCtx {
     }
 }
 
-fn log_rdkafka(level: RDKafkaLogLevel, fac: &str, msg: &str) {
+/// Sets the consumer-lag gauge of every partition in `stats`.
+pub(crate) fn record_lag(stage: &'static str, stats: &Statistics, gauges: &mut HashMap<(String, i32), metrics::Gauge>) {
+    for (name, topic) in &stats.topics {
+        for (p, part) in &topic.partitions {
+            if *p < 0 || part.consumer_lag < 0 {
+                continue;
+            }
+            gauges
+                .entry((name.clone(), *p))
+                .or_insert_with(|| {
+                    gauge!(m::CONSUMER_LAG, "stage" => stage, "topic" => name.clone(), "partition" => p.to_string())
+                })
+                .set(part.consumer_lag as f64);
+        }
+    }
+}
+
+/// Fails when an input topic does not exist, naming the fix.
+pub(crate) fn check_topics_exist<C: ConsumerContext>(
+    consumer: &impl Consumer<C>,
+    topics: &[String],
+) -> Result<(), PipelineError> {
+    for topic in topics {
+        let md = consumer.fetch_metadata(Some(topic), Duration::from_secs(10))?;
+        let exists = md.topics().iter().any(|t| t.name() == topic && t.error().is_none() && !t.partitions().is_empty());
+        if !exists {
+            return Err(PipelineError::MissingTopic(topic.clone()));
+        }
+    }
+    Ok(())
+}
+
+pub(crate) fn log_rdkafka(level: RDKafkaLogLevel, fac: &str, msg: &str) {
     match level {
         RDKafkaLogLevel::Emerg
         | RDKafkaLogLevel::Alert
@@ -333,16 +352,7 @@ pub async fn run<P: Processor>(
         ConsumerCtx(shared.clone()),
     )?;
 
-    for topic in &settings.inputs {
-        let md = consumer.fetch_metadata(Some(topic), Duration::from_secs(10))?;
-        let exists = md
-            .topics()
-            .iter()
-            .any(|t| t.name() == topic && t.error().is_none() && !t.partitions().is_empty());
-        if !exists {
-            return Err(PipelineError::MissingTopic(topic.clone()));
-        }
-    }
+    check_topics_exist(&consumer, &settings.inputs)?;
     let inputs: Vec<&str> = settings.inputs.iter().map(String::as_str).collect();
     consumer.subscribe(&inputs)?;
     tracing::info!(stage, group = %kafka_args.topic(&settings.group), topics = ?inputs, "Consuming.");
