@@ -18,7 +18,7 @@ use rdkafka::{Offset, TopicPartitionList};
 use serde_json::{Map, Value, json};
 use vidpulse_core::config::KafkaArgs;
 use vidpulse_core::{kafka, topics};
-use vidpulse_proto::{Event, Message as _};
+use vidpulse_proto::{Event, Message as _, MonitoredEvent};
 
 #[derive(Args)]
 pub struct TailArgs {
@@ -49,6 +49,7 @@ pub struct TailArgs {
 #[derive(Clone, Copy)]
 enum Decode {
     Event,
+    Monitored,
     Text,
     Json,
 }
@@ -56,8 +57,10 @@ enum Decode {
 fn decoder(topic: &str, raw: bool) -> Decode {
     if raw {
         Decode::Text
-    } else if topic == topics::EVENTS || topic == topics::LATE || topic == topics::MONITORED {
+    } else if topic == topics::EVENTS || topic == topics::LATE {
         Decode::Event
+    } else if topic == topics::MONITORED {
+        Decode::Monitored
     } else if topic == topics::DLQ || topic.starts_with("vp.pool.") {
         Decode::Text
     } else {
@@ -163,6 +166,19 @@ pub fn event_json(bytes: &[u8]) -> Result<Value, String> {
     Ok(v)
 }
 
+/// Decodes a monitored event: the event (with its kind), pools, enrichment.
+pub fn monitored_json(bytes: &[u8]) -> Result<Value, String> {
+    let m = MonitoredEvent::decode(bytes).map_err(|e| format!("not a monitored event: {e}"))?;
+    let mut v = serde_json::to_value(&m).map_err(|e| e.to_string())?;
+    if let (Some(ev), Some(k)) = (
+        v.get_mut("event").and_then(Value::as_object_mut),
+        m.event.as_ref().and_then(Event::kind),
+    ) {
+        ev.insert("kind".into(), Value::String(k.as_str().into()));
+    }
+    Ok(v)
+}
+
 fn render(msg: &BorrowedMessage<'_>, topic: &str, decode: Decode) -> Value {
     let mut o = Map::new();
     o.insert("topic".into(), json!(topic));
@@ -189,6 +205,10 @@ fn render(msg: &BorrowedMessage<'_>, topic: &str, decode: Decode) -> Value {
         (None, _) => (Value::Null, "null"),
         (Some(b), Decode::Event) => match event_json(b) {
             Ok(v) => (v, "event"),
+            Err(_) => bytes_to_value(b),
+        },
+        (Some(b), Decode::Monitored) => match monitored_json(b) {
+            Ok(v) => (v, "monitored_event"),
             Err(_) => bytes_to_value(b),
         },
         (Some(b), Decode::Json) => match serde_json::from_slice::<Value>(b) {
