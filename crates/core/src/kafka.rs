@@ -52,14 +52,9 @@ pub fn consumer_config(args: &KafkaArgs, group: &str) -> Result<ClientConfig, Co
         .set("auto.commit.interval.ms", "1000")
         .set("enable.auto.offset.store", "false")
         .set("auto.offset.reset", "earliest")
-        .set("partition.assignment.strategy", "cooperative-sticky")
         .set("session.timeout.ms", "10000")
         .set("fetch.message.max.bytes", "1048576")
-        .set("statistics.interval.ms", "5000")
-        .set(
-            "receive.message.max.bytes",
-            (MAX_MESSAGE_BYTES * 2).to_string(),
-        );
+        .set("statistics.interval.ms", "5000");
     overlay(&mut cfg, base_config(args)?);
     Ok(cfg)
 }
@@ -70,11 +65,7 @@ pub fn reader_config(args: &KafkaArgs) -> Result<ClientConfig, ConfigError> {
     let mut cfg = ClientConfig::new();
     cfg.set("group.id", args.topic("vidpulse-reader"))
         .set("enable.auto.commit", "false")
-        .set("enable.auto.offset.store", "false")
-        .set(
-            "receive.message.max.bytes",
-            (MAX_MESSAGE_BYTES * 2).to_string(),
-        );
+        .set("enable.auto.offset.store", "false");
     overlay(&mut cfg, base_config(args)?);
     Ok(cfg)
 }

@@ -88,10 +88,9 @@ fields = { action = "k" }
         kind(r#"{"v":"a","k":"like","ts":1629075600000}"#),
         Ok(Some(Kind::UserAction))
     );
-    assert_eq!(
-        kind(r#"{"v":"a","ts":1629075600000}"#).unwrap_err().reason,
-        Reason::UnknownEventType
-    );
+    let reason = |rec: &str| kind(rec).unwrap_err().reason;
+    assert_eq!(reason(r#"{"v":"a","ts":1629075600000}"#), Reason::MissingField);
+    assert_eq!(reason(r#"{"v":"a","k":[1],"ts":1629075600000}"#), Reason::WrongType);
 }
 
 #[test]

@@ -356,6 +356,9 @@ fn malformed_inputs_get_specific_reasons() {
             R::UnknownEventType,
         ),
         ("user_actions", br#"{"type":"teleport","timestamp":1732200000.1}"#.to_vec(), R::UnknownEventType),
+        ("user_actions", br#"{"timestamp":1732200000.1}"#.to_vec(), R::MissingField),
+        ("user_actions", br#"{"type":true,"timestamp":1732200000.1}"#.to_vec(), R::WrongType),
+        ("user_actions", br#"{"type":{"a":1},"timestamp":1732200000.1}"#.to_vec(), R::WrongType),
         ("live_room_events", br#"{"action":"start","time":"2021-08-16 09:00:00"}"#.to_vec(), R::MissingField),
         ("video_production_log", br#"{"video_id":"v","action":"publish","time":1629075600123}"#.to_vec(), R::MissingField),
     ];

@@ -377,10 +377,38 @@ impl Mapping {
                 return Ok(rule);
             }
         }
-        let seen: Vec<String> = self
+        // No rule matched: say why as precisely as the record allows.
+        let values: Vec<(&Path, Option<&Value>)> = self
             .discriminators
             .iter()
-            .map(|p| match p.get(record) {
+            .map(|p| (p, p.get(record)))
+            .collect();
+        if !values.is_empty() && values.iter().all(|(_, v)| v.is_none()) {
+            let names: Vec<&str> = values.iter().map(|(p, _)| p.text.as_str()).collect();
+            return Err(Reject::new(
+                Reason::MissingField,
+                format!(
+                    "the field deciding the event type ({}) is absent or null",
+                    names.join(", ")
+                ),
+            ));
+        }
+        if let Some((p, Some(v))) = values
+            .iter()
+            .find(|(_, v)| matches!(v, Some(Value::Object(_) | Value::Array(_) | Value::Bool(_))))
+        {
+            return Err(Reject::new(
+                Reason::WrongType,
+                format!(
+                    "the field deciding the event type ({}) must be a string or number, got {}",
+                    p.text,
+                    type_name(v)
+                ),
+            ));
+        }
+        let seen: Vec<String> = values
+            .iter()
+            .map(|(p, v)| match v {
                 Some(v) => format!("{} = {}", p.text, truncate(&v.to_string(), 40)),
                 None => format!("{} absent", p.text),
             })
