@@ -90,14 +90,12 @@ pub async fn ensure_topic(
     }
     let opts = AdminOptions::new().operation_timeout(Some(Duration::from_secs(10)));
     let results = admin.create_topics([&new], &opts).await?;
-    for r in results {
-        match r {
-            Ok(_) => return Ok(true),
-            Err((_, RDKafkaErrorCode::TopicAlreadyExists)) => return Ok(false),
-            Err((_, code)) => return Err(rdkafka::error::KafkaError::AdminOp(code)),
-        }
+    // One topic asked, one result.
+    match results.into_iter().next() {
+        Some(Ok(_)) => Ok(true),
+        Some(Err((_, RDKafkaErrorCode::TopicAlreadyExists))) | None => Ok(false),
+        Some(Err((_, code))) => Err(rdkafka::error::KafkaError::AdminOp(code)),
     }
-    Ok(false)
 }
 
 /// Partition count of `topic`, or `None` when it does not exist.

@@ -249,14 +249,14 @@ impl ConsumerContext for ConsumerCtx {
         result: rdkafka::error::KafkaResult<()>,
         _offsets: &TopicPartitionList,
     ) {
-        if let Err(error) = result {
-            if !matches!(
+        if let Err(error) = result
+            && !matches!(
                 error,
                 KafkaError::ConsumerCommit(RDKafkaErrorCode::NoOffset)
-            ) {
-                counter!(m::COMMIT_FAILED, "stage" => self.0.stage).increment(1);
-                tracing::warn!(%error, "Offset commit failed; it is retried on the next interval.");
-            }
+            )
+        {
+            counter!(m::COMMIT_FAILED, "stage" => self.0.stage).increment(1);
+            tracing::warn!(%error, "Offset commit failed; it is retried on the next interval.");
         }
     }
 }
@@ -271,7 +271,11 @@ impl ConsumerCtx {
 }
 
 /// Sets the consumer-lag gauge of every partition in `stats`.
-pub(crate) fn record_lag(stage: &'static str, stats: &Statistics, gauges: &mut HashMap<(String, i32), metrics::Gauge>) {
+pub(crate) fn record_lag(
+    stage: &'static str,
+    stats: &Statistics,
+    gauges: &mut HashMap<(String, i32), metrics::Gauge>,
+) {
     for (name, topic) in &stats.topics {
         for (p, part) in &topic.partitions {
             if *p < 0 || part.consumer_lag < 0 {
@@ -294,7 +298,10 @@ pub(crate) fn check_topics_exist<C: ConsumerContext>(
 ) -> Result<(), PipelineError> {
     for topic in topics {
         let md = consumer.fetch_metadata(Some(topic), Duration::from_secs(10))?;
-        let exists = md.topics().iter().any(|t| t.name() == topic && t.error().is_none() && !t.partitions().is_empty());
+        let exists = md
+            .topics()
+            .iter()
+            .any(|t| t.name() == topic && t.error().is_none() && !t.partitions().is_empty());
         if !exists {
             return Err(PipelineError::MissingTopic(topic.clone()));
         }

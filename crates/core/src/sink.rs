@@ -17,7 +17,9 @@ use std::time::{Duration, Instant};
 
 use metrics::{Counter, counter, gauge};
 use rdkafka::config::{FromClientConfigAndContext, RDKafkaLogLevel};
-use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext, Rebalance, StreamConsumer};
+use rdkafka::consumer::{
+    BaseConsumer, CommitMode, Consumer, ConsumerContext, Rebalance, StreamConsumer,
+};
 use rdkafka::message::Message;
 use rdkafka::statistics::Statistics;
 use rdkafka::{ClientContext, Offset, TopicPartitionList};
@@ -51,11 +53,17 @@ pub struct SinkError {
 
 impl SinkError {
     pub fn retriable(message: impl Into<String>) -> Self {
-        Self { message: message.into(), retriable: true }
+        Self {
+            message: message.into(),
+            retriable: true,
+        }
     }
 
     pub fn fatal(message: impl Into<String>) -> Self {
-        Self { message: message.into(), retriable: false }
+        Self {
+            message: message.into(),
+            retriable: false,
+        }
     }
 }
 
@@ -141,9 +149,15 @@ pub async fn run<S: Sink>(
 ) -> Result<(), PipelineError> {
     let stage = settings.stage;
     let assigned = Arc::new(Mutex::new(HashSet::new()));
-    let ctx = Ctx { stage, assigned: assigned.clone(), lag: Mutex::new(HashMap::new()) };
-    let consumer: StreamConsumer<Ctx> =
-        StreamConsumer::from_config_and_context(&kafka::consumer_config(kafka_args, &settings.group)?, ctx)?;
+    let ctx = Ctx {
+        stage,
+        assigned: assigned.clone(),
+        lag: Mutex::new(HashMap::new()),
+    };
+    let consumer: StreamConsumer<Ctx> = StreamConsumer::from_config_and_context(
+        &kafka::consumer_config(kafka_args, &settings.group)?,
+        ctx,
+    )?;
     crate::pipeline::check_topics_exist(&consumer, &settings.inputs)?;
     let inputs: Vec<&str> = settings.inputs.iter().map(String::as_str).collect();
     consumer.subscribe(&inputs)?;
@@ -153,7 +167,12 @@ pub async fn run<S: Sink>(
     let received: HashMap<String, Counter> = settings
         .inputs
         .iter()
-        .map(|t| (t.clone(), counter!(m::RECORDS_RECEIVED, "stage" => stage, "topic" => t.clone())))
+        .map(|t| {
+            (
+                t.clone(),
+                counter!(m::RECORDS_RECEIVED, "stage" => stage, "topic" => t.clone()),
+            )
+        })
         .collect();
     let errors = counter!(SINK_ERRORS, "stage" => stage);
     let latency = metrics::histogram!(SINK_LATENCY, "stage" => stage);

@@ -578,7 +578,7 @@ fn read_field(record: &Value, f: &Field) -> Result<Option<Val>, Reject> {
                 _ => return Err(wrong("a number")),
             };
             let x = x * f.scale.unwrap_or(1.0);
-            if !x.is_finite() || x < 0.0 || x > 9.0e15 {
+            if !x.is_finite() || !(0.0..=9.0e15).contains(&x) {
                 return Err(invalid(format!("= {x} is negative or out of range")));
             }
             if f.scale.is_none() && x.fract() != 0.0 {

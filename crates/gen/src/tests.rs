@@ -1,0 +1,751 @@
+//! Properties of the generated stream and its truth.
+#![allow(clippy::unwrap_used)]
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::time::Duration;
+
+use chrono::{DateTime, NaiveDateTime, TimeZone, Utc};
+use serde_json::Value;
+
+use crate::formats::{LOCAL_OFFSET_SECS, PROVINCES, TimeStyle};
+use crate::truth::{TopGifterRow, UserVideoPlaysRow, VideoPlaysRow};
+use crate::{Class, Event, Format, GenConfig, Kind, RawRecord, Reason, TruthBuilder, generate};
+
+fn cfg(count: u64) -> GenConfig {
+    GenConfig {
+        count,
+        ..GenConfig::default()
+    }
+}
+
+fn messy(count: u64) -> GenConfig {
+    GenConfig {
+        count,
+        bad_fraction: 0.1,
+        late_fraction: 0.1,
+        dup_fraction: 0.1,
+        ..GenConfig::default()
+    }
+}
+
+fn json(r: &RawRecord) -> serde_json::Map<String, Value> {
+    match serde_json::from_slice(&r.payload) {
+        Ok(Value::Object(m)) => m,
+        other => panic!("record {} is not a JSON object: {other:?}", r.seq),
+    }
+}
+
+/// Reads the event time of a valid payload the way ingest must.
+fn payload_time(format: Format, m: &serde_json::Map<String, Value>) -> i64 {
+    let field = match format {
+        Format::VideoEvents | Format::VideoMessages | Format::UserActions => "timestamp",
+        Format::PlayRequest => "start_time",
+        Format::LiveStreamingLog => {
+            if m["leave_time"] != m["arrive_time"] {
+                "leave_time"
+            } else {
+                "arrive_time"
+            }
+        }
+        Format::LiveGiftTotal => "create_time",
+        Format::LiveRoomEvents | Format::VideoProductionLog | Format::VideoConsumptionLog => "time",
+    };
+    let v = &m[field];
+    match format.time_style() {
+        TimeStyle::Iso => DateTime::parse_from_rfc3339(v.as_str().unwrap())
+            .unwrap()
+            .timestamp_millis(),
+        TimeStyle::Local => {
+            let t =
+                NaiveDateTime::parse_from_str(v.as_str().unwrap(), "%Y-%m-%d %H:%M:%S").unwrap();
+            (t.and_utc().timestamp() - LOCAL_OFFSET_SECS) * 1000
+        }
+        TimeStyle::EpochMs => v.as_i64().unwrap(),
+        TimeStyle::EpochSecs => (v.as_f64().unwrap() * 1000.0).round() as i64,
+    }
+}
+
+fn id_text(v: &Value) -> String {
+    match v {
+        Value::String(s) => s.clone(),
+        Value::Number(n) => n.to_string(),
+        other => panic!("not an id: {other}"),
+    }
+}
+
+fn event_seq(r: &RawRecord) -> Option<u64> {
+    json(r)
+        .get("event_id")?
+        .as_str()?
+        .rsplit('-')
+        .next()?
+        .parse()
+        .ok()
+}
+
+#[test]
+fn same_seed_same_bytes_and_truth() {
+    let a = generate(&messy(3000));
+    let b = generate(&messy(3000));
+    assert_eq!(a.records, b.records);
+    assert_eq!(a.truth, b.truth);
+    assert_eq!(
+        serde_json::to_string_pretty(&a.truth).unwrap(),
+        serde_json::to_string_pretty(&b.truth).unwrap()
+    );
+    let c = generate(&GenConfig {
+        seed: 2,
+        ..messy(3000)
+    });
+    assert_ne!(
+        a.records.iter().map(|r| &r.payload).collect::<Vec<_>>(),
+        c.records.iter().map(|r| &r.payload).collect::<Vec<_>>()
+    );
+    assert_ne!(a.truth.metrics, c.truth.metrics);
+}
+
+#[test]
+fn fractions_are_roughly_respected() {
+    let n = 20_000;
+    let g = generate(&GenConfig {
+        bad_fraction: 0.1,
+        late_fraction: 0.15,
+        dup_fraction: 0.05,
+        ..cfg(n)
+    });
+    assert_eq!(g.records.len() as u64, n);
+    let share =
+        |f: fn(&Class) -> bool| g.records.iter().filter(|r| f(&r.class)).count() as f64 / n as f64;
+    let bad = share(|c| matches!(c, Class::Malformed { .. }));
+    let late = share(|c| matches!(c, Class::Late));
+    let dup = share(|c| matches!(c, Class::Duplicate { .. }));
+    assert!((bad - 0.10).abs() < 0.01, "bad {bad}");
+    assert!((late - 0.15).abs() < 0.015, "late {late}");
+    assert!((dup - 0.05).abs() < 0.01, "dup {dup}");
+
+    let clean = generate(&cfg(2000));
+    assert!(clean.records.iter().all(|r| r.class == Class::Valid));
+}
+
+#[test]
+fn every_format_appears() {
+    let g = generate(&cfg(500));
+    let topics: BTreeSet<&str> = g.records.iter().map(|r| r.topic).collect();
+    assert_eq!(topics.len(), 9, "{topics:?}");
+    for k in Kind::ALL {
+        if k != Kind::LiveRoomEnded {
+            assert!(g.truth.kinds[k.name()] > 0, "no {k}");
+        }
+    }
+    // Some rooms end in a long enough run.
+    let g = generate(&cfg(5000));
+    assert!(g.truth.kinds["live_room_ended"] > 0);
+}
+
+#[test]
+fn every_reason_appears_with_13_bad_records() {
+    let g = generate(&GenConfig {
+        bad_fraction: 1.0,
+        ..cfg(13)
+    });
+    let reasons: BTreeSet<Reason> = g
+        .records
+        .iter()
+        .map(|r| match r.class {
+            Class::Malformed { reason } => reason,
+            other => panic!("{other:?}"),
+        })
+        .collect();
+    assert_eq!(reasons.len(), 13);
+    assert!(g.truth.dlq_by_reason.values().all(|&n| n == 1));
+
+    // And in a realistic mix.
+    let g = generate(&GenConfig {
+        bad_fraction: 0.02,
+        ..cfg(5000)
+    });
+    assert!(
+        g.truth.dlq_by_reason.values().all(|&n| n > 0),
+        "{:?}",
+        g.truth.dlq_by_reason
+    );
+}
+
+#[test]
+fn reasons_a_format_cannot_show_are_skipped() {
+    let g = generate(&GenConfig {
+        bad_fraction: 1.0,
+        formats: vec![Format::PlayRequest],
+        ..cfg(100)
+    });
+    assert!(g.records.iter().all(|r| r.topic == "play_request"));
+    let d = &g.truth.dlq_by_reason;
+    assert_eq!(d["unknown_event_type"], 0);
+    assert_eq!(d["invalid_value"], 0);
+    assert!(d["unparseable_time"] > 0 && d["invalid_id"] > 0 && d["wrong_type"] > 0);
+}
+
+/// A stand-in for ingest's first checks: the reason a payload fails with,
+/// as far as it can be told without the presets.
+fn first_failure(payload: &[u8]) -> Option<&'static str> {
+    if payload.is_empty() {
+        return Some("empty_payload");
+    }
+    let Ok(text) = std::str::from_utf8(payload) else {
+        return Some("invalid_utf8");
+    };
+    match serde_json::from_str::<Value>(text) {
+        Err(e) if e.is_eof() => Some("truncated_json"),
+        Err(e) if e.to_string().contains("recursion limit") => Some("nesting_too_deep"),
+        Err(_) => Some("invalid_json"),
+        Ok(Value::Object(_)) => None,
+        Ok(_) => Some("not_an_object"),
+    }
+}
+
+#[test]
+fn malformed_records_fail_as_labelled() {
+    let g = generate(&GenConfig {
+        bad_fraction: 1.0,
+        ..cfg(13 * 20)
+    });
+    for r in &g.records {
+        let Class::Malformed { reason } = r.class else {
+            unreachable!()
+        };
+        assert!(r.event.is_none());
+        let seen = first_failure(&r.payload);
+        match reason {
+            Reason::EmptyPayload
+            | Reason::InvalidUtf8
+            | Reason::TruncatedJson
+            | Reason::InvalidJson
+            | Reason::NotAnObject
+            | Reason::NestingTooDeep => assert_eq!(seen, Some(reason.code()), "{r:?}"),
+            _ => {
+                assert_eq!(
+                    seen,
+                    None,
+                    "{reason}: {}",
+                    String::from_utf8_lossy(&r.payload)
+                );
+                assert!(r.key.is_some());
+            }
+        }
+        let m = if seen.is_none() { Some(json(r)) } else { None };
+        let format = Format::from_topic(r.topic).unwrap();
+        match reason {
+            Reason::UnknownEventType => {
+                let m = m.unwrap();
+                let bad = ["video_deleted", "dance", "pause", "teleport"];
+                assert!(
+                    m.values()
+                        .any(|v| v.as_str().is_some_and(|s| bad.contains(&s))),
+                    "{m:?}"
+                );
+            }
+            Reason::InvalidValue => {
+                let m = m.unwrap();
+                let v = m.get("gift_total_amount").or(m.get("duration_s")).unwrap();
+                assert!(v.as_i64().unwrap() < 0);
+            }
+            Reason::TimeOutOfRange => {
+                let t = payload_time(format, &m.unwrap());
+                let lo = Utc
+                    .with_ymd_and_hms(2000, 1, 1, 0, 0, 0)
+                    .unwrap()
+                    .timestamp_millis();
+                let hi = Utc
+                    .with_ymd_and_hms(2100, 1, 1, 0, 0, 0)
+                    .unwrap()
+                    .timestamp_millis();
+                assert!(t < lo || t >= hi, "{t}");
+            }
+            Reason::WrongType => {
+                let m = m.unwrap();
+                assert!(
+                    m.values()
+                        .any(|v| v.is_object() || v.is_boolean() || v.is_array())
+                );
+            }
+            _ => {}
+        }
+    }
+}
+
+#[test]
+fn valid_payloads_match_their_events() {
+    let g = generate(&messy(5000));
+    for r in g.records.iter().filter(|r| r.class.is_valid()) {
+        let m = json(r);
+        let e = r.event.as_ref().unwrap();
+        let format = Format::from_topic(r.topic).unwrap();
+        assert_eq!(payload_time(format, &m), e.time_ms, "{r:?}");
+        assert_eq!(m["event_id"].as_str(), e.event_id.as_deref());
+        assert_eq!(
+            e.event_id.as_deref(),
+            Some(format!("g1-{}", r.seq).as_str())
+        );
+        let id = |f: &str| m.get(f).map(id_text);
+        match format {
+            Format::VideoEvents => {
+                assert_eq!(m["event_type"].as_str(), Some(e.kind.name()));
+                assert_eq!(id("video_id"), e.video_id);
+                assert_eq!(id("user_id"), e.user_id);
+                assert_eq!(m.get("watch_ms").and_then(Value::as_i64), e.watch_ms);
+            }
+            Format::LiveStreamingLog => {
+                let left = m["leave_time"] != m["arrive_time"];
+                assert_eq!(
+                    e.kind,
+                    if left {
+                        Kind::ViewerLeft
+                    } else {
+                        Kind::ViewerArrived
+                    }
+                );
+                assert!(m["user_id"].is_u64() && m["room_id"].is_u64());
+                let user = m["user_id"].as_u64().unwrap();
+                assert_eq!(m["grade"].as_u64(), Some(user % 5 + 1));
+                assert!(PROVINCES.contains(&m["province"].as_str().unwrap()));
+                assert_eq!(id("room_id"), e.room_id);
+                assert_eq!(e.grade, Some((user % 5 + 1) as i32));
+            }
+            Format::LiveGiftTotal => {
+                assert_eq!(id("user_id"), e.user_id);
+                assert_eq!(id("room_id"), e.room_id);
+                assert_eq!(m.contains_key("ip"), m.contains_key("room_id"));
+                assert_eq!(id("gift_type"), e.gift_type);
+                assert_eq!(m["gift_total_amount"].as_i64(), e.amount);
+            }
+            Format::VideoConsumptionLog => {
+                let action = m["action"].as_str().unwrap();
+                assert_eq!(action == "play", m.contains_key("watch_ms"));
+                assert_eq!(e.kind == Kind::VideoPlayed, action == "play");
+            }
+            Format::UserActions => {
+                assert_eq!(m["type"].as_str(), e.action.as_deref());
+                assert_eq!(m.contains_key("user_id"), m.contains_key("target_id"));
+            }
+            _ => {}
+        }
+        // Keys are the subject id.
+        let key = r.key.as_deref().unwrap();
+        let subject = match format {
+            Format::LiveRoomEvents => id("live_stream_id"),
+            Format::VideoProductionLog => id("author_id"),
+            Format::LiveStreamingLog => id("room_id"),
+            Format::LiveGiftTotal => id("room_id").or(id("user_id")),
+            Format::UserActions => id("target_id").or(id("user_id")).or(id("type")),
+            _ => id("video_id"),
+        };
+        assert_eq!(Some(key.to_owned()), subject);
+    }
+}
+
+#[test]
+fn without_event_ids_no_record_has_one() {
+    let g = generate(&GenConfig {
+        event_ids: false,
+        bad_fraction: 0.2,
+        late_fraction: 0.1,
+        ..cfg(2000)
+    });
+    for r in &g.records {
+        assert!(!String::from_utf8_lossy(&r.payload).contains("event_id"));
+        assert!(r.event.as_ref().is_none_or(|e| e.event_id.is_none()));
+    }
+    assert!(!g.truth.event_ids);
+}
+
+#[test]
+fn duplicates_copy_earlier_valid_records() {
+    let g = generate(&messy(5000));
+    let by_seq: HashMap<u64, &RawRecord> = g.records.iter().map(|r| (r.seq, r)).collect();
+    let mut dups = 0;
+    for (i, r) in g.records.iter().enumerate() {
+        assert_eq!(r.seq, i as u64);
+        if let Class::Duplicate { of } = r.class {
+            dups += 1;
+            let original = by_seq[&of];
+            assert!(of < r.seq);
+            assert_eq!(original.class, Class::Valid);
+            assert_eq!(original.payload, r.payload);
+            assert_eq!(original.key, r.key);
+            assert_eq!(original.topic, r.topic);
+            assert_eq!(original.event, r.event);
+        }
+    }
+    assert!(dups > 300);
+}
+
+#[test]
+fn event_times_rise_and_late_records_are_behind() {
+    let c = messy(5000);
+    let g = generate(&c);
+    let start = c.start.timestamp_millis();
+    let end = start + c.span.as_millis() as i64;
+    let late_by = c.late_by.as_millis() as i64;
+    let mut max_seen = i64::MIN;
+    let mut lates = 0;
+    for r in &g.records {
+        let Some(e) = &r.event else { continue };
+        match r.class {
+            Class::Valid => {
+                assert!(
+                    e.time_ms >= max_seen.saturating_sub(2000),
+                    "{r:?} behind {max_seen}"
+                );
+                assert!((start..end).contains(&e.time_ms), "{r:?}");
+                max_seen = max_seen.max(e.time_ms);
+            }
+            Class::Late if max_seen > i64::MIN => {
+                lates += 1;
+                assert!(
+                    e.time_ms <= max_seen.saturating_sub(late_by - 2000),
+                    "{r:?} not behind {max_seen}"
+                );
+                assert!(e.time_ms >= start - late_by);
+            }
+            _ => {}
+        }
+    }
+    assert!(lates > 300);
+}
+
+#[test]
+fn per_key_order_follows_sequence_numbers() {
+    let g = generate(&messy(5000));
+    let mut last: HashMap<(&str, &str), u64> = HashMap::new();
+    for r in g.records.iter().filter(|r| r.class.is_valid()) {
+        let seq = event_seq(r).unwrap();
+        assert_eq!(seq, r.seq);
+        let key = (r.topic, r.key.as_deref().unwrap());
+        if let Some(prev) = last.insert(key, seq) {
+            assert!(prev < seq, "{key:?}: {prev} then {seq}");
+        }
+    }
+}
+
+#[test]
+fn live_rooms_tell_a_consistent_story() {
+    let g = generate(&messy(8000));
+    let mut started: HashMap<String, i64> = HashMap::new();
+    let mut ended: BTreeSet<String> = BTreeSet::new();
+    let mut arrived: HashMap<(String, String), Vec<i64>> = HashMap::new();
+    for r in g.records.iter().filter(|r| r.class.is_valid()) {
+        let e = r.event.as_ref().unwrap();
+        let room = e.room_id.clone();
+        match e.kind {
+            Kind::LiveRoomStarted => {
+                let room = room.unwrap();
+                assert!(!ended.contains(&room), "room {room} restarted");
+                started.entry(room).or_insert(e.time_ms);
+            }
+            Kind::LiveRoomEnded => {
+                let room = room.unwrap();
+                assert!(started[&room] < e.time_ms);
+                assert!(ended.insert(room));
+            }
+            Kind::ViewerArrived | Kind::ViewerLeft | Kind::GiftSent => {
+                let Some(room) = room else { continue };
+                assert!(started[&room] <= e.time_ms, "{r:?} before its room started");
+                assert!(!ended.contains(&room), "{r:?} after its room ended");
+                let who = (room, e.user_id.clone().unwrap());
+                if e.kind == Kind::ViewerArrived {
+                    arrived.entry(who).or_default().push(e.time_ms);
+                } else if e.kind == Kind::ViewerLeft {
+                    let m = json(r);
+                    let arrive = {
+                        let t = NaiveDateTime::parse_from_str(
+                            m["arrive_time"].as_str().unwrap(),
+                            "%Y-%m-%d %H:%M:%S",
+                        )
+                        .unwrap();
+                        (t.and_utc().timestamp() - LOCAL_OFFSET_SECS) * 1000
+                    };
+                    assert!(arrive < e.time_ms);
+                    assert!(
+                        arrived.get(&who).is_some_and(|ts| ts.contains(&arrive)),
+                        "{r:?} never arrived"
+                    );
+                }
+            }
+            _ => {}
+        }
+    }
+    assert!(!ended.is_empty());
+}
+
+#[test]
+fn truth_counts_add_up() {
+    let g = generate(&messy(7000));
+    let t = &g.truth;
+    assert_eq!(t.count, 7000);
+    let mut sums = (0, 0, 0, 0, 0);
+    for (topic, c) in &t.topics {
+        assert_eq!(c.sent, c.valid + c.duplicates + c.malformed, "{topic}");
+        assert!(c.late <= c.valid);
+        let n = g
+            .records
+            .iter()
+            .filter(|r| r.topic == topic.as_str())
+            .count() as u64;
+        assert_eq!(c.sent, n);
+        sums = (
+            sums.0 + c.sent,
+            sums.1 + c.valid,
+            sums.2 + c.duplicates,
+            sums.3 + c.malformed,
+            sums.4 + c.late,
+        );
+    }
+    assert_eq!(sums.0, t.count);
+    assert_eq!(t.expected.events, sums.1 + sums.2);
+    assert_eq!(t.expected.distinct_events, sums.1);
+    assert_eq!(t.expected.dlq, sums.3);
+    assert_eq!(t.dlq_by_reason.values().sum::<u64>(), t.expected.dlq);
+    assert_eq!(t.kinds.values().sum::<u64>(), t.expected.distinct_events);
+    for (kind, minutes) in &t.kinds_per_minute {
+        assert_eq!(minutes.values().sum::<u64>(), t.kinds[kind], "{kind}");
+    }
+    let plays: u64 = t.metrics.video_plays_1m.iter().map(|r| r.plays).sum();
+    assert_eq!(plays, t.kinds["video_played"]);
+    let user_plays: u64 = t.metrics.user_video_plays_1m.iter().map(|r| r.plays).sum();
+    assert_eq!(user_plays, plays);
+    let gifts: u64 = t.metrics.gifts_by_type_1m.iter().map(|r| r.gifts).sum();
+    assert_eq!(gifts, t.kinds["gift_sent"]);
+    let arrivals: u64 = t
+        .metrics
+        .viewers_by_province_grade_1m
+        .iter()
+        .map(|r| r.arrivals)
+        .sum();
+    assert_eq!(arrivals, t.kinds["viewer_arrived"]);
+    let actions: u64 = t.metrics.user_actions_1m.iter().map(|r| r.actions).sum();
+    assert_eq!(actions, t.kinds["user_action"]);
+    // Several plays of one video in a minute happen (the skew at work).
+    assert!(t.metrics.video_plays_1m.iter().any(|r| r.plays > 1));
+    // Rows come sorted.
+    let keys: Vec<(&str, &str)> = t
+        .metrics
+        .video_plays_1m
+        .iter()
+        .map(|r| (r.window_start.as_str(), r.video_id.as_str()))
+        .collect();
+    assert!(keys.windows(2).all(|w| w[0] < w[1]));
+    // And the file round-trips.
+    let text = serde_json::to_string_pretty(t).unwrap();
+    assert_eq!(&serde_json::from_str::<crate::Truth>(&text).unwrap(), t);
+    let parsed: Value = serde_json::from_str(&text).unwrap();
+    assert_eq!(parsed.as_object().unwrap().len(), 10);
+    assert!(text.starts_with(
+        "{\n  \"seed\": 1,\n  \"start\": \"2021-08-16T01:00:00Z\",\n  \"count\": 7000,"
+    ));
+}
+
+fn record(seq: u64, class: Class, event: Event) -> RawRecord {
+    RawRecord {
+        seq,
+        topic: "video_events",
+        key: event.video_id.clone(),
+        payload: Vec::new(),
+        class,
+        event: Some(event),
+    }
+}
+
+fn play(video: &str, user: &str, time: &str, watch_ms: Option<i64>) -> Event {
+    let t = DateTime::parse_from_rfc3339(time)
+        .unwrap()
+        .timestamp_millis();
+    let mut e = Event::new(Kind::VideoPlayed, t);
+    e.video_id = Some(video.into());
+    e.user_id = Some(user.into());
+    e.watch_ms = watch_ms;
+    e
+}
+
+fn gift(user: &str, amount: i64, time: &str) -> Event {
+    let t = DateTime::parse_from_rfc3339(time)
+        .unwrap()
+        .timestamp_millis();
+    let mut e = Event::new(Kind::GiftSent, t);
+    e.user_id = Some(user.into());
+    e.gift_type = Some("3".into());
+    e.amount = Some(amount);
+    e
+}
+
+#[test]
+fn hand_checked_truth() {
+    let mut b = TruthBuilder::new(&cfg(0));
+    let p1 = play("100001", "2001", "2021-08-16T01:00:05Z", Some(1000));
+    let events = [
+        record(0, Class::Valid, p1.clone()),
+        record(
+            1,
+            Class::Valid,
+            play("100001", "2001", "2021-08-16T01:00:59.999Z", None),
+        ),
+        record(
+            2,
+            Class::Late,
+            play("100001", "2002", "2021-08-16T01:00:30Z", Some(2500)),
+        ),
+        // A re-send: counted as sent and as an event to write, not in metrics.
+        record(3, Class::Duplicate { of: 0 }, p1),
+        record(
+            4,
+            Class::Valid,
+            play("100001", "2002", "2021-08-16T01:01:00Z", Some(7)),
+        ),
+        record(5, Class::Valid, gift("2009", 50, "2021-08-16T01:10:00Z")),
+        record(6, Class::Valid, gift("2003", 30, "2021-08-16T01:20:00Z")),
+        record(7, Class::Valid, gift("2003", 20, "2021-08-16T01:59:59Z")),
+        record(8, Class::Valid, gift("2004", 5, "2021-08-16T02:00:00Z")),
+    ];
+    for r in &events {
+        b.observe(r);
+    }
+    b.observe(&RawRecord {
+        seq: 9,
+        topic: "video_events",
+        key: None,
+        payload: Vec::new(),
+        class: Class::Malformed {
+            reason: Reason::EmptyPayload,
+        },
+        event: None,
+    });
+    let t = b.finish();
+    let w = |s: &str| s.to_owned();
+    assert_eq!(
+        t.metrics.video_plays_1m,
+        vec![
+            VideoPlaysRow {
+                window_start: w("2021-08-16T01:00:00Z"),
+                video_id: w("100001"),
+                plays: 3,
+                viewers: 2,
+                watch_ms: 3500
+            },
+            VideoPlaysRow {
+                window_start: w("2021-08-16T01:01:00Z"),
+                video_id: w("100001"),
+                plays: 1,
+                viewers: 1,
+                watch_ms: 7
+            },
+        ]
+    );
+    assert_eq!(
+        t.metrics.user_video_plays_1m,
+        vec![
+            UserVideoPlaysRow {
+                window_start: w("2021-08-16T01:00:00Z"),
+                user_id: w("2001"),
+                video_id: w("100001"),
+                plays: 2
+            },
+            UserVideoPlaysRow {
+                window_start: w("2021-08-16T01:00:00Z"),
+                user_id: w("2002"),
+                video_id: w("100001"),
+                plays: 1
+            },
+            UserVideoPlaysRow {
+                window_start: w("2021-08-16T01:01:00Z"),
+                user_id: w("2002"),
+                video_id: w("100001"),
+                plays: 1
+            },
+        ]
+    );
+    // 2003 and 2009 tie at 50 in the 01:00 hour: the lower id ranks first.
+    assert_eq!(
+        t.metrics.top_gifters_1h,
+        vec![
+            TopGifterRow {
+                window_start: w("2021-08-16T01:00:00Z"),
+                rank: 1,
+                user_id: w("2003"),
+                amount: 50
+            },
+            TopGifterRow {
+                window_start: w("2021-08-16T01:00:00Z"),
+                rank: 2,
+                user_id: w("2009"),
+                amount: 50
+            },
+            TopGifterRow {
+                window_start: w("2021-08-16T02:00:00Z"),
+                rank: 1,
+                user_id: w("2004"),
+                amount: 5
+            },
+        ]
+    );
+    assert_eq!(t.metrics.gifts_by_type_1m.len(), 4);
+    let vt = &t.topics["video_events"];
+    assert_eq!(
+        (vt.sent, vt.valid, vt.duplicates, vt.malformed, vt.late),
+        (10, 8, 1, 1, 1)
+    );
+    assert_eq!(
+        (
+            t.expected.events,
+            t.expected.distinct_events,
+            t.expected.dlq
+        ),
+        (9, 8, 1)
+    );
+    assert_eq!(t.kinds["video_played"], 4);
+    assert_eq!(t.kinds["gift_sent"], 4);
+    assert_eq!(
+        t.kinds_per_minute["video_played"],
+        BTreeMap::from([
+            (w("2021-08-16T01:00:00Z"), 3),
+            (w("2021-08-16T01:01:00Z"), 1)
+        ])
+    );
+    assert_eq!(t.dlq_by_reason["empty_payload"], 1);
+}
+
+#[test]
+fn top_gifters_keep_ten_per_hour() {
+    let mut b = TruthBuilder::new(&cfg(0));
+    for i in 0..15 {
+        b.observe(&record(
+            i,
+            Class::Valid,
+            gift(
+                &format!("{}", 3000 + i),
+                10 + i as i64,
+                "2021-08-16T01:30:00Z",
+            ),
+        ));
+    }
+    let rows = b.finish().metrics.top_gifters_1h;
+    assert_eq!(rows.len(), 10);
+    assert_eq!(rows[0].user_id, "3014");
+    assert_eq!(rows[9].rank, 10);
+    assert_eq!(rows[9].amount, 15);
+}
+
+#[test]
+fn late_by_and_span_shape_the_times() {
+    let c = GenConfig {
+        late_fraction: 1.0,
+        late_by: Duration::from_secs(120),
+        span: Duration::from_secs(3600),
+        formats: vec![Format::VideoProductionLog],
+        ..cfg(100)
+    };
+    let g = generate(&c);
+    assert!(g.records.iter().all(|r| r.class == Class::Late));
+    let first = g.records[0].event.as_ref().unwrap().time_ms;
+    assert_eq!(first - first % 1000, c.start.timestamp_millis() - 120_000);
+    let last = g.records[99].event.as_ref().unwrap().time_ms;
+    assert!(last >= c.start.timestamp_millis() + 3_564_000 - 120_000);
+}
