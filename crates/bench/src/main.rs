@@ -146,8 +146,11 @@ async fn main() -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Records in `topic` and (partition, low, high) of each partition.
-fn total(c: &BaseConsumer, topic: &str) -> anyhow::Result<(i64, Vec<(i32, i64, i64)>)> {
+/// (partition, low, high) of one partition.
+type Watermarks = (i32, i64, i64);
+
+/// Records in `topic` and the watermarks of each partition.
+fn total(c: &BaseConsumer, topic: &str) -> anyhow::Result<(i64, Vec<Watermarks>)> {
     let md = c.fetch_metadata(Some(topic), Duration::from_secs(10))?;
     let t = md
         .topics()

@@ -1,6 +1,8 @@
 //! User mapping files: the TOML language (paths, constants, time formats and
 //! zones, id types) and clear errors for bad files.
 
+#![allow(clippy::unwrap_used)]
+
 use vidpulse_ingest::mapping::{Mapping, SourceRef};
 use vidpulse_ingest::normalize::normalize;
 use vidpulse_ingest::reject::Reason;

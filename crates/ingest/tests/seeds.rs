@@ -2,6 +2,8 @@
 //! formats fixed for seed 001 metadata and seed 003) normalizes to the
 //! expected canonical event; bad input gets the expected reason.
 
+#![allow(clippy::unwrap_used)]
+
 use serde_json::json;
 use vidpulse_ingest::mapping::{Mapping, SourceRef};
 use vidpulse_ingest::normalize::normalize;

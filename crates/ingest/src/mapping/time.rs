@@ -159,6 +159,7 @@ fn in_zone(naive: NaiveDateTime, zone: Tz, raw: &str) -> Result<i64, TimeError> 
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
     use serde_json::json;
