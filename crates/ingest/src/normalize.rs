@@ -12,14 +12,17 @@ use vidpulse_core::pipeline::{Input, Output, Processor};
 use vidpulse_core::{dlq, metrics as m};
 use vidpulse_proto::{Event, Message};
 
-use crate::mapping::{Mapping, SourceRef};
+use crate::mapping::{Doc, Mapping, SourceRef, doc};
 use crate::reject::{Reason, Reject};
 
 /// Header on every normalized event naming its kind (readable in console tools).
 pub const H_KIND: &str = "vp.kind";
 
+/// JSON nested deeper than this is rejected (`nesting_too_deep`).
+pub const MAX_NESTING: usize = 128;
+
 /// Checks a raw payload and parses it as a JSON object.
-pub fn parse_payload(payload: Option<&[u8]>, max_bytes: usize) -> Result<Value, Reject> {
+pub fn parse_payload(payload: Option<&[u8]>, max_bytes: usize) -> Result<Doc<'_>, Reject> {
     let bytes = match payload {
         None | Some([]) => return Err(Reject::new(Reason::EmptyPayload, "record has no value")),
         Some(b) => b,
@@ -33,36 +36,43 @@ pub fn parse_payload(payload: Option<&[u8]>, max_bytes: usize) -> Result<Value, 
             ),
         ));
     }
-    if let Err(e) = std::str::from_utf8(bytes) {
+    let text = std::str::from_utf8(bytes)
+        .map_err(|e| Reject::new(Reason::InvalidUtf8, format!("payload is not UTF-8: {e}")))?;
+    if doc::nesting_exceeds(bytes, MAX_NESTING) {
         return Err(Reject::new(
-            Reason::InvalidUtf8,
-            format!("payload is not UTF-8: {e}"),
+            Reason::NestingTooDeep,
+            format!("payload nests arrays/objects deeper than {MAX_NESTING} levels"),
         ));
     }
-    let value: Value = serde_json::from_slice(bytes).map_err(|e| {
-        let reason = if e.to_string().starts_with("recursion limit exceeded") {
-            Reason::NestingTooDeep
-        } else if e.classify() == Category::Eof {
-            Reason::TruncatedJson
-        } else {
-            Reason::InvalidJson
-        };
-        Reject::new(reason, format!("payload is not valid JSON: {e}"))
-    })?;
-    if !value.is_object() {
-        let what = match value {
-            Value::Array(_) => "an array",
-            Value::String(_) => "a string",
-            Value::Number(_) => "a number",
-            Value::Bool(_) => "a boolean",
-            _ => "null",
-        };
-        return Err(Reject::new(
-            Reason::NotAnObject,
-            format!("payload is {what}, not a JSON object"),
-        ));
+    if !text.trim_start().starts_with('{') {
+        // Not an object: say what it is, or why it is not JSON.
+        return Err(match serde_json::from_str::<Value>(text) {
+            Ok(v) => {
+                let what = match v {
+                    Value::Array(_) => "an array",
+                    Value::String(_) => "a string",
+                    Value::Number(_) => "a number",
+                    Value::Bool(_) => "a boolean",
+                    _ => "null",
+                };
+                Reject::new(
+                    Reason::NotAnObject,
+                    format!("payload is {what}, not a JSON object"),
+                )
+            }
+            Err(e) => json_error(&e),
+        });
     }
-    Ok(value)
+    Doc::parse(text).map_err(|e| json_error(&e))
+}
+
+fn json_error(e: &serde_json::Error) -> Reject {
+    let reason = if e.classify() == Category::Eof {
+        Reason::TruncatedJson
+    } else {
+        Reason::InvalidJson
+    };
+    Reject::new(reason, format!("payload is not valid JSON: {e}"))
 }
 
 /// Normalizes one raw record with `mapping`.
@@ -73,8 +83,8 @@ pub fn normalize(
     max_bytes: usize,
     now_ms: i64,
 ) -> Result<Event, Reject> {
-    let value = parse_payload(payload, max_bytes)?;
-    mapping.apply(&value, src, now_ms)
+    let doc = parse_payload(payload, max_bytes)?;
+    mapping.apply(&doc, src, now_ms)
 }
 
 /// The ingest stage's `Processor`.
@@ -85,7 +95,6 @@ pub struct Normalizer {
     dlq_topic: String,
     max_payload_bytes: usize,
     dlq_counters: HashMap<Reason, Counter>,
-    buf: Vec<u8>,
 }
 
 impl Normalizer {
@@ -110,7 +119,6 @@ impl Normalizer {
             dlq_topic,
             max_payload_bytes,
             dlq_counters,
-            buf: Vec::with_capacity(512),
         }
     }
 }
@@ -137,14 +145,14 @@ impl Processor for Normalizer {
         };
         match result {
             Ok(event) => {
-                self.buf.clear();
+                let mut buf = Vec::with_capacity(event.encoded_len());
                 // Encoding into a Vec cannot fail (it grows as needed).
-                let _ = event.encode(&mut self.buf);
+                let _ = event.encode(&mut buf);
                 let kind = event.kind().map(|k| k.as_str()).unwrap_or("");
                 out.push(Output {
                     topic: self.events_topic.clone(),
                     key: Some(event.subject_key().as_bytes().to_vec()),
-                    payload: Some(self.buf.clone()),
+                    payload: Some(buf),
                     headers: vec![(H_KIND, kind.as_bytes().to_vec())],
                 });
             }

@@ -91,8 +91,14 @@ fields = { action = "k" }
         Ok(Some(Kind::UserAction))
     );
     let reason = |rec: &str| kind(rec).unwrap_err().reason;
-    assert_eq!(reason(r#"{"v":"a","ts":1629075600000}"#), Reason::MissingField);
-    assert_eq!(reason(r#"{"v":"a","k":[1],"ts":1629075600000}"#), Reason::WrongType);
+    assert_eq!(
+        reason(r#"{"v":"a","ts":1629075600000}"#),
+        Reason::MissingField
+    );
+    assert_eq!(
+        reason(r#"{"v":"a","k":[1],"ts":1629075600000}"#),
+        Reason::WrongType
+    );
 }
 
 #[test]

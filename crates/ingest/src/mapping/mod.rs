@@ -3,6 +3,7 @@
 //! record. Applying is pure: the same record and source always give the
 //! same event (bar `ingest_time_ms`).
 
+pub mod doc;
 pub mod spec;
 pub mod time;
 
@@ -11,6 +12,7 @@ use serde_json::Value;
 use vidpulse_proto::{self as pb, Kind, event::Payload};
 
 use crate::reject::{Reason, Reject};
+pub use doc::Doc;
 use spec::{FieldSpec, MappingSpec, RuleSpec, TimeSpec, WhenSpec};
 use time::{TimeError, TimeFormat};
 
@@ -216,10 +218,23 @@ impl Path {
         })
     }
 
-    /// The value at this path; null counts as absent.
-    fn get<'v>(&self, root: &'v Value) -> Option<&'v Value> {
+    /// The value at this path, decoded; null counts as absent.
+    fn get(&self, doc: &Doc<'_>) -> Option<Value> {
+        let (first, rest) = self.segs.split_first()?;
+        let raw = match first {
+            Seg::Key(k) => doc.raw(k),
+            Seg::Index(i) => doc.raw(&i.to_string()),
+        }?;
+        let top: Value = serde_json::from_str(raw.get()).ok()?;
+        if rest.is_empty() {
+            return (!top.is_null()).then_some(top);
+        }
+        Self::walk(&top, rest).cloned()
+    }
+
+    fn walk<'v>(root: &'v Value, segs: &[Seg]) -> Option<&'v Value> {
         let mut v = root;
-        for s in &self.segs {
+        for s in segs {
             v = match (s, v) {
                 (Seg::Key(k), Value::Object(m)) => m.get(k)?,
                 (Seg::Index(i), Value::Array(a)) => a.get(*i)?,
@@ -313,7 +328,7 @@ impl Mapping {
     /// Applies the mapping to a parsed JSON object.
     pub fn apply(
         &self,
-        record: &Value,
+        record: &Doc<'_>,
         src: SourceRef<'_>,
         ingest_time_ms: i64,
     ) -> Result<pb::Event, Reject> {
@@ -357,13 +372,13 @@ impl Mapping {
         ))
     }
 
-    fn pick_rule(&self, record: &Value) -> Result<&Rule, Reject> {
+    fn pick_rule(&self, record: &Doc<'_>) -> Result<&Rule, Reject> {
         for rule in &self.rules {
             let hit = match &rule.when {
                 When::Always => true,
                 When::OneOf(path, values) => path
                     .get(record)
-                    .is_some_and(|v| values.iter().any(|x| loose_eq(x, v))),
+                    .is_some_and(|v| values.iter().any(|x| loose_eq(x, &v))),
                 When::Present(path) => path.get(record).is_some(),
                 When::Later(a, b) => match (
                     read_optional_time(record, a)?,
@@ -378,7 +393,7 @@ impl Mapping {
             }
         }
         // No rule matched: say why as precisely as the record allows.
-        let values: Vec<(&Path, Option<&Value>)> = self
+        let values: Vec<(&Path, Option<Value>)> = self
             .discriminators
             .iter()
             .map(|p| (p, p.get(record)))
@@ -457,7 +472,7 @@ fn missing(f: &Field) -> Reject {
     )
 }
 
-fn read_time(record: &Value, t: &TimeField) -> Result<i64, Reject> {
+fn read_time(record: &Doc<'_>, t: &TimeField) -> Result<i64, Reject> {
     read_optional_time(record, t)?.ok_or_else(|| {
         Reject::new(
             Reason::MissingField,
@@ -469,11 +484,11 @@ fn read_time(record: &Value, t: &TimeField) -> Result<i64, Reject> {
     })
 }
 
-fn read_optional_time(record: &Value, t: &TimeField) -> Result<Option<i64>, Reject> {
+fn read_optional_time(record: &Doc<'_>, t: &TimeField) -> Result<Option<i64>, Reject> {
     let Some(v) = t.path.get(record) else {
         return Ok(None);
     };
-    time_value(v, &t.format, t.zone, &t.path.text).map(Some)
+    time_value(&v, &t.format, t.zone, &t.path.text).map(Some)
 }
 
 fn time_value(v: &Value, format: &TimeFormat, zone: Tz, path: &str) -> Result<i64, Reject> {
@@ -513,10 +528,14 @@ enum Val {
     Time(i64),
 }
 
-fn read_field(record: &Value, f: &Field) -> Result<Option<Val>, Reject> {
+fn read_field(record: &Doc<'_>, f: &Field) -> Result<Option<Val>, Reject> {
+    let found;
     let (v, path) = match &f.source {
         FieldSource::Path(p) => match p.get(record) {
-            Some(v) => (v, p.text.as_str()),
+            Some(v) => {
+                found = v;
+                (&found, p.text.as_str())
+            }
             None => return Ok(None),
         },
         FieldSource::Const(v) => (v, "<const>"),

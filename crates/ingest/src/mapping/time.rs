@@ -140,11 +140,42 @@ fn parse_str(s: &str, format: &TimeFormat, zone: Tz) -> Result<i64, TimeError> {
 /// `YYYY-MM-DD HH:MM:SS[.fff]` (or with `T`) in `zone`; `None` if it is not
 /// that shape.
 fn local(s: &str, zone: Tz) -> Option<Result<i64, TimeError>> {
-    const FORMATS: [&str; 2] = ["%Y-%m-%d %H:%M:%S%.f", "%Y-%m-%dT%H:%M:%S%.f"];
-    let naive = FORMATS
-        .iter()
-        .find_map(|f| NaiveDateTime::parse_from_str(s, f).ok())?;
-    Some(in_zone(naive, zone, s))
+    Some(in_zone(naive_local(s)?, zone, s))
+}
+
+/// `YYYY-MM-DD[ T]HH:MM:SS[.f…]` without a zone. Hand-parsed: this is the
+/// hot path for seed 002's records, and chrono re-parses its format string
+/// on every call.
+fn naive_local(s: &str) -> Option<NaiveDateTime> {
+    let b = s.as_bytes();
+    if b.len() < 19
+        || b[4] != b'-'
+        || b[7] != b'-'
+        || !matches!(b[10], b' ' | b'T')
+        || b[13] != b':'
+        || b[16] != b':'
+    {
+        return None;
+    }
+    let num = |r: std::ops::Range<usize>| -> Option<u32> {
+        b[r].iter().try_fold(0u32, |acc, c| {
+            c.is_ascii_digit().then(|| acc * 10 + u32::from(c - b'0'))
+        })
+    };
+    let mut nanos = 0u32;
+    if b.len() > 19 {
+        let frac = b.get(20..)?;
+        if b[19] != b'.'
+            || frac.is_empty()
+            || frac.len() > 9
+            || !frac.iter().all(u8::is_ascii_digit)
+        {
+            return None;
+        }
+        nanos = num(20..b.len())? * 10u32.pow(9 - frac.len() as u32);
+    }
+    let date = chrono::NaiveDate::from_ymd_opt(num(0..4)? as i32, num(5..7)?, num(8..10)?)?;
+    date.and_hms_nano_opt(num(11..13)?, num(14..16)?, num(17..19)?, nanos)
 }
 
 fn in_zone(naive: NaiveDateTime, zone: Tz, raw: &str) -> Result<i64, TimeError> {
@@ -228,6 +259,31 @@ mod tests {
             Err(TimeError::Unparseable(_))
         ));
         assert!(TimeFormat::parse("weird").is_err());
+    }
+
+    #[test]
+    fn local_fast_path_matches_chrono() {
+        for t in [
+            "2021-08-16 09:48:01",
+            "2021-08-16T09:48:01",
+            "2021-08-16 09:48:01.5",
+            "2021-08-16 09:48:01.123456789",
+        ] {
+            let want = ["%Y-%m-%d %H:%M:%S%.f", "%Y-%m-%dT%H:%M:%S%.f"]
+                .iter()
+                .find_map(|f| NaiveDateTime::parse_from_str(t, f).ok());
+            assert_eq!(naive_local(t), want, "{t}");
+        }
+        for bad in [
+            "2021-08-16 09:48",
+            "2021-13-16 09:48:01",
+            "2021-08-16 09:48:01.",
+            "2021-08-16 09:48:01x",
+            "2021/08/16 09:48:01",
+            "2021-08-16 24:00:00",
+        ] {
+            assert_eq!(naive_local(bad), None, "{bad}");
+        }
     }
 
     #[test]
