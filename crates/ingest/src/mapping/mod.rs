@@ -532,6 +532,17 @@ fn read_field(record: &Doc<'_>, f: &Field) -> Result<Option<Val>, Reject> {
     let found;
     let (v, path) = match &f.source {
         FieldSource::Path(p) => match p.get(record) {
+            // A string is moved out as it is: no copy on the hot path.
+            Some(Value::String(s)) if matches!(f.target.value_type(), ValueType::Text) => {
+                return Ok(Some(Val::Text(s)));
+            }
+            Some(Value::String(s))
+                if f.target.value_type() == ValueType::Id
+                    && f.id_type != IdType::Number
+                    && !s.trim().is_empty() =>
+            {
+                return Ok(Some(Val::Text(s)));
+            }
             Some(v) => {
                 found = v;
                 (&found, p.text.as_str())
