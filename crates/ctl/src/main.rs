@@ -2,6 +2,7 @@
 //! errors to exit codes (1 = failed, 2 = bad usage, from clap).
 #![forbid(unsafe_code)]
 
+mod dims;
 mod mapping_check;
 mod tail;
 mod topics;
@@ -30,6 +31,10 @@ enum Command {
     /// Check mappings offline.
     #[command(subcommand)]
     Mapping(mapping_check::MappingCmd),
+    /// Dimension tables in Redis: bulk-load T+1 anchor / viewer profiles and
+    /// the room → module map; show room, anchor and viewer hashes.
+    #[command(subcommand)]
+    Dims(dims::DimsCmd),
 }
 
 #[tokio::main]
@@ -40,6 +45,7 @@ async fn main() -> std::process::ExitCode {
         Command::Topics(cmd) => topics::run(&cli.kafka, cmd).await,
         Command::Tail(args) => tail::run(&cli.kafka, args).await,
         Command::Mapping(cmd) => mapping_check::run(cmd),
+        Command::Dims(cmd) => dims::run(cmd).await,
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,

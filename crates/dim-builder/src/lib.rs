@@ -1,0 +1,307 @@
+//! vidpulse dim-builder: reads `vp.events.v1` and keeps the live-room
+//! dimension table in Redis hashes (`room:{room_id}`: type, client, title,
+//! address, anchor_id, module_id, started_at, ended_at, status), 30 days of
+//! TTL while a room is live and 2 days once it ended (seed 003), plus viewer
+//! profile fields from viewer events (`viewer:{user_id}`). The T+1 loader
+//! (`vidpulse dims load`) shares this crate's scripts (see `load.rs`).
+//!
+//! Delivery guarantee: at-least-once into idempotent, order-safe Redis
+//! writes. Offsets are stored only after a batch's pipeline succeeded; each
+//! write is an atomic compare-and-write Lua script on event times, so
+//! replays and out-of-order events never overwrite newer data, never revive
+//! an ended room and never shorten a live room's TTL. See docs/dims.md.
+#![forbid(unsafe_code)]
+
+pub mod load;
+pub mod model;
+pub mod plan;
+pub mod sink;
+pub mod store;
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use clap::{ArgAction, Parser};
+use vidpulse_core::admin::{self, Health};
+use vidpulse_core::config::{AdminArgs, ConfigError, KafkaArgs};
+use vidpulse_core::pipeline::PipelineError;
+use vidpulse_core::{CancellationToken, kafka, topics};
+
+use model::Ttls;
+use plan::Planner;
+use sink::{DimSink, Dlq};
+use store::Store;
+
+/// Stage name in metrics and DLQ headers.
+pub const STAGE: &str = "dim-builder";
+/// Default admin address of the dim-builder.
+pub const DEFAULT_ADMIN_ADDR: &str = "0.0.0.0:9102";
+
+/// Metric: events by outcome. Labels: `stage`, `outcome` (`applied`,
+/// `stale` — older than what Redis holds, or a replay —, `other_kind`,
+/// `no_room_id`, `no_user_id`, `no_profile_fields`, `failed` — dead-lettered),
+/// `target` (`room`, `viewer`, `none`).
+pub const EVENTS: &str = "vidpulse_dim_events_total";
+/// Metric: Redis round-trip time of one pipeline, seconds. Labels: `stage`,
+/// `op` (`events`, `load`).
+pub const REDIS_SECONDS: &str = "vidpulse_dim_redis_seconds";
+
+/// Keep live-room and viewer profiles in Redis hashes from vp.events.v1.
+#[derive(Parser, Debug, Clone)]
+#[command(name = "vidpulse-dim-builder", version)]
+pub struct Args {
+    /// Redis server.
+    #[arg(
+        long,
+        env = "VIDPULSE_REDIS_URL",
+        default_value = "redis://127.0.0.1:6379"
+    )]
+    pub redis_url: String,
+
+    /// Connect and response timeout of every Redis call; past it the batch
+    /// is retried.
+    #[arg(long, env = "VIDPULSE_DIM_REDIS_TIMEOUT", default_value = "5s", value_parser = humantime::parse_duration)]
+    pub redis_timeout: Duration,
+
+    /// Prefix of room hashes: `<prefix><room_id>`.
+    #[arg(long, env = "VIDPULSE_DIM_KEY_PREFIX", default_value = "room:")]
+    pub key_prefix: String,
+
+    /// TTL of a room hash while the room is live (set on start; never
+    /// shortened by an older event).
+    #[arg(long, env = "VIDPULSE_DIM_LIVE_TTL", default_value = "30d", value_parser = humantime::parse_duration)]
+    pub live_ttl: Duration,
+
+    /// TTL of a room hash once the room ended (cut on end).
+    #[arg(long, env = "VIDPULSE_DIM_ENDED_TTL", default_value = "2d", value_parser = humantime::parse_duration)]
+    pub ended_ttl: Duration,
+
+    /// Also keep viewer profile fields (province, region, grade) from viewer
+    /// events in `<viewer-key-prefix><user_id>`. `--viewer-profiles false`
+    /// turns it off.
+    #[arg(long, env = "VIDPULSE_DIM_VIEWER_PROFILES", default_value_t = true, action = ArgAction::Set)]
+    pub viewer_profiles: bool,
+
+    /// Prefix of viewer hashes.
+    #[arg(
+        long,
+        env = "VIDPULSE_DIM_VIEWER_KEY_PREFIX",
+        default_value = "viewer:"
+    )]
+    pub viewer_key_prefix: String,
+
+    /// TTL of a viewer hash created by live events (extended by later
+    /// events; a loaded profile without TTL keeps none).
+    #[arg(long, env = "VIDPULSE_DIM_VIEWER_TTL", default_value = "30d", value_parser = humantime::parse_duration)]
+    pub viewer_ttl: Duration,
+
+    /// Topic read.
+    #[arg(long, env = "VIDPULSE_DIM_EVENTS_TOPIC", default_value = topics::EVENTS)]
+    pub events_topic: String,
+
+    /// Dead-letter topic for records that are not events or that Redis
+    /// rejects for good.
+    #[arg(long, env = "VIDPULSE_DIM_DLQ_TOPIC", default_value = topics::DLQ)]
+    pub dlq_topic: String,
+
+    /// Consumer group.
+    #[arg(
+        long,
+        env = "VIDPULSE_DIM_GROUP",
+        default_value = "vidpulse-dim-builder"
+    )]
+    pub group: String,
+
+    /// Most events per Redis pipeline (one round trip).
+    #[arg(long, env = "VIDPULSE_DIM_MAX_BATCH", default_value_t = 1000)]
+    pub max_batch: usize,
+
+    /// Longest wait for a batch to fill after its first event.
+    #[arg(long, env = "VIDPULSE_DIM_MAX_WAIT", default_value = "50ms", value_parser = humantime::parse_duration)]
+    pub max_wait: Duration,
+
+    /// First retry delay while Redis fails; doubles up to --max-backoff.
+    #[arg(long, env = "VIDPULSE_DIM_MIN_BACKOFF", default_value = "100ms", value_parser = humantime::parse_duration)]
+    pub min_backoff: Duration,
+
+    /// Longest retry delay while Redis fails.
+    #[arg(long, env = "VIDPULSE_DIM_MAX_BACKOFF", default_value = "5s", value_parser = humantime::parse_duration)]
+    pub max_backoff: Duration,
+
+    #[command(flatten)]
+    pub kafka: KafkaArgs,
+
+    #[command(flatten)]
+    pub admin: AdminArgs,
+}
+
+/// Validated settings, built once at start.
+#[derive(Clone, Debug)]
+pub struct Settings {
+    pub redis_url: String,
+    pub redis_timeout: Duration,
+    pub planner: Planner,
+    pub ttls: Ttls,
+    pub admin_addr: SocketAddr,
+    pub loop_settings: vidpulse_core::sink::Settings,
+    pub dlq_topic: String,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum DimError {
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    #[error(transparent)]
+    Pipeline(#[from] PipelineError),
+    #[error(transparent)]
+    Store(#[from] store::StoreError),
+    #[error("kafka: {0}")]
+    Kafka(#[from] rdkafka::error::KafkaError),
+    #[error("admin server: {0}")]
+    Admin(std::io::Error),
+}
+
+fn invalid(field: &str, message: impl Into<String>) -> ConfigError {
+    ConfigError::Invalid {
+        field: field.into(),
+        message: message.into(),
+    }
+}
+
+/// A TTL in whole milliseconds, at least one second.
+fn ttl_ms(field: &str, d: Duration) -> Result<i64, ConfigError> {
+    let ms = i64::try_from(d.as_millis()).map_err(|_| invalid(field, "too long"))?;
+    if ms < 1000 {
+        return Err(invalid(
+            field,
+            format!("{} is shorter than a second", humantime::format_duration(d)),
+        ));
+    }
+    Ok(ms)
+}
+
+impl Settings {
+    pub fn from_args(args: &Args) -> Result<Settings, DimError> {
+        let ttls = Ttls {
+            live_ms: ttl_ms("--live-ttl", args.live_ttl)?,
+            ended_ms: ttl_ms("--ended-ttl", args.ended_ttl)?,
+            profile_ms: ttl_ms("--viewer-ttl", args.viewer_ttl)?,
+        };
+        if ttls.ended_ms > ttls.live_ms {
+            return Err(invalid(
+                "--ended-ttl",
+                "is longer than --live-ttl; an ended room would outlive a live one",
+            )
+            .into());
+        }
+        if args.key_prefix.is_empty() || args.viewer_key_prefix.is_empty() {
+            return Err(invalid("--key-prefix/--viewer-key-prefix", "must not be empty").into());
+        }
+        if args.viewer_profiles && args.key_prefix == args.viewer_key_prefix {
+            return Err(invalid("--viewer-key-prefix", "must differ from --key-prefix").into());
+        }
+        if args.max_batch == 0 {
+            return Err(invalid("--max-batch", "must be at least 1").into());
+        }
+        let admin_addr = match args.admin.admin_addr {
+            Some(a) => a,
+            None => DEFAULT_ADMIN_ADDR
+                .parse()
+                .map_err(|_| invalid("--admin-addr", "bad default"))?,
+        };
+        Ok(Settings {
+            redis_url: args.redis_url.clone(),
+            redis_timeout: args.redis_timeout,
+            planner: Planner {
+                room_prefix: args.key_prefix.clone(),
+                viewer_prefix: args.viewer_profiles.then(|| args.viewer_key_prefix.clone()),
+            },
+            ttls,
+            admin_addr,
+            loop_settings: vidpulse_core::sink::Settings {
+                stage: STAGE,
+                group: args.group.clone(),
+                inputs: vec![args.kafka.topic(&args.events_topic)],
+                max_batch: args.max_batch,
+                max_wait: args.max_wait,
+                min_backoff: args.min_backoff,
+                max_backoff: args.max_backoff.max(args.min_backoff),
+            },
+            dlq_topic: args.kafka.topic(&args.dlq_topic),
+        })
+    }
+}
+
+/// Runs the stage until `shutdown` is cancelled.
+pub async fn run(args: Args, shutdown: CancellationToken) -> Result<(), DimError> {
+    let settings = Settings::from_args(&args)?;
+    let health = Health::new();
+    admin::serve(settings.admin_addr, health.clone(), shutdown.clone())
+        .await
+        .map_err(DimError::Admin)?;
+    // Connecting is left to the first batch, so the stage starts (not
+    // ready) while Redis is down and catches up when it comes back.
+    let store = Store::open(&settings.redis_url, settings.redis_timeout)?;
+    let producer = kafka::producer_config(&args.kafka)?.create()?;
+    tracing::info!(
+        room_prefix = %settings.planner.room_prefix,
+        viewer_prefix = ?settings.planner.viewer_prefix,
+        live_ttl = ?args.live_ttl,
+        ended_ttl = ?args.ended_ttl,
+        "Building dimensions."
+    );
+    let sink = DimSink {
+        store,
+        planner: settings.planner,
+        ttls: settings.ttls,
+        dlq: Dlq {
+            producer,
+            topic: settings.dlq_topic,
+        },
+    };
+    vidpulse_core::sink::run(&args.kafka, settings.loop_settings, sink, health, shutdown).await?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    fn args(extra: &[&str]) -> Args {
+        let mut v = vec!["vidpulse-dim-builder"];
+        v.extend_from_slice(extra);
+        Args::try_parse_from(v).unwrap()
+    }
+
+    #[test]
+    fn defaults_are_the_seeds() {
+        let s = Settings::from_args(&args(&[])).unwrap();
+        assert_eq!(s.ttls.live_ms, 30 * 86_400_000);
+        assert_eq!(s.ttls.ended_ms, 2 * 86_400_000);
+        assert_eq!(s.planner.room_prefix, "room:");
+        assert_eq!(s.planner.viewer_prefix.as_deref(), Some("viewer:"));
+        assert_eq!(s.loop_settings.inputs, vec!["vp.events.v1".to_owned()]);
+        assert_eq!(s.loop_settings.group, "vidpulse-dim-builder");
+    }
+
+    #[test]
+    fn flags_validate() {
+        let s = Settings::from_args(&args(&[
+            "--key-prefix",
+            "t1.room:",
+            "--viewer-profiles",
+            "false",
+            "--topic-prefix",
+            "x.",
+        ]))
+        .unwrap();
+        assert_eq!(s.planner.room_prefix, "t1.room:");
+        assert_eq!(s.planner.viewer_prefix, None);
+        assert_eq!(s.loop_settings.inputs, vec!["x.vp.events.v1".to_owned()]);
+        assert_eq!(s.dlq_topic, "x.vp.dlq.v1");
+        assert!(Settings::from_args(&args(&["--ended-ttl", "40d"])).is_err());
+        assert!(Settings::from_args(&args(&["--live-ttl", "10ms"])).is_err());
+        assert!(Settings::from_args(&args(&["--viewer-key-prefix", "room:"])).is_err());
+    }
+}
