@@ -4,6 +4,7 @@
 
 mod dims;
 mod mapping_check;
+mod pool;
 mod tail;
 mod topics;
 
@@ -35,6 +36,9 @@ enum Command {
     /// the room → module map; show room, anchor and viewer hashes.
     #[command(subcommand)]
     Dims(dims::DimsCmd),
+    /// Edit the monitor's ID pools: create, delete, add, rm, import, ls, sync.
+    #[command(subcommand)]
+    Pool(pool::PoolCmd),
 }
 
 #[tokio::main]
@@ -46,6 +50,7 @@ async fn main() -> std::process::ExitCode {
         Command::Tail(args) => tail::run(&cli.kafka, args).await,
         Command::Mapping(cmd) => mapping_check::run(cmd),
         Command::Dims(cmd) => dims::run(cmd).await,
+        Command::Pool(cmd) => pool::run(&cli.kafka, cmd).await,
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,

@@ -1,0 +1,624 @@
+//! ID pools, the pure part: a pool's definition (which event field it
+//! matches, for which kinds, broadcast or bucketed), the membership record
+//! written to its compacted topic, the in-memory membership state (last value
+//! per key wins, a tombstone removes), and Kafka's default partitioner so the
+//! bucket of an id can be computed exactly as every producer computes it.
+//!
+//! Nothing here talks to Kafka; the loaders in `loader.rs` feed it records.
+
+use std::collections::HashSet;
+use std::fmt;
+
+use serde::{Deserialize, Serialize};
+use vidpulse_proto::{Event, Kind, event};
+
+/// The event field a pool's ids are compared with.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum MatchField {
+    /// Production monitoring: the publishing author.
+    AuthorId,
+    /// Consumption monitoring: the video played, liked, shared, …
+    VideoId,
+    /// Live rooms.
+    RoomId,
+    /// The acting user (viewer, gifter, player).
+    UserId,
+    /// Every event passes (site-wide enrichment); the pool has no members.
+    All,
+}
+
+impl MatchField {
+    pub const NAMES: [&'static str; 5] = ["author_id", "video_id", "room_id", "user_id", "all"];
+
+    pub fn parse(s: &str) -> Option<MatchField> {
+        Some(match s {
+            "author_id" | "author" => MatchField::AuthorId,
+            "video_id" | "video" => MatchField::VideoId,
+            "room_id" | "room" => MatchField::RoomId,
+            "user_id" | "user" => MatchField::UserId,
+            "all" => MatchField::All,
+            _ => return None,
+        })
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            MatchField::AuthorId => "author_id",
+            MatchField::VideoId => "video_id",
+            MatchField::RoomId => "room_id",
+            MatchField::UserId => "user_id",
+            MatchField::All => "all",
+        }
+    }
+
+    /// The id of `event` this field selects; `None` when the event does not
+    /// carry it (an event without the id never matches an id pool).
+    ///
+    /// `video_id` also takes a user action's `target_id` when the envelope
+    /// has no video id: that is the video liked / shared (and the id the
+    /// event is keyed by, see `Event::subject_key`).
+    pub fn select(self, event: &Event) -> Option<&str> {
+        let id = match self {
+            MatchField::AuthorId => event.author_id.as_str(),
+            MatchField::VideoId => {
+                if event.video_id.is_empty() {
+                    match &event.payload {
+                        Some(event::Payload::UserAction(a)) => a.target_id.as_str(),
+                        _ => "",
+                    }
+                } else {
+                    event.video_id.as_str()
+                }
+            }
+            MatchField::RoomId => event.room_id.as_str(),
+            MatchField::UserId => event.user_id.as_str(),
+            MatchField::All => return None,
+        };
+        (!id.is_empty()).then_some(id)
+    }
+
+    /// Kinds whose Kafka key (`Event::subject_key`) is this field, i.e. the
+    /// kinds a bucketed pool on this field can check locally.
+    pub fn keyed_kinds(self) -> &'static [Kind] {
+        match self {
+            MatchField::AuthorId => &[Kind::VideoPublished],
+            MatchField::VideoId => &[
+                Kind::VideoUploaded,
+                Kind::VideoMetadata,
+                Kind::PlayRequested,
+                Kind::VideoPlayed,
+                Kind::UserAction,
+            ],
+            MatchField::RoomId => &[
+                Kind::ViewerArrived,
+                Kind::ViewerLeft,
+                Kind::GiftSent,
+                Kind::LiveRoomStarted,
+                Kind::LiveRoomEnded,
+            ],
+            MatchField::UserId | MatchField::All => &[],
+        }
+    }
+}
+
+impl fmt::Display for MatchField {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// How monitor instances share a pool.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Mode {
+    /// Every instance loads the whole pool (a GlobalKTable). For pools up to
+    /// a few hundred thousand ids.
+    #[default]
+    Broadcast,
+    /// Each instance loads only the pool partitions whose numbers equal its
+    /// assigned `vp.events.v1` partitions (co-partitioned by id). For
+    /// millions of ids.
+    Bucketed,
+}
+
+impl Mode {
+    pub fn parse(s: &str) -> Option<Mode> {
+        match s {
+            "broadcast" => Some(Mode::Broadcast),
+            "bucketed" => Some(Mode::Bucketed),
+            _ => None,
+        }
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Mode::Broadcast => "broadcast",
+            Mode::Bucketed => "bucketed",
+        }
+    }
+}
+
+impl fmt::Display for Mode {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// A pool's definition, the value of its record in the registry topic
+/// `vp.pools.v1` (key = the pool name; a tombstone deletes the pool).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PoolDef {
+    pub name: String,
+    #[serde(rename = "match")]
+    pub match_field: MatchField,
+    /// Event kinds the pool applies to (names as in `Kind::as_str`); empty =
+    /// every kind.
+    #[serde(default)]
+    pub kinds: Vec<String>,
+    #[serde(default)]
+    pub mode: Mode,
+    /// Partitions of the pool topic when it was created.
+    #[serde(default)]
+    pub partitions: i32,
+    #[serde(default)]
+    pub created_by: String,
+    #[serde(default)]
+    pub created_at_ms: i64,
+}
+
+/// A pool definition that makes no sense; the message says which part.
+#[derive(Debug, thiserror::Error)]
+pub enum PoolDefError {
+    #[error(
+        "invalid pool name {0:?}: use 1-100 characters from a-z A-Z 0-9 . _ - (it becomes part of a topic name)"
+    )]
+    Name(String),
+    #[error("unknown event kind {0:?}; kinds are {1}")]
+    Kind(String, String),
+    #[error("not a pool definition: {0}")]
+    Json(String),
+}
+
+/// Whether `name` can be a pool name (it goes into a topic name).
+pub fn valid_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 100
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
+}
+
+impl PoolDef {
+    pub fn validate(&self) -> Result<(), PoolDefError> {
+        if !valid_name(&self.name) {
+            return Err(PoolDefError::Name(self.name.clone()));
+        }
+        for k in &self.kinds {
+            if Kind::parse(k).is_none() {
+                let all: Vec<&str> = Kind::ALL.iter().map(|k| k.as_str()).collect();
+                return Err(PoolDefError::Kind(k.clone(), all.join(", ")));
+            }
+        }
+        Ok(())
+    }
+
+    pub fn to_json(&self) -> Vec<u8> {
+        serde_json::to_vec(self).unwrap_or_default()
+    }
+
+    pub fn from_json(bytes: &[u8]) -> Result<PoolDef, PoolDefError> {
+        let def: PoolDef =
+            serde_json::from_slice(bytes).map_err(|e| PoolDefError::Json(e.to_string()))?;
+        def.validate()?;
+        Ok(def)
+    }
+
+    /// Whether the pool applies to events of `kind`.
+    pub fn applies_to(&self, kind: Option<Kind>) -> bool {
+        self.kinds.is_empty() || kind.is_some_and(|k| self.kinds.iter().any(|n| n == k.as_str()))
+    }
+
+    /// Whether the pool has members to load (every pool but `match all`).
+    pub fn has_members(&self) -> bool {
+        self.match_field != MatchField::All
+    }
+}
+
+/// The value of a pool record: who added the id, and when (UTC ms). The
+/// monitor only looks at presence; the fields are for operators.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Membership {
+    pub by: String,
+    pub at: i64,
+}
+
+impl Membership {
+    pub fn to_json(&self) -> Vec<u8> {
+        serde_json::to_vec(self).unwrap_or_default()
+    }
+}
+
+/// Why an event did or did not match a pool.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Verdict {
+    Match,
+    /// Kind not covered, id absent or not a member.
+    NoMatch,
+    /// Bucketed pool, but the event is not keyed by the pool's field: its id
+    /// lives in another instance's bucket, so it cannot be checked here.
+    NotLocal,
+}
+
+/// Matches `event` (whose Kafka key is `key`) against a pool with
+/// definition `def`, asking `contains` for membership.
+pub fn check(
+    def: &PoolDef,
+    event: &Event,
+    key: Option<&[u8]>,
+    contains: impl FnOnce(&str) -> bool,
+) -> Verdict {
+    if !def.applies_to(event.kind()) {
+        return Verdict::NoMatch;
+    }
+    if def.match_field == MatchField::All {
+        return Verdict::Match;
+    }
+    let Some(id) = def.match_field.select(event) else {
+        return Verdict::NoMatch;
+    };
+    if def.mode == Mode::Bucketed && key != Some(id.as_bytes()) {
+        return Verdict::NotLocal;
+    }
+    if contains(id) {
+        Verdict::Match
+    } else {
+        Verdict::NoMatch
+    }
+}
+
+/// Membership of one pool partition: the set of keys whose last record is
+/// not a tombstone.
+#[derive(Debug, Default)]
+pub struct Members {
+    ids: HashSet<Box<str>>,
+}
+
+impl Members {
+    /// Applies one record of the compacted topic: a value adds (or keeps)
+    /// the key, a tombstone (`None`) removes it. Keys that are not UTF-8 or
+    /// are empty are ignored (they cannot equal an event id). Returns whether
+    /// the set changed.
+    pub fn apply(&mut self, key: Option<&[u8]>, value: Option<&[u8]>) -> bool {
+        let Some(key) = key.and_then(|k| std::str::from_utf8(k).ok()) else {
+            return false;
+        };
+        let key = key.trim();
+        if key.is_empty() {
+            return false;
+        }
+        match value {
+            Some(_) => {
+                if self.ids.contains(key) {
+                    false
+                } else {
+                    self.ids.insert(key.into())
+                }
+            }
+            None => self.ids.remove(key),
+        }
+    }
+
+    pub fn contains(&self, id: &str) -> bool {
+        self.ids.contains(id)
+    }
+
+    pub fn len(&self) -> usize {
+        self.ids.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.ids.is_empty()
+    }
+
+    pub fn iter(&self) -> impl Iterator<Item = &str> {
+        self.ids.iter().map(|s| &**s)
+    }
+
+    pub fn clear(&mut self) {
+        self.ids = HashSet::new();
+    }
+}
+
+/// Kafka's murmur2 hash (the Java client's `Utils.murmur2`), used by the
+/// `murmur2_random` partitioner every vidpulse producer is configured with.
+pub fn murmur2(data: &[u8]) -> i32 {
+    const SEED: u32 = 0x9747_b28c;
+    const M: u32 = 0x5bd1_e995;
+    const R: u32 = 24;
+    let len = data.len();
+    let mut h: u32 = SEED ^ (len as u32);
+    let chunks = data.chunks_exact(4);
+    let tail = chunks.remainder();
+    for c in chunks {
+        let mut k = u32::from_le_bytes([c[0], c[1], c[2], c[3]]);
+        k = k.wrapping_mul(M);
+        k ^= k >> R;
+        k = k.wrapping_mul(M);
+        h = h.wrapping_mul(M);
+        h ^= k;
+    }
+    match tail.len() {
+        3 => {
+            h ^= u32::from(tail[2]) << 16;
+            h ^= u32::from(tail[1]) << 8;
+            h ^= u32::from(tail[0]);
+            h = h.wrapping_mul(M);
+        }
+        2 => {
+            h ^= u32::from(tail[1]) << 8;
+            h ^= u32::from(tail[0]);
+            h = h.wrapping_mul(M);
+        }
+        1 => {
+            h ^= u32::from(tail[0]);
+            h = h.wrapping_mul(M);
+        }
+        _ => {}
+    }
+    h ^= h >> 13;
+    h = h.wrapping_mul(M);
+    h ^= h >> 15;
+    h as i32
+}
+
+/// The partition (= bucket) a record keyed `key` lands in among
+/// `partitions`, as Kafka's default partitioner (and librdkafka's
+/// `murmur2_random` for non-empty keys) computes it.
+pub fn partition_for(key: &[u8], partitions: i32) -> i32 {
+    if partitions <= 0 {
+        return 0;
+    }
+    ((murmur2(key) & 0x7fff_ffff) as i64 % partitions as i64) as i32
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    fn def(field: MatchField, mode: Mode, kinds: &[&str]) -> PoolDef {
+        PoolDef {
+            name: "p".into(),
+            match_field: field,
+            kinds: kinds.iter().map(|s| s.to_string()).collect(),
+            mode,
+            partitions: 8,
+            created_by: "t".into(),
+            created_at_ms: 1,
+        }
+    }
+
+    fn played(video: &str, author: &str, user: &str) -> Event {
+        Event {
+            event_id: "e".into(),
+            video_id: video.into(),
+            author_id: author.into(),
+            user_id: user.into(),
+            payload: Some(event::Payload::VideoPlayed(Default::default())),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn membership_follows_the_last_record_per_key() {
+        let mut m = Members::default();
+        assert!(m.apply(Some(b"a"), Some(b"{}")));
+        assert!(
+            !m.apply(Some(b"a"), Some(b"{}")),
+            "re-adding changes nothing"
+        );
+        assert!(m.apply(Some(b"b"), Some(b"{}")));
+        assert!(m.apply(Some(b"a"), None), "tombstone removes");
+        assert!(!m.apply(Some(b"a"), None), "tombstone of an absent key");
+        assert!(
+            m.apply(Some(b"a"), Some(b"{}")),
+            "added again after removal"
+        );
+        assert!(!m.apply(None, Some(b"{}")), "keyless record ignored");
+        assert!(
+            !m.apply(Some(b"\xff"), Some(b"{}")),
+            "non-UTF-8 key ignored"
+        );
+        assert!(!m.apply(Some(b"  "), Some(b"{}")), "blank key ignored");
+        assert!(m.contains("a") && m.contains("b") && !m.contains("c"));
+        assert_eq!(m.len(), 2);
+        m.clear();
+        assert!(m.is_empty());
+    }
+
+    #[test]
+    fn replaying_a_compacted_log_gives_the_same_state() {
+        // Full log vs. what compaction keeps (the last record per key).
+        let log: Vec<(&str, Option<&str>)> = vec![
+            ("x", Some("1")),
+            ("y", Some("1")),
+            ("x", None),
+            ("z", Some("1")),
+            ("y", None),
+            ("y", Some("2")),
+        ];
+        let mut full = Members::default();
+        for (k, v) in &log {
+            full.apply(Some(k.as_bytes()), v.map(str::as_bytes));
+        }
+        let mut compacted = Members::default();
+        for (k, v) in [("x", None), ("z", Some("1")), ("y", Some("2"))] {
+            compacted.apply(Some(k.as_bytes()), v.map(str::as_bytes));
+        }
+        let mut a: Vec<_> = full.iter().collect();
+        let mut b: Vec<_> = compacted.iter().collect();
+        a.sort();
+        b.sort();
+        assert_eq!(a, vec!["y", "z"]);
+        assert_eq!(a, b);
+    }
+
+    #[test]
+    fn murmur2_matches_the_java_client() {
+        // Vectors from Kafka's UtilsTest.testMurmur2.
+        let cases: [(&str, i32); 6] = [
+            ("21", -973_932_308),
+            ("foobar", -790_332_482),
+            ("a-little-bit-long-string", -985_981_536),
+            ("a-little-bit-longer-string", -1_486_304_829),
+            (
+                "lkjh234lh9fiuh90y23oiuhsafujhadof229phr9h19h89h8",
+                -58_897_971,
+            ),
+            ("abc", 479_470_107),
+        ];
+        for (s, want) in cases {
+            assert_eq!(murmur2(s.as_bytes()), want, "{s}");
+        }
+    }
+
+    #[test]
+    fn bucket_is_stable_in_range_and_spreads() {
+        let n = 8;
+        let mut seen = [0usize; 8];
+        for i in 0..8000 {
+            let id = format!("v-{i}");
+            let p = partition_for(id.as_bytes(), n);
+            assert!((0..n).contains(&p));
+            assert_eq!(p, partition_for(id.as_bytes(), n), "deterministic");
+            seen[p as usize] += 1;
+        }
+        assert!(seen.iter().all(|&c| c > 700), "{seen:?}");
+        // Same id, same partition count → same bucket in the pool topic and
+        // in vp.events.v1: that is the whole of co-partitioning.
+        assert_eq!(
+            partition_for(b"21", 8),
+            ((-973_932_308i32 & 0x7fff_ffff) % 8)
+        );
+        assert_eq!(partition_for(b"x", 0), 0);
+    }
+
+    #[test]
+    fn match_field_selects_the_right_id() {
+        let e = played("v1", "a1", "u1");
+        assert_eq!(MatchField::VideoId.select(&e), Some("v1"));
+        assert_eq!(MatchField::AuthorId.select(&e), Some("a1"));
+        assert_eq!(MatchField::UserId.select(&e), Some("u1"));
+        assert_eq!(
+            MatchField::RoomId.select(&e),
+            None,
+            "empty id never matches"
+        );
+        assert_eq!(MatchField::All.select(&e), None);
+        let like = Event {
+            payload: Some(event::Payload::UserAction(vidpulse_proto::UserAction {
+                action: "like".into(),
+                target_id: "v9".into(),
+            })),
+            ..Default::default()
+        };
+        assert_eq!(
+            MatchField::VideoId.select(&like),
+            Some("v9"),
+            "target of an action"
+        );
+        for f in MatchField::NAMES {
+            assert_eq!(MatchField::parse(f).unwrap().as_str(), f);
+        }
+        assert_eq!(MatchField::parse("author"), Some(MatchField::AuthorId));
+        assert_eq!(MatchField::parse("nope"), None);
+    }
+
+    #[test]
+    fn keyed_kinds_agree_with_subject_key() {
+        for f in [
+            MatchField::AuthorId,
+            MatchField::VideoId,
+            MatchField::RoomId,
+        ] {
+            for k in f.keyed_kinds() {
+                let mut e = Event {
+                    event_id: "e".into(),
+                    user_id: "u".into(),
+                    video_id: "v".into(),
+                    author_id: "a".into(),
+                    room_id: "r".into(),
+                    ..Default::default()
+                };
+                e.payload = Some(payload_of(*k));
+                assert_eq!(Some(e.subject_key()), f.select(&e), "{f} {k}");
+            }
+        }
+    }
+
+    fn payload_of(k: Kind) -> event::Payload {
+        use event::Payload as P;
+        match k {
+            Kind::VideoUploaded => P::VideoUploaded(Default::default()),
+            Kind::VideoMetadata => P::VideoMetadata(Default::default()),
+            Kind::PlayRequested => P::PlayRequested(Default::default()),
+            Kind::VideoPlayed => P::VideoPlayed(Default::default()),
+            Kind::UserAction => P::UserAction(Default::default()),
+            Kind::ViewerArrived => P::ViewerArrived(Default::default()),
+            Kind::ViewerLeft => P::ViewerLeft(Default::default()),
+            Kind::GiftSent => P::GiftSent(Default::default()),
+            Kind::LiveRoomStarted => P::LiveRoomStarted(Default::default()),
+            Kind::LiveRoomEnded => P::LiveRoomEnded(Default::default()),
+            Kind::VideoPublished => P::VideoPublished(Default::default()),
+        }
+    }
+
+    #[test]
+    fn check_applies_kinds_membership_and_locality() {
+        let e = played("v1", "a1", "u1");
+        let yes = |_: &str| true;
+        let no = |_: &str| false;
+        let d = def(MatchField::VideoId, Mode::Broadcast, &[]);
+        assert_eq!(check(&d, &e, None, yes), Verdict::Match);
+        assert_eq!(check(&d, &e, None, no), Verdict::NoMatch);
+        let d = def(MatchField::VideoId, Mode::Broadcast, &["video_published"]);
+        assert_eq!(check(&d, &e, None, yes), Verdict::NoMatch, "kind filtered");
+        let d = def(MatchField::All, Mode::Broadcast, &[]);
+        assert_eq!(
+            check(&d, &e, None, no),
+            Verdict::Match,
+            "all passes everything"
+        );
+        // Bucketed: only events keyed by the pool's field can be checked.
+        let d = def(MatchField::VideoId, Mode::Bucketed, &[]);
+        assert_eq!(check(&d, &e, Some(b"v1"), yes), Verdict::Match);
+        let d = def(MatchField::AuthorId, Mode::Bucketed, &[]);
+        assert_eq!(check(&d, &e, Some(b"v1"), yes), Verdict::NotLocal);
+        // Broadcast pools check any field wherever the event is keyed.
+        let d = def(MatchField::AuthorId, Mode::Broadcast, &[]);
+        assert_eq!(check(&d, &e, Some(b"v1"), yes), Verdict::Match);
+    }
+
+    #[test]
+    fn definitions_round_trip_and_validate() {
+        let d = def(MatchField::AuthorId, Mode::Bucketed, &["video_published"]);
+        let back = PoolDef::from_json(&d.to_json()).unwrap();
+        assert_eq!(back, d);
+        let text = String::from_utf8(d.to_json()).unwrap();
+        assert!(text.contains(r#""match":"author_id""#), "{text}");
+        assert!(text.contains(r#""mode":"bucketed""#), "{text}");
+        let mut bad = d.clone();
+        bad.kinds = vec!["video_deleted".into()];
+        assert!(matches!(bad.validate(), Err(PoolDefError::Kind(..))));
+        bad.name = "a/b".into();
+        assert!(matches!(bad.validate(), Err(PoolDefError::Name(_))));
+        assert!(PoolDef::from_json(b"{").is_err());
+        // Minimal definitions written by hand are accepted.
+        let min = PoolDef::from_json(br#"{"name":"x","match":"video_id"}"#).unwrap();
+        assert_eq!(min.mode, Mode::Broadcast);
+        assert!(min.kinds.is_empty());
+        assert!(valid_name("vertical.food-1_a"));
+        assert!(!valid_name(""));
+    }
+}
