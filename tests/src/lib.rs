@@ -290,3 +290,143 @@ pub fn prom_sum(m: &BTreeMap<String, f64>, name: &str, labels: &[&str]) -> f64 {
 pub fn read_json(path: &std::path::Path) -> Value {
     serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap()
 }
+
+/// Percent-encodes a query-string component (RFC 3986 unreserved kept).
+pub fn url_encode(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for b in s.bytes() {
+        if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b'~') {
+            out.push(b as char);
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
+}
+
+/// One HTTP/1.1 GET on a loopback port: (status, headers lower-cased, body),
+/// with chunked bodies decoded.
+pub fn http_fetch(port: u16, path: &str) -> Option<(u16, BTreeMap<String, String>, String)> {
+    let mut s = TcpStream::connect(("127.0.0.1", port)).ok()?;
+    s.set_read_timeout(Some(Duration::from_secs(30))).ok()?;
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n"
+    )
+    .ok()?;
+    let mut raw = Vec::new();
+    s.read_to_end(&mut raw).ok()?;
+    let split = raw.windows(4).position(|w| w == b"\r\n\r\n")?;
+    let head = String::from_utf8_lossy(&raw[..split]).to_string();
+    let mut body = raw[split + 4..].to_vec();
+    let status = head.split(' ').nth(1)?.parse().ok()?;
+    let headers: BTreeMap<String, String> = head
+        .lines()
+        .skip(1)
+        .filter_map(|l| l.split_once(':'))
+        .map(|(k, v)| (k.trim().to_ascii_lowercase(), v.trim().to_owned()))
+        .collect();
+    if headers
+        .get("transfer-encoding")
+        .is_some_and(|t| t.contains("chunked"))
+    {
+        let mut out = Vec::new();
+        let mut rest = &body[..];
+        loop {
+            let eol = rest.windows(2).position(|w| w == b"\r\n")?;
+            let size_text = String::from_utf8_lossy(&rest[..eol]).to_string();
+            let size = usize::from_str_radix(size_text.split(';').next()?.trim(), 16).ok()?;
+            rest = &rest[eol + 2..];
+            if size == 0 {
+                break;
+            }
+            out.extend_from_slice(rest.get(..size)?);
+            rest = rest.get(size + 2..)?;
+        }
+        body = out;
+    }
+    Some((status, headers, String::from_utf8_lossy(&body).to_string()))
+}
+
+/// GETs a JSON document: (status, parsed body; `Value::Null` if not JSON).
+pub fn http_json(port: u16, path: &str) -> Option<(u16, Value)> {
+    let (status, _, body) = http_fetch(port, path)?;
+    Some((status, serde_json::from_str(&body).unwrap_or(Value::Null)))
+}
+
+/// Opens a server-sent-events stream and returns the data of the first
+/// event named `event` (within `timeout`).
+pub fn sse_first(port: u16, path: &str, event: &str, timeout: Duration) -> Option<String> {
+    let mut s = TcpStream::connect(("127.0.0.1", port)).ok()?;
+    s.set_read_timeout(Some(Duration::from_millis(500))).ok()?;
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: localhost\r\nAccept: text/event-stream\r\n\r\n"
+    )
+    .ok()?;
+    let deadline = Instant::now() + timeout;
+    let mut buf = Vec::new();
+    let mut chunk = [0u8; 65536];
+    while Instant::now() < deadline {
+        match s.read(&mut chunk) {
+            Ok(0) => break,
+            Ok(n) => buf.extend_from_slice(&chunk[..n]),
+            Err(_) => {}
+        }
+        // Chunked framing puts size lines between parts of an event: look
+        // for the event line, then its data line, in the text as a whole.
+        let text = String::from_utf8_lossy(&buf).to_string();
+        let want = format!("event: {event}\n");
+        if let Some(at) = text.find(&want) {
+            let after = &text[at + want.len()..];
+            if let Some(d) = after.find("data: ") {
+                let line = &after[d + 6..];
+                if let Some(end) = line.find('\n') {
+                    return Some(line[..end].to_owned());
+                }
+            }
+        }
+    }
+    None
+}
+
+/// Drops the ClickHouse tables and views (database `vidpulse`) of a topic
+/// prefix, over ClickHouse's HTTP port (`VIDPULSE_CLICKHOUSE_HTTP_PORT`,
+/// default 8123). Best effort: a test cleaning up never fails on it.
+pub fn drop_clickhouse_tables(prefix: &str) {
+    fn sql(q: &str) -> Option<String> {
+        let port: u16 = std::env::var("VIDPULSE_CLICKHOUSE_HTTP_PORT")
+            .ok()
+            .and_then(|p| p.parse().ok())
+            .unwrap_or(8123);
+        let mut s = TcpStream::connect(("127.0.0.1", port)).ok()?;
+        s.set_read_timeout(Some(Duration::from_secs(30))).ok()?;
+        write!(
+            s,
+            "POST / HTTP/1.0\r\nHost: localhost\r\nContent-Length: {}\r\n\r\n{q}",
+            q.len()
+        )
+        .ok()?;
+        let mut buf = String::new();
+        s.read_to_string(&mut buf).ok()?;
+        let (head, body) = buf.split_once("\r\n\r\n")?;
+        head.contains(" 200 ").then(|| body.to_owned())
+    }
+    let stem: String = prefix
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || c == '_' {
+                c
+            } else {
+                '_'
+            }
+        })
+        .collect();
+    let names = sql(&format!(
+        "SELECT name FROM system.tables WHERE database = 'vidpulse' AND startsWith(name, '{stem}')"
+    ))
+    .unwrap_or_default();
+    for n in names.lines().filter(|n| !n.is_empty()) {
+        let _ = sql(&format!("DROP TABLE IF EXISTS vidpulse.`{n}`"));
+    }
+}

@@ -28,7 +28,7 @@ pub struct KafkaArgs {
 
     /// Extra librdkafka property `key=value` for every client (SASL, TLS,
     /// tuning). Repeatable; comma-separated in the env var.
-    #[arg(long = "kafka-option", env = "VIDPULSE_KAFKA_OPTIONS", value_delimiter = ',', value_parser = parse_kv)]
+    #[arg(long = "kafka-option", env = "VIDPULSE_KAFKA_OPTIONS", hide_env_values = true, value_delimiter = ',', value_parser = parse_kv)]
     pub options: Vec<(String, String)>,
 
     /// A Java-style properties file (`key=value` lines, `#` comments) of

@@ -21,7 +21,7 @@ use rdkafka::consumer::{
     BaseConsumer, CommitMode, Consumer, ConsumerContext, Rebalance, StreamConsumer,
 };
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
-use rdkafka::message::{Header, Message, OwnedHeaders};
+use rdkafka::message::{Header, Headers, Message, OwnedHeaders};
 use rdkafka::producer::{BaseRecord, DeliveryResult, Producer, ProducerContext, ThreadedProducer};
 use rdkafka::statistics::Statistics;
 use tokio::sync::Semaphore;
@@ -58,6 +58,18 @@ pub struct Output {
 /// synchronous, so tests call it without Kafka.
 pub trait Processor: Send {
     fn process(&mut self, input: &Input<'_>, out: &mut Vec<Output>);
+
+    /// Like `process`, with the record's Kafka headers (key, value). The
+    /// default ignores them.
+    fn process_with_headers(
+        &mut self,
+        input: &Input<'_>,
+        headers: &[(&str, &[u8])],
+        out: &mut Vec<Output>,
+    ) {
+        let _ = headers;
+        self.process(input, out);
+    }
 }
 
 /// How the loop runs.
@@ -421,7 +433,12 @@ pub async fn run<P: Processor>(
             timestamp_ms: msg.timestamp().to_millis(),
         };
         out.clear();
-        processor.process(&input, &mut out);
+        // Raw records rarely carry headers: no allocation then.
+        let headers: Vec<(&str, &[u8])> = msg
+            .headers()
+            .map(|hs| hs.iter().filter_map(|h| Some((h.key, h.value?))).collect())
+            .unwrap_or_default();
+        processor.process_with_headers(&input, &headers, &mut out);
         let n = out.len() as u32;
         if n > 0 {
             // Back-pressure: wait for room before producing more.

@@ -3,8 +3,11 @@
 #![forbid(unsafe_code)]
 
 mod dims;
+mod dlq;
+mod lag;
 mod mapping_check;
 mod pool;
+mod query;
 mod tail;
 mod topics;
 
@@ -39,6 +42,15 @@ enum Command {
     /// Edit the monitor's ID pools: create, delete, add, rm, import, ls, sync.
     #[command(subcommand)]
     Pool(pool::PoolCmd),
+    /// Final values of the aggregator's metrics, logs and leaderboards
+    /// (`--list` names them).
+    Query(query::QueryArgs),
+    /// Consumer lag per stage group and partition: committed offset against
+    /// the high watermark (without joining the groups).
+    Lag(lag::LagArgs),
+    /// Dead letters: re-drive them after a fix (`dlq replay`).
+    #[command(subcommand)]
+    Dlq(dlq::DlqCmd),
 }
 
 #[tokio::main]
@@ -51,6 +63,9 @@ async fn main() -> std::process::ExitCode {
         Command::Mapping(cmd) => mapping_check::run(cmd),
         Command::Dims(cmd) => dims::run(cmd).await,
         Command::Pool(cmd) => pool::run(&cli.kafka, cmd).await,
+        Command::Query(args) => query::run(&cli.kafka, args).await,
+        Command::Lag(args) => lag::run(&cli.kafka, args).await,
+        Command::Dlq(cmd) => dlq::run(&cli.kafka, cmd).await,
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,

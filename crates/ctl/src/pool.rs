@@ -118,6 +118,7 @@ pub struct SyncArgs {
     #[arg(
         long,
         env = "VIDPULSE_REDIS_URL",
+        hide_env_values = true,
         default_value = "redis://127.0.0.1:6379"
     )]
     redis_url: String,

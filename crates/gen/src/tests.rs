@@ -538,7 +538,7 @@ fn truth_counts_add_up() {
     let text = serde_json::to_string_pretty(t).unwrap();
     assert_eq!(&serde_json::from_str::<crate::Truth>(&text).unwrap(), t);
     let parsed: Value = serde_json::from_str(&text).unwrap();
-    assert_eq!(parsed.as_object().unwrap().len(), 10);
+    assert_eq!(parsed.as_object().unwrap().len(), 11);
     assert!(text.starts_with(
         "{\n  \"seed\": 1,\n  \"start\": \"2021-08-16T01:00:00Z\",\n  \"count\": 7000,"
     ));
@@ -748,4 +748,311 @@ fn late_by_and_span_shape_the_times() {
     assert_eq!(first - first % 1000, c.start.timestamp_millis() - 120_000);
     let last = g.records[99].event.as_ref().unwrap().time_ms;
     assert!(last >= c.start.timestamp_millis() + 3_564_000 - 120_000);
+}
+
+// ---- truth of the aggregator's other default metrics and leaderboards ------
+
+fn raw(seq: u64, topic: &'static str, payload: &str, event: Event) -> RawRecord {
+    RawRecord {
+        seq,
+        topic,
+        key: None,
+        payload: payload.as_bytes().to_vec(),
+        class: Class::Valid,
+        event: Some(event),
+    }
+}
+
+fn at(time: &str) -> i64 {
+    DateTime::parse_from_rfc3339(time)
+        .unwrap()
+        .timestamp_millis()
+}
+
+#[test]
+fn hand_checked_aggregator_truth() {
+    use crate::truth::{
+        ActionsRankRow, Gifts6hRow, GiftsByModuleRow, OnlineUsersRow, PoolConsumptionRow,
+        UserGiftsRankRow, VideoLikesRankRow,
+    };
+    let w = |s: &str| s.to_owned();
+    let mut b = TruthBuilder::new(&cfg(0));
+    let mut seq = 0;
+    let mut push = |b: &mut TruthBuilder, topic: &'static str, payload: &str, e: Event| {
+        b.observe(&raw(seq, topic, payload, e));
+        seq += 1;
+    };
+    // Room 20210814 starts (module 1002); a gift in it comes first in
+    // production order and still gets the module; a gift without a room
+    // gets "".
+    let mut g1 = gift("2001", 10, "2021-08-16T01:00:10Z");
+    g1.room_id = Some("20210814".into());
+    push(&mut b, "live_gift_total", "{}", g1);
+    let mut start = Event::new(Kind::LiveRoomStarted, at("2021-08-16T01:00:00Z"));
+    start.room_id = Some("20210814".into());
+    push(
+        &mut b,
+        "live_room_events",
+        r#"{"live_stream_id":"20210814","action":"start","module_id":"1002"}"#,
+        start,
+    );
+    push(
+        &mut b,
+        "live_gift_total",
+        "{}",
+        gift("2002", 5, "2021-08-16T01:01:30Z"),
+    );
+    // Viewers: two arrive in minute 0, one leaves in minute 2.
+    for (user, time, kind, arrive) in [
+        (
+            "2001",
+            "2021-08-16T01:00:01Z",
+            Kind::ViewerArrived,
+            "2021-08-16 09:00:01",
+        ),
+        (
+            "2002",
+            "2021-08-16T01:00:02Z",
+            Kind::ViewerArrived,
+            "2021-08-16 09:00:02",
+        ),
+        (
+            "2001",
+            "2021-08-16T01:02:00Z",
+            Kind::ViewerLeft,
+            "2021-08-16 09:00:01",
+        ),
+    ] {
+        let mut e = Event::new(kind, at(time));
+        e.user_id = Some(user.into());
+        e.room_id = Some("20210814".into());
+        e.province = Some("浙江".into());
+        e.grade = Some(2);
+        e.event_id = Some(format!("v{user}{time}"));
+        let payload = format!(r#"{{"ip":"123.0.0.1","region":1122,"arrive_time":"{arrive}"}}"#);
+        push(&mut b, "live_streaming_log", &payload, e);
+    }
+    // Actions: consumption likes have a video; user_actions likes a target.
+    let mut like = Event::new(Kind::UserAction, at("2021-08-16T01:00:03Z"));
+    like.action = Some("like".into());
+    like.video_id = Some("100001".into());
+    push(&mut b, "video_consumption_log", "{}", like);
+    let mut like2 = Event::new(Kind::UserAction, at("2021-08-16T01:00:04Z"));
+    like2.action = Some("like".into());
+    like2.user_id = Some("u-1".into());
+    push(
+        &mut b,
+        "user_actions",
+        r#"{"type":"like","target_id":"100002"}"#,
+        like2,
+    );
+    let mut order = Event::new(Kind::UserAction, at("2021-08-16T01:00:05Z"));
+    order.action = Some("order".into());
+    push(&mut b, "user_actions", r#"{"type":"order"}"#, order);
+    push(
+        &mut b,
+        "video_events",
+        "{}",
+        play("100001", "2001", "2021-08-16T01:00:06Z", None),
+    );
+    let t = b.finish();
+    let m = &t.metrics;
+
+    assert_eq!(
+        m.gifts_by_module_1m,
+        vec![
+            GiftsByModuleRow {
+                window_start: w("2021-08-16T01:00:00Z"),
+                module_id: w("1002"),
+                amount: 10
+            },
+            GiftsByModuleRow {
+                window_start: w("2021-08-16T01:01:00Z"),
+                module_id: w(""),
+                amount: 5
+            },
+        ]
+    );
+    assert_eq!(
+        m.online_users_1m,
+        vec![
+            OnlineUsersRow {
+                window_start: w("2021-08-16T01:00:00Z"),
+                room_id: w("20210814"),
+                online: 2
+            },
+            OnlineUsersRow {
+                window_start: w("2021-08-16T01:02:00Z"),
+                room_id: w("20210814"),
+                online: 1
+            },
+        ]
+    );
+    // 6-hour windows sliding by a minute: 360 hold the 01:00 gift, the one
+    // starting at 01:01 holds only the second, 360 + 1 windows in all.
+    assert_eq!(m.gifts_6h.len(), 361);
+    assert_eq!(
+        m.gifts_6h.first(),
+        Some(&Gifts6hRow {
+            window_start: w("2021-08-15T19:01:00Z"),
+            amount: 10
+        })
+    );
+    assert_eq!(m.gifts_6h[359].amount, 15);
+    assert_eq!(
+        m.gifts_6h.last(),
+        Some(&Gifts6hRow {
+            window_start: w("2021-08-16T01:01:00Z"),
+            amount: 5
+        })
+    );
+    // The order makes no consumption row; the user_actions like has no video.
+    assert_eq!(
+        m.pool_consumption_1m,
+        vec![PoolConsumptionRow {
+            window_start: w("2021-08-16T01:00:00Z"),
+            pool: w("all"),
+            video_id: w("100001"),
+            plays: 1,
+            likes: 1,
+            comments: 0,
+            shares: 0
+        }]
+    );
+    assert_eq!(m.live_viewer_log.len(), 3);
+    let left = &m.live_viewer_log[2];
+    assert_eq!(left.kind, "viewer_left");
+    assert_eq!(left.arrive_time, "2021-08-16T01:00:01.000Z");
+    assert_eq!(left.leave_time.as_deref(), Some("2021-08-16T01:02:00.000Z"));
+    assert_eq!(
+        (left.ip.as_str(), left.region.as_str()),
+        ("123.0.0.1", "1122")
+    );
+    assert_eq!(m.live_viewer_log[0].leave_time, None);
+
+    let day = w("2021-08-16T00:00:00Z");
+    assert_eq!(
+        t.leaderboards.actions_daily,
+        vec![
+            ActionsRankRow {
+                window_start: day.clone(),
+                rank: 1,
+                action: w("like"),
+                actions: 2
+            },
+            ActionsRankRow {
+                window_start: day.clone(),
+                rank: 2,
+                action: w("order"),
+                actions: 1
+            },
+        ]
+    );
+    // A tie: both videos have one like, the lower id ranks first.
+    assert_eq!(
+        t.leaderboards.video_likes_daily,
+        vec![
+            VideoLikesRankRow {
+                window_start: day.clone(),
+                rank: 1,
+                video_id: w("100001"),
+                likes: 1
+            },
+            VideoLikesRankRow {
+                window_start: day.clone(),
+                rank: 2,
+                video_id: w("100002"),
+                likes: 1
+            },
+        ]
+    );
+    assert_eq!(
+        t.leaderboards.user_gifts_daily,
+        vec![
+            UserGiftsRankRow {
+                window_start: day.clone(),
+                rank: 1,
+                user_id: w("2001"),
+                amount: 10
+            },
+            UserGiftsRankRow {
+                window_start: day,
+                rank: 2,
+                user_id: w("2002"),
+                amount: 5
+            },
+        ]
+    );
+}
+
+#[test]
+fn aggregator_truth_adds_up_on_a_messy_run() {
+    let g = generate(&messy(6000));
+    let t = &g.truth;
+    let m = &t.metrics;
+    assert_eq!(
+        m.live_viewer_log.len() as u64,
+        t.kinds["viewer_arrived"] + t.kinds["viewer_left"]
+    );
+    // The last level of each room = its arrivals − departures.
+    let mut last: BTreeMap<&str, i64> = BTreeMap::new();
+    for r in &m.online_users_1m {
+        last.insert(&r.room_id, r.online);
+    }
+    assert_eq!(
+        last.values().sum::<i64>(),
+        t.kinds["viewer_arrived"] as i64 - t.kinds["viewer_left"] as i64
+    );
+    let gift_amount: i64 = m.gifts_by_type_1m.iter().map(|r| r.amount).sum();
+    assert_eq!(
+        m.gifts_by_module_1m.iter().map(|r| r.amount).sum::<i64>(),
+        gift_amount
+    );
+    assert!(m.gifts_by_module_1m.iter().any(|r| r.module_id.is_empty()));
+    assert!(m.gifts_by_module_1m.iter().any(|r| r.module_id == "1001"));
+    assert!(m.gifts_6h.iter().all(|r| r.amount <= gift_amount));
+    assert!(
+        m.gifts_6h.iter().any(|r| r.amount == gift_amount),
+        "one window holds the whole 10-minute run"
+    );
+    assert_eq!(
+        m.pool_production_1m
+            .iter()
+            .map(|r| r.publications)
+            .sum::<u64>(),
+        t.kinds["video_published"]
+    );
+    assert_eq!(
+        m.pool_consumption_1m.iter().map(|r| r.plays).sum::<u64>(),
+        t.kinds["video_played"]
+    );
+    let l = &t.leaderboards;
+    assert_eq!(
+        l.actions_daily.iter().map(|r| r.actions).sum::<u64>(),
+        t.kinds["user_action"]
+    );
+    assert_eq!(
+        l.user_gifts_daily.iter().map(|r| r.amount).sum::<i64>(),
+        gift_amount
+    );
+    let likes: u64 = l.video_likes_daily.iter().map(|r| r.likes).sum();
+    assert!(
+        likes > 0
+            && likes
+                < l.actions_daily
+                    .iter()
+                    .find(|r| r.action == "like")
+                    .unwrap()
+                    .actions
+                    + 1
+    );
+    for w in l.user_gifts_daily.windows(2) {
+        if w[0].window_start == w[1].window_start {
+            assert!(
+                w[0].amount > w[1].amount
+                    || (w[0].amount == w[1].amount && w[0].user_id < w[1].user_id)
+            );
+            assert_eq!(w[1].rank, w[0].rank + 1);
+        }
+    }
 }

@@ -9,17 +9,32 @@
 //! Adding a metric: a field in [`Metrics`] (the rows) and in
 //! `MetricsBuilder` (the accumulator), an arm in `MetricsBuilder::observe`,
 //! and a line in `MetricsBuilder::finish`.
+//!
+//! `metrics` and `leaderboards` have exactly the names and row shapes that
+//! `vidpulse query <name> --format json` prints for the aggregator's
+//! built-in spec (docs/metrics.md), so a test compares them directly. The
+//! metrics that read `vp.monitored.v1` (`gifts_by_module_1m`, `pool_*`) are
+//! given for a site-wide monitor pool named `all` whose enrichment carries
+//! each room's `module_id`; for another pool keep the rows of its members.
 
 use std::collections::{BTreeMap, BTreeSet};
 
 use serde::{Deserialize, Serialize};
 
+use chrono::NaiveDateTime;
+use serde_json::Value;
+
 use crate::config::GenConfig;
-use crate::formats::iso_time;
+use crate::formats::{LOCAL_OFFSET_SECS, iso_time};
 use crate::model::{Class, Event, Kind, RawRecord, Reason};
 
 const MINUTE_MS: i64 = 60_000;
 const HOUR_MS: i64 = 3_600_000;
+const DAY_MS: i64 = 86_400_000;
+/// `gifts_6h`: a 6-hour window sliding by one minute.
+const GIFTS_6H_PANES: i64 = 360;
+/// The site-wide monitor pool the `pool_*` rows are given for.
+pub const ALL_POOL: &str = "all";
 /// Rows per window of `top_gifters_1h`.
 pub const TOP_GIFTERS: usize = 10;
 
@@ -42,6 +57,7 @@ pub struct Truth {
     /// Valid distinct events per kind per event-time minute (non-zero only).
     pub kinds_per_minute: BTreeMap<String, BTreeMap<String, u64>>,
     pub metrics: Metrics,
+    pub leaderboards: Leaderboards,
 }
 
 /// Records of one raw topic. `sent = valid + duplicates + malformed`;
@@ -84,6 +100,120 @@ pub struct Metrics {
     /// Top gifting users per hour by summed amount (ties: user id ascending,
     /// as text).
     pub top_gifters_1h: Vec<TopGifterRow>,
+    /// Every distinct viewer arrival and departure (the seed's raw log).
+    pub live_viewer_log: Vec<ViewerLogRow>,
+    /// Viewers online per room at the end of each minute that had viewer
+    /// events in that room: arrivals minus departures since the start.
+    pub online_users_1m: Vec<OnlineUsersRow>,
+    /// Gift amount per module per minute; a gift's module is its room's
+    /// (from the room's start records), `""` without a room or start.
+    pub gifts_by_module_1m: Vec<GiftsByModuleRow>,
+    /// Gift amount per 6-hour window sliding by a minute: every window that
+    /// holds a gift.
+    pub gifts_6h: Vec<Gifts6hRow>,
+    /// Publications per author per minute, pool `all`.
+    pub pool_production_1m: Vec<PoolProductionRow>,
+    /// Plays and consumption-log likes / comments / shares per video per
+    /// minute, pool `all`.
+    pub pool_consumption_1m: Vec<PoolConsumptionRow>,
+}
+
+/// The Redis leaderboards, every member of every UTC day, ranked by score
+/// descending, ties by member ascending (as text).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct Leaderboards {
+    /// User actions per type (the seed's `rankings`).
+    pub actions_daily: Vec<ActionsRankRow>,
+    /// Likes per liked video (`target_id`, else `video_id`).
+    pub video_likes_daily: Vec<VideoLikesRankRow>,
+    /// Gift amount per user.
+    pub user_gifts_daily: Vec<UserGiftsRankRow>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ViewerLogRow {
+    /// RFC 3339 with milliseconds.
+    pub event_time: String,
+    /// `None` when records carry no event id (`--event-ids false`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub event_id: Option<String>,
+    /// `viewer_arrived` or `viewer_left`.
+    pub kind: String,
+    pub user_id: String,
+    pub room_id: String,
+    pub ip: String,
+    pub region: String,
+    pub grade: i32,
+    pub province: String,
+    /// When the visit began, RFC 3339 with milliseconds.
+    pub arrive_time: String,
+    /// Departures: when the visit ended; arrivals: null.
+    pub leave_time: Option<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct OnlineUsersRow {
+    pub window_start: String,
+    pub room_id: String,
+    pub online: i64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GiftsByModuleRow {
+    pub window_start: String,
+    pub module_id: String,
+    pub amount: i64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Gifts6hRow {
+    pub window_start: String,
+    pub amount: i64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PoolProductionRow {
+    pub window_start: String,
+    pub pool: String,
+    pub author_id: String,
+    pub publications: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PoolConsumptionRow {
+    pub window_start: String,
+    pub pool: String,
+    pub video_id: String,
+    pub plays: u64,
+    pub likes: u64,
+    pub comments: u64,
+    pub shares: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ActionsRankRow {
+    /// The UTC day, `…T00:00:00Z`.
+    pub window_start: String,
+    pub rank: u32,
+    #[serde(rename = "type")]
+    pub action: String,
+    pub actions: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VideoLikesRankRow {
+    pub window_start: String,
+    pub rank: u32,
+    pub video_id: String,
+    pub likes: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct UserGiftsRankRow {
+    pub window_start: String,
+    pub rank: u32,
+    pub user_id: String,
+    pub amount: i64,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -194,7 +324,7 @@ impl TruthBuilder {
                     topic.late += 1;
                 }
                 if let Some(event) = &record.event {
-                    self.observe_event(event);
+                    self.observe_event(record, event);
                 }
             }
             Class::Duplicate { .. } => topic.duplicates += 1,
@@ -205,7 +335,7 @@ impl TruthBuilder {
         }
     }
 
-    fn observe_event(&mut self, event: &Event) {
+    fn observe_event(&mut self, record: &RawRecord, event: &Event) {
         *self.kinds.entry(event.kind.name()).or_default() += 1;
         *self
             .per_minute
@@ -213,10 +343,10 @@ impl TruthBuilder {
             .or_default()
             .entry(window(event.time_ms, MINUTE_MS))
             .or_default() += 1;
-        self.metrics.observe(event);
+        self.metrics.observe(record, event);
     }
 
-    pub fn finish(self) -> Truth {
+    pub fn finish(mut self) -> Truth {
         let (valid, duplicates, malformed) = self.topics.values().fold((0, 0, 0), |acc, t| {
             (acc.0 + t.valid, acc.1 + t.duplicates, acc.2 + t.malformed)
         });
@@ -253,6 +383,7 @@ impl TruthBuilder {
                     (k.to_owned(), minutes)
                 })
                 .collect(),
+            leaderboards: self.metrics.finish_leaderboards(),
             metrics: self.metrics.finish(),
         }
     }
@@ -286,6 +417,14 @@ struct ArrivalsAcc {
     viewers: BTreeSet<String>,
 }
 
+#[derive(Debug, Default)]
+struct ConsumptionAcc {
+    plays: u64,
+    likes: u64,
+    comments: u64,
+    shares: u64,
+}
+
 /// One accumulator per metric, keyed by (window start ms, group fields).
 #[derive(Debug, Default)]
 struct MetricsBuilder {
@@ -296,11 +435,144 @@ struct MetricsBuilder {
     members_by_grade: BTreeMap<(i64, i32), BTreeSet<String>>,
     user_actions: BTreeMap<(i64, String), u64>,
     gifted_1h: BTreeMap<(i64, String), i64>,
+    /// (event time, event id) → row, to sort by time.
+    viewer_log: BTreeMap<(i64, String, u64), ViewerLogRow>,
+    /// (room, minute) → arrivals − departures.
+    online_delta: BTreeMap<(String, i64), i64>,
+    /// (minute, room or None) → amount; rooms get their module at the end.
+    gifts_by_room: BTreeMap<(i64, Option<String>), i64>,
+    /// Room → module, from every valid room start.
+    room_module: BTreeMap<String, String>,
+    /// Minute → amount, expanded into 6-hour windows at the end.
+    gifts_per_minute: BTreeMap<i64, i64>,
+    publications: BTreeMap<(i64, String), u64>,
+    consumption: BTreeMap<(i64, String), ConsumptionAcc>,
+    actions_daily: BTreeMap<(i64, String), u64>,
+    likes_daily: BTreeMap<(i64, String), u64>,
+    gifts_daily: BTreeMap<(i64, String), i64>,
+}
+
+/// The raw JSON of a valid record (its payload is always a JSON object).
+fn payload(record: &RawRecord) -> serde_json::Map<String, Value> {
+    match serde_json::from_slice(&record.payload) {
+        Ok(Value::Object(m)) => m,
+        _ => serde_json::Map::new(),
+    }
+}
+
+fn text(v: Option<&Value>) -> String {
+    match v {
+        Some(Value::String(s)) => s.clone(),
+        Some(Value::Number(n)) => n.to_string(),
+        _ => String::new(),
+    }
+}
+
+/// A seed-002 local time (`2021-08-16 09:48:01`, Asia/Shanghai) as UTC ms.
+fn local_ms(v: Option<&Value>) -> Option<i64> {
+    let t = NaiveDateTime::parse_from_str(v?.as_str()?, "%Y-%m-%d %H:%M:%S").ok()?;
+    Some((t.and_utc().timestamp() - LOCAL_OFFSET_SECS) * 1000)
 }
 
 impl MetricsBuilder {
-    fn observe(&mut self, e: &Event) {
+    fn observe(&mut self, record: &RawRecord, e: &Event) {
         let minute = window(e.time_ms, MINUTE_MS);
+        let day = window(e.time_ms, DAY_MS);
+        match e.kind {
+            Kind::ViewerArrived | Kind::ViewerLeft => {
+                let arrived = e.kind == Kind::ViewerArrived;
+                if let Some(room) = &e.room_id {
+                    *self.online_delta.entry((room.clone(), minute)).or_default() +=
+                        if arrived { 1 } else { -1 };
+                }
+                let raw = payload(record);
+                let arrive_ms = local_ms(raw.get("arrive_time")).unwrap_or(e.time_ms);
+                self.viewer_log.insert(
+                    (
+                        e.time_ms,
+                        e.event_id.clone().unwrap_or_default(),
+                        record.seq,
+                    ),
+                    ViewerLogRow {
+                        event_time: iso_time(e.time_ms, true),
+                        event_id: e.event_id.clone(),
+                        kind: e.kind.name().to_owned(),
+                        user_id: e.user_id.clone().unwrap_or_default(),
+                        room_id: e.room_id.clone().unwrap_or_default(),
+                        ip: text(raw.get("ip")),
+                        region: text(raw.get("region")),
+                        grade: e.grade.unwrap_or(0),
+                        province: e.province.clone().unwrap_or_default(),
+                        arrive_time: iso_time(arrive_ms, true),
+                        leave_time: (!arrived).then(|| iso_time(e.time_ms, true)),
+                    },
+                );
+            }
+            Kind::LiveRoomStarted => {
+                let raw = payload(record);
+                let module = text(raw.get("module_id"));
+                if let (Some(room), false) = (&e.room_id, module.is_empty()) {
+                    self.room_module.insert(room.clone(), module);
+                }
+            }
+            Kind::VideoPublished => {
+                if let Some(author) = &e.author_id {
+                    *self
+                        .publications
+                        .entry((minute, author.clone()))
+                        .or_default() += 1;
+                }
+            }
+            _ => {}
+        }
+        match e.kind {
+            Kind::VideoPlayed => {
+                if let Some(video) = &e.video_id {
+                    self.consumption
+                        .entry((minute, video.clone()))
+                        .or_default()
+                        .plays += 1;
+                }
+            }
+            Kind::UserAction => {
+                let Some(action) = &e.action else { return };
+                // Rows only for what an aggregate counts (an order makes none).
+                if let (Some(video), true) = (
+                    &e.video_id,
+                    matches!(action.as_str(), "like" | "comment" | "share"),
+                ) {
+                    let acc = self.consumption.entry((minute, video.clone())).or_default();
+                    match action.as_str() {
+                        "like" => acc.likes += 1,
+                        "comment" => acc.comments += 1,
+                        _ => acc.shares += 1,
+                    }
+                }
+                *self.actions_daily.entry((day, action.clone())).or_default() += 1;
+                if action == "like" {
+                    let target = match text(payload(record).get("target_id")) {
+                        t if !t.is_empty() => Some(t),
+                        _ => e.video_id.clone(),
+                    };
+                    if let Some(t) = target {
+                        *self.likes_daily.entry((day, t)).or_default() += 1;
+                    }
+                }
+            }
+            Kind::GiftSent => {
+                if let Some(amount) = e.amount {
+                    *self
+                        .gifts_by_room
+                        .entry((minute, e.room_id.clone()))
+                        .or_default() += amount;
+                    *self.gifts_per_minute.entry(minute).or_default() += amount;
+                    if let Some(user) = &e.user_id {
+                        *self.gifts_daily.entry((day, user.clone())).or_default() += amount;
+                    }
+                }
+            }
+            _ => {}
+        }
         match e.kind {
             Kind::VideoPlayed => {
                 let Some(video) = &e.video_id else { return };
@@ -425,8 +697,130 @@ impl MetricsBuilder {
                 })
                 .collect(),
             top_gifters_1h: top_n(self.gifted_1h, TOP_GIFTERS),
+            live_viewer_log: self.viewer_log.into_values().collect(),
+            online_users_1m: {
+                let mut rows = Vec::new();
+                let mut level: BTreeMap<&str, i64> = BTreeMap::new();
+                for ((room, w), delta) in &self.online_delta {
+                    let l = level.entry(room.as_str()).or_default();
+                    *l += delta;
+                    rows.push(OnlineUsersRow {
+                        window_start: stamp(*w),
+                        room_id: room.clone(),
+                        online: *l,
+                    });
+                }
+                rows.sort_by(|a, b| {
+                    (&a.window_start, &a.room_id).cmp(&(&b.window_start, &b.room_id))
+                });
+                rows
+            },
+            gifts_by_module_1m: {
+                let mut by: BTreeMap<(i64, String), i64> = BTreeMap::new();
+                for ((w, room), amount) in &self.gifts_by_room {
+                    let module = room
+                        .as_ref()
+                        .and_then(|r| self.room_module.get(r))
+                        .cloned()
+                        .unwrap_or_default();
+                    *by.entry((*w, module)).or_default() += amount;
+                }
+                by.into_iter()
+                    .map(|((w, module_id), amount)| GiftsByModuleRow {
+                        window_start: stamp(w),
+                        module_id,
+                        amount,
+                    })
+                    .collect()
+            },
+            gifts_6h: {
+                let mut by: BTreeMap<i64, i64> = BTreeMap::new();
+                for (m, amount) in &self.gifts_per_minute {
+                    for i in 0..GIFTS_6H_PANES {
+                        *by.entry(m - i * MINUTE_MS).or_default() += amount;
+                    }
+                }
+                by.into_iter()
+                    .map(|(w, amount)| Gifts6hRow {
+                        window_start: stamp(w),
+                        amount,
+                    })
+                    .collect()
+            },
+            pool_production_1m: self
+                .publications
+                .into_iter()
+                .map(|((w, author_id), publications)| PoolProductionRow {
+                    window_start: stamp(w),
+                    pool: ALL_POOL.to_owned(),
+                    author_id,
+                    publications,
+                })
+                .collect(),
+            pool_consumption_1m: self
+                .consumption
+                .into_iter()
+                .map(|((w, video_id), a)| PoolConsumptionRow {
+                    window_start: stamp(w),
+                    pool: ALL_POOL.to_owned(),
+                    video_id,
+                    plays: a.plays,
+                    likes: a.likes,
+                    comments: a.comments,
+                    shares: a.shares,
+                })
+                .collect(),
         }
     }
+
+    /// Call before [`MetricsBuilder::finish`] (which consumes the builder).
+    fn finish_leaderboards(&mut self) -> Leaderboards {
+        Leaderboards {
+            actions_daily: ranked(std::mem::take(&mut self.actions_daily))
+                .into_iter()
+                .map(|(w, rank, action, actions)| ActionsRankRow {
+                    window_start: stamp(w),
+                    rank,
+                    action,
+                    actions,
+                })
+                .collect(),
+            video_likes_daily: ranked(std::mem::take(&mut self.likes_daily))
+                .into_iter()
+                .map(|(w, rank, video_id, likes)| VideoLikesRankRow {
+                    window_start: stamp(w),
+                    rank,
+                    video_id,
+                    likes,
+                })
+                .collect(),
+            user_gifts_daily: ranked(std::mem::take(&mut self.gifts_daily))
+                .into_iter()
+                .map(|(w, rank, user_id, amount)| UserGiftsRankRow {
+                    window_start: stamp(w),
+                    rank,
+                    user_id,
+                    amount,
+                })
+                .collect(),
+        }
+    }
+}
+
+/// Every member of every window, ranked: score descending, member ascending.
+fn ranked<V: Ord + Copy>(scores: BTreeMap<(i64, String), V>) -> Vec<(i64, u32, String, V)> {
+    let mut by_window: BTreeMap<i64, Vec<(String, V)>> = BTreeMap::new();
+    for ((w, member), v) in scores {
+        by_window.entry(w).or_default().push((member, v));
+    }
+    let mut rows = Vec::new();
+    for (w, mut members) in by_window {
+        members.sort_by(|a, b| b.1.cmp(&a.1).then_with(|| a.0.cmp(&b.0)));
+        for (i, (member, v)) in members.into_iter().enumerate() {
+            rows.push((w, i as u32 + 1, member, v));
+        }
+    }
+    rows
 }
 
 /// The `n` largest amounts per window; ties by user id ascending.

@@ -4,12 +4,15 @@
 //! id; rejects go to `vp.dlq.v1` with their original bytes and a reason.
 //!
 //! Delivery: at-least-once through the shared pipeline loop; event ids are
-//! deterministic, so a re-read record yields the same event.
+//! deterministic, so a re-read record yields the same event. Redis streams
+//! (`--redis-stream`, seed 004) are read by `redis_stream` with the same
+//! guarantee: an entry is acknowledged only after Kafka acknowledged it.
 #![forbid(unsafe_code)]
 
 pub mod mapping;
 pub mod normalize;
 pub mod presets;
+pub mod redis_stream;
 pub mod reject;
 
 use std::collections::HashMap;
@@ -94,6 +97,9 @@ pub struct Args {
     pub kafka: KafkaArgs,
 
     #[command(flatten)]
+    pub redis: redis_stream::RedisStreamArgs,
+
+    #[command(flatten)]
     pub admin: AdminArgs,
 }
 
@@ -107,6 +113,8 @@ pub struct Settings {
     pub events_topic: String,
     pub dlq_topic: String,
     pub admin_addr: SocketAddr,
+    /// Redis streams to read (empty: none).
+    pub streams: Vec<redis_stream::StreamSpec>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -117,6 +125,8 @@ pub enum IngestError {
     Mapping(#[from] mapping::MappingError),
     #[error(transparent)]
     Pipeline(#[from] pipeline::PipelineError),
+    #[error(transparent)]
+    RedisStream(#[from] redis_stream::StreamError),
     #[error("admin server: {0}")]
     Admin(std::io::Error),
 }
@@ -171,7 +181,23 @@ impl Settings {
             })?;
             list.push((m, topic.map(str::to_owned)));
         }
-        if list.is_empty() {
+        let mut streams = Vec::new();
+        for arg in &args.redis.streams {
+            let spec = redis_stream::StreamSpec::parse(arg, zone)?;
+            if streams
+                .iter()
+                .any(|s: &redis_stream::StreamSpec| s.key == spec.key)
+            {
+                return Err(invalid(
+                    "--redis-stream",
+                    format!("stream {} is given twice", spec.key),
+                )
+                .into());
+            }
+            streams.push(spec);
+        }
+        // Only Redis streams asked for: no Kafka raw topic is read.
+        if list.is_empty() && streams.is_empty() {
             for name in presets::names() {
                 if let Some(m) = presets::preset(name, zone) {
                     list.push((m?, None));
@@ -200,6 +226,7 @@ impl Settings {
             events_topic: args.kafka.topic(&args.events_topic),
             dlq_topic: args.kafka.topic(&args.dlq_topic),
             admin_addr,
+            streams,
         })
     }
 }
@@ -216,19 +243,61 @@ pub async fn run(args: Args, shutdown: CancellationToken) -> Result<(), IngestEr
     for t in &inputs {
         tracing::info!(topic = %t, mapping = %settings.mappings[t].name, "Reading raw topic.");
     }
-    let processor = Normalizer::new(
-        settings.mappings,
-        settings.events_topic.clone(),
-        settings.dlq_topic.clone(),
-        args.max_payload_bytes,
-    );
-    let pl = pipeline::Settings {
-        stage: "ingest",
-        group: args.group.clone(),
-        inputs,
-        max_in_flight: args.max_in_flight,
+    // Kafka topics and Redis streams run side by side; one failing stops both.
+    let stop = shutdown.child_token();
+    let streams = (!settings.streams.is_empty()).then(|| redis_stream::Settings {
+        streams: settings.streams.clone(),
+        redis_url: args.redis.redis_url.clone(),
+        group: args.redis.redis_group.clone(),
+        consumer: args
+            .redis
+            .redis_consumer
+            .clone()
+            .unwrap_or_else(redis_stream::Settings::default_consumer),
+        claim_idle: args.redis.redis_claim_idle,
+        batch: args.redis.redis_batch.max(1),
+        timeout: args.redis.redis_timeout,
+        events_topic: settings.events_topic.clone(),
+        dlq_topic: settings.dlq_topic.clone(),
+        max_payload_bytes: args.max_payload_bytes,
+        max_in_flight: args.max_in_flight.max(1),
         drain_timeout: args.drain_timeout,
+    });
+    let kafka = async {
+        if inputs.is_empty() {
+            return Ok(());
+        }
+        let processor = Normalizer::new(
+            settings.mappings,
+            settings.events_topic.clone(),
+            settings.dlq_topic.clone(),
+            args.max_payload_bytes,
+        );
+        let pl = pipeline::Settings {
+            stage: "ingest",
+            group: args.group.clone(),
+            inputs,
+            max_in_flight: args.max_in_flight,
+            drain_timeout: args.drain_timeout,
+        };
+        let r = pipeline::run(&args.kafka, pl, processor, health.clone(), stop.clone()).await;
+        if r.is_err() {
+            stop.cancel();
+        }
+        r.map_err(IngestError::from)
     };
-    pipeline::run(&args.kafka, pl, processor, health, shutdown).await?;
+    let redis = async {
+        let Some(s) = streams else {
+            return Ok(());
+        };
+        let r = redis_stream::run(&args.kafka, s, health.clone(), stop.clone()).await;
+        if r.is_err() {
+            stop.cancel();
+        }
+        r.map_err(IngestError::from)
+    };
+    let (k, r) = tokio::join!(kafka, redis);
+    k?;
+    r?;
     Ok(())
 }

@@ -1,6 +1,11 @@
 //! The ingest processor: raw bytes → canonical protobuf event keyed by its
 //! subject id, or → the dead-letter topic with the original key and bytes
 //! and a reason. Every input yields exactly one output, so nothing is lost.
+//!
+//! A record re-driven from the DLQ by `vidpulse dlq replay` carries
+//! `vp.original.topic/partition/offset` headers; its source-derived event id
+//! is then taken from those coordinates, so it keeps the id it would have had
+//! the first time and a second replay does not count it twice.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -75,6 +80,36 @@ fn json_error(e: &serde_json::Error) -> Reject {
     Reject::new(reason, format!("payload is not valid JSON: {e}"))
 }
 
+/// Header of a replayed raw record: the topic it was first read from.
+pub const H_ORIGINAL_TOPIC: &str = "vp.original.topic";
+/// Header of a replayed raw record: the partition it was first read from.
+pub const H_ORIGINAL_PARTITION: &str = "vp.original.partition";
+/// Header of a replayed raw record: the offset it was first read from.
+pub const H_ORIGINAL_OFFSET: &str = "vp.original.offset";
+
+/// The event id derived from where a record was read (used when the record
+/// carries no id of its own): `<topic>/<partition>/<offset>`.
+pub fn source_id(topic: &str, partition: i32, offset: i64) -> String {
+    format!("{topic}/{partition}/{offset}")
+}
+
+/// The source-derived id a replayed record keeps: `<topic>/<partition>/<offset>`
+/// from its `vp.original.*` headers, when all three are present and well
+/// formed (else `None`: the record is treated as a new one).
+pub fn original_id<'a>(headers: impl IntoIterator<Item = (&'a str, &'a [u8])>) -> Option<String> {
+    let (mut topic, mut partition, mut offset) = (None, None, None);
+    for (k, v) in headers {
+        let v = std::str::from_utf8(v).ok();
+        match k {
+            H_ORIGINAL_TOPIC => topic = v.filter(|t| !t.is_empty()),
+            H_ORIGINAL_PARTITION => partition = v.and_then(|p| p.parse::<i32>().ok()),
+            H_ORIGINAL_OFFSET => offset = v.and_then(|o| o.parse::<i64>().ok()),
+            _ => {}
+        }
+    }
+    Some(source_id(topic?, partition?, offset?))
+}
+
 /// Normalizes one raw record with `mapping`.
 pub fn normalize(
     mapping: &Mapping,
@@ -85,6 +120,27 @@ pub fn normalize(
 ) -> Result<Event, Reject> {
     let doc = parse_payload(payload, max_bytes)?;
     mapping.apply(&doc, src, now_ms)
+}
+
+/// Like [`normalize`], but a record without an id of its own gets
+/// `fallback_id` instead of the id derived from `src` (a replayed record's
+/// original coordinates, a Redis stream entry id). An id the record carries
+/// always wins.
+pub fn normalize_with_id(
+    mapping: &Mapping,
+    payload: Option<&[u8]>,
+    src: SourceRef<'_>,
+    fallback_id: Option<&str>,
+    max_bytes: usize,
+    now_ms: i64,
+) -> Result<Event, Reject> {
+    let mut event = normalize(mapping, payload, src, max_bytes, now_ms)?;
+    if let Some(id) = fallback_id
+        && event.event_id == source_id(src.topic, src.partition, src.offset)
+    {
+        id.clone_into(&mut event.event_id);
+    }
+    Ok(event)
 }
 
 /// The ingest stage's `Processor`.
@@ -123,18 +179,53 @@ impl Normalizer {
     }
 }
 
-impl Processor for Normalizer {
-    fn process(&mut self, input: &Input<'_>, out: &mut Vec<Output>) {
+impl Normalizer {
+    /// Processes a record with its Kafka headers: a record replayed from the
+    /// DLQ (`vp.original.*` headers) keeps its original source-derived id.
+    pub fn process_with_headers(
+        &mut self,
+        input: &Input<'_>,
+        headers: &[(&str, &[u8])],
+        out: &mut Vec<Output>,
+    ) {
+        let original = if headers.is_empty() {
+            None
+        } else {
+            original_id(headers.iter().copied())
+        };
+        let before = out.len();
+        self.process_as(input, original.as_deref(), out);
+        // Rejected again: the dead letter keeps pointing at the first read,
+        // so a later replay still gets the original id.
+        if original.is_some() {
+            for o in out[before..]
+                .iter_mut()
+                .filter(|o| o.topic == self.dlq_topic)
+            {
+                for (k, v) in headers {
+                    if let Some(name) = [H_ORIGINAL_TOPIC, H_ORIGINAL_PARTITION, H_ORIGINAL_OFFSET]
+                        .into_iter()
+                        .find(|n| n == k)
+                    {
+                        o.headers.push((name, v.to_vec()));
+                    }
+                }
+            }
+        }
+    }
+
+    fn process_as(&mut self, input: &Input<'_>, fallback_id: Option<&str>, out: &mut Vec<Output>) {
         let src = SourceRef {
             topic: input.topic,
             partition: input.partition,
             offset: input.offset,
         };
         let result = match self.mappings.get(input.topic) {
-            Some(mapping) => normalize(
+            Some(mapping) => normalize_with_id(
                 mapping,
                 input.payload,
                 src,
+                fallback_id,
                 self.max_payload_bytes,
                 now_ms(),
             ),
@@ -173,9 +264,158 @@ impl Processor for Normalizer {
     }
 }
 
-fn now_ms() -> i64 {
+impl Processor for Normalizer {
+    fn process(&mut self, input: &Input<'_>, out: &mut Vec<Output>) {
+        self.process_as(input, None, out);
+    }
+
+    fn process_with_headers(
+        &mut self,
+        input: &Input<'_>,
+        headers: &[(&str, &[u8])],
+        out: &mut Vec<Output>,
+    ) {
+        Normalizer::process_with_headers(self, input, headers, out);
+    }
+}
+
+pub(crate) fn now_ms() -> i64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_millis() as i64)
         .unwrap_or(0)
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+    use crate::presets::preset;
+
+    const LIKE: &[u8] = br#"{"type":"like","timestamp":"1732200000.5","user_id":"u-5"}"#;
+
+    fn normalizer() -> Normalizer {
+        let m = Arc::new(
+            preset("user_actions", chrono_tz::Asia::Shanghai)
+                .unwrap()
+                .unwrap(),
+        );
+        let mut mappings = HashMap::new();
+        mappings.insert("p.user_actions".to_owned(), m);
+        Normalizer::new(
+            mappings,
+            "p.vp.events.v1".into(),
+            "p.vp.dlq.v1".into(),
+            1 << 20,
+        )
+    }
+
+    fn input(payload: &[u8], offset: i64) -> Input<'_> {
+        Input {
+            topic: "p.user_actions",
+            partition: 3,
+            offset,
+            key: Some(b"k"),
+            payload: Some(payload),
+            timestamp_ms: None,
+        }
+    }
+
+    fn event_id(out: &[Output]) -> String {
+        assert_eq!(out.len(), 1);
+        assert_eq!(out[0].topic, "p.vp.events.v1", "{out:?}");
+        Event::decode(out[0].payload.as_deref().unwrap())
+            .unwrap()
+            .event_id
+    }
+
+    #[test]
+    fn original_id_needs_all_three_well_formed_headers() {
+        let h = |t: &'static str, p: &'static str, o: &'static str| {
+            vec![
+                (H_ORIGINAL_TOPIC, t.as_bytes()),
+                (H_ORIGINAL_PARTITION, p.as_bytes()),
+                (H_ORIGINAL_OFFSET, o.as_bytes()),
+                ("other", b"x".as_slice()),
+            ]
+        };
+        assert_eq!(original_id(h("raw", "1", "7")).as_deref(), Some("raw/1/7"));
+        assert_eq!(original_id(h("raw", "x", "7")), None);
+        assert_eq!(original_id(h("raw", "1", "")), None);
+        assert_eq!(original_id(h("", "1", "7")), None);
+        assert_eq!(original_id(h("raw", "1", "7").into_iter().skip(1)), None);
+    }
+
+    #[test]
+    fn a_replayed_record_keeps_its_original_source_derived_id() {
+        let mut n = normalizer();
+        let mut out = Vec::new();
+        n.process(&input(LIKE, 40), &mut out);
+        assert_eq!(event_id(&out), "p.user_actions/3/40");
+
+        // The same bytes re-driven to offset 90 with replay headers.
+        let headers: Vec<(&str, &[u8])> = vec![
+            ("vp.replayed-from", b"p.vp.dlq.v1/0/5"),
+            (H_ORIGINAL_TOPIC, b"p.user_actions"),
+            (H_ORIGINAL_PARTITION, b"1"),
+            (H_ORIGINAL_OFFSET, b"12"),
+        ];
+        out.clear();
+        n.process_with_headers(&input(LIKE, 90), &headers, &mut out);
+        assert_eq!(event_id(&out), "p.user_actions/1/12");
+        let ev = Event::decode(out[0].payload.as_deref().unwrap()).unwrap();
+        assert_eq!(
+            ev.source.unwrap().offset,
+            90,
+            "source says where it was read"
+        );
+
+        // Without the headers it is a new record.
+        out.clear();
+        n.process_with_headers(&input(LIKE, 90), &[], &mut out);
+        assert_eq!(event_id(&out), "p.user_actions/3/90");
+    }
+
+    #[test]
+    fn an_id_in_the_payload_wins_over_replay_headers() {
+        let mut n = normalizer();
+        let mut out = Vec::new();
+        let own = br#"{"type":"like","timestamp":1732200000,"event_id":"e-1"}"#;
+        let headers: Vec<(&str, &[u8])> = vec![
+            (H_ORIGINAL_TOPIC, b"p.user_actions"),
+            (H_ORIGINAL_PARTITION, b"1"),
+            (H_ORIGINAL_OFFSET, b"12"),
+        ];
+        n.process_with_headers(&input(own, 90), &headers, &mut out);
+        assert_eq!(event_id(&out), "e-1");
+    }
+
+    #[test]
+    fn a_rejected_replay_goes_to_the_dlq_with_its_new_coordinates() {
+        let mut n = normalizer();
+        let mut out = Vec::new();
+        let headers: Vec<(&str, &[u8])> = vec![
+            (H_ORIGINAL_TOPIC, b"p.user_actions"),
+            (H_ORIGINAL_PARTITION, b"1"),
+            (H_ORIGINAL_OFFSET, b"12"),
+        ];
+        n.process_with_headers(&input(b"{}", 90), &headers, &mut out);
+        assert_eq!(out[0].topic, "p.vp.dlq.v1");
+        let h = |name: &str| {
+            out[0]
+                .headers
+                .iter()
+                .find(|(k, _)| *k == name)
+                .map(|(_, v)| v.clone())
+        };
+        assert_eq!(
+            h(vidpulse_core::dlq::H_OFFSET).as_deref(),
+            Some(b"90".as_slice())
+        );
+        assert_eq!(h(H_ORIGINAL_OFFSET).as_deref(), Some(b"12".as_slice()));
+        assert_eq!(
+            h(H_ORIGINAL_TOPIC).as_deref(),
+            Some(b"p.user_actions".as_slice())
+        );
+    }
 }

@@ -73,6 +73,7 @@ pub struct Args {
     #[arg(
         long,
         env = "VIDPULSE_REDIS_URL",
+        hide_env_values = true,
         default_value = "redis://127.0.0.1:6379"
     )]
     pub redis_url: String,

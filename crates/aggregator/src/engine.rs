@@ -1,0 +1,916 @@
+//! The aggregator's state machine for one input partition: windows, the
+//! watermark, grace and late handling, duplicate suppression, aggregate
+//! states, what to emit, and the checkpoint delta. No Kafka, no clock, no
+//! I/O: [`PartitionState::process`] takes one record and its offset,
+//! [`PartitionState::emit`] says which rows are due, and the idle advance
+//! takes the wall clock as an argument, so everything is tested with fake
+//! time.
+//!
+//! Determinism is the delivery guarantee: the state after a sequence of
+//! records (and of idle advances, each of which the stage checkpoints before
+//! reading on) depends on nothing else. Every emitted row carries a version,
+//! the offset after the last record that changed it, and its content is a
+//! function of the partition's records up to that offset. So replaying any
+//! suffix from a checkpoint re-emits byte-identical rows, and the
+//! ReplacingMergeTree / versioned Redis partials keep exactly one copy.
+//!
+//! Rules (docs/metrics.md):
+//! - a pane is *fired* (first emitted) when the watermark reaches its end and
+//!   *closed* (state dropped) when the watermark reaches end + grace; with
+//!   early emission, open panes' changed rows are emitted on every early tick;
+//! - an event whose pane is closed is late for that metric: not counted
+//!   there, reported so the stage writes it to `vp.late.v1`;
+//! - an event id already counted while any of its panes is open is a
+//!   duplicate and counts nowhere.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
+
+use serde::{Deserialize, Serialize};
+use vidpulse_proto::Kind;
+
+use crate::record::{Field, FieldRef, FieldType, Rec, RoomInfo, RoomTable, Val, ValRef};
+use crate::spec::{AggFn, GroupBy, Input, Score, Spec};
+use crate::window::{Watermark, pane_start};
+
+/// Remembered ids are bucketed by event-time second, so a checkpoint
+/// rewrites only the recent buckets.
+const DEDUP_BUCKET_MS: i64 = 1_000;
+
+/// The spec resolved for fast dispatch, with the stage's settings.
+#[derive(Debug)]
+pub struct Plan {
+    pub spec: Spec,
+    pub out_of_orderness_ms: i64,
+    /// Grace of each metric (spec value or the stage default).
+    pub metric_grace: Vec<i64>,
+    pub lb_grace: Vec<i64>,
+    targets: HashMap<(Input, Kind), Targets>,
+    pub fingerprint: String,
+}
+
+#[derive(Debug, Default)]
+struct Targets {
+    metrics: Vec<usize>,
+    logs: Vec<usize>,
+    lbs: Vec<usize>,
+    /// Latest close time of any pane an event of this kind at time 0 goes
+    /// to, relative to the event's pane: see [`Plan::keep_until`].
+    closes: Vec<(i64, i64)>,
+}
+
+impl Plan {
+    pub fn new(spec: Spec, default_grace_ms: i64, out_of_orderness_ms: i64) -> Plan {
+        let metric_grace: Vec<i64> = spec
+            .metrics
+            .iter()
+            .map(|m| m.grace_ms.unwrap_or(default_grace_ms))
+            .collect();
+        let lb_grace: Vec<i64> = spec
+            .leaderboards
+            .iter()
+            .map(|l| l.grace_ms.unwrap_or(default_grace_ms))
+            .collect();
+        let mut targets: HashMap<(Input, Kind), Targets> = HashMap::new();
+        for (i, m) in spec.metrics.iter().enumerate() {
+            for k in &m.kinds {
+                let t = targets.entry((m.input, *k)).or_default();
+                t.metrics.push(i);
+                t.closes
+                    .push((m.window.pane_ms(), m.window.pane_ms() + metric_grace[i]));
+            }
+        }
+        for (i, l) in spec.logs.iter().enumerate() {
+            for k in &l.kinds {
+                targets.entry((l.input, *k)).or_default().logs.push(i);
+            }
+        }
+        for (i, l) in spec.leaderboards.iter().enumerate() {
+            for k in &l.kinds {
+                let t = targets.entry((l.input, *k)).or_default();
+                t.lbs.push(i);
+                t.closes.push((l.window_ms, l.window_ms + lb_grace[i]));
+            }
+        }
+        let fingerprint = spec.fingerprint(default_grace_ms, out_of_orderness_ms);
+        Plan {
+            spec,
+            out_of_orderness_ms,
+            metric_grace,
+            lb_grace,
+            targets,
+            fingerprint,
+        }
+    }
+
+    /// Until when (watermark) an event of `kind` at `t` must be remembered to
+    /// recognise its duplicates: the latest close of any pane it can go to.
+    /// A function of kind and time only, so a duplicate finds its original.
+    fn keep_until(&self, input: Input, kind: Kind, t: i64) -> i64 {
+        self.targets.get(&(input, kind)).map_or(i64::MIN, |tg| {
+            tg.closes
+                .iter()
+                .map(|(pane, close)| pane_start(t, *pane) + close)
+                .max()
+                .unwrap_or(i64::MIN)
+        })
+    }
+}
+
+/// One aggregate's state in one cell.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Agg {
+    Count(u64),
+    Sum(i64),
+    Min(Option<i64>),
+    Max(Option<i64>),
+    Distinct(BTreeSet<Box<str>>),
+    Level(i64),
+}
+
+impl Agg {
+    fn new(f: &AggFn) -> Agg {
+        match f {
+            AggFn::Count => Agg::Count(0),
+            AggFn::Sum(_) => Agg::Sum(0),
+            AggFn::Min(_) => Agg::Min(None),
+            AggFn::Max(_) => Agg::Max(None),
+            AggFn::Distinct(_) => Agg::Distinct(BTreeSet::new()),
+            AggFn::Level { .. } => Agg::Level(0),
+        }
+    }
+}
+
+/// The state of one group in one pane.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Cell {
+    /// Offset + 1 of the last record that changed it.
+    pub version: u64,
+    /// Changed since last emitted.
+    pub dirty: bool,
+    pub aggs: Vec<Agg>,
+    /// Changed since the last checkpoint (not persisted).
+    #[serde(skip)]
+    ck: bool,
+}
+
+/// A group key: the group-by values in spec order.
+pub type Key = Box<[Val]>;
+
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+struct Pane {
+    fired: bool,
+    cells: HashMap<Key, Cell>,
+}
+
+/// One member's score from this partition in one leaderboard window.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Partial {
+    pub value: i64,
+    pub version: u64,
+    pub dirty: bool,
+    /// Changed since the last checkpoint (not persisted).
+    #[serde(skip)]
+    ck: bool,
+}
+
+/// Everything the partition wrote since the last checkpoint, as hash fields.
+#[derive(Debug, Default, Clone, PartialEq)]
+pub struct CheckpointDelta {
+    pub set: Vec<(String, Vec<u8>)>,
+    pub del: Vec<String>,
+}
+
+/// What changed since the last checkpoint. Cells and partials carry their
+/// own flag; these sets say where to look.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+struct Changed {
+    panes: BTreeSet<(usize, i64)>,
+    days: BTreeSet<(usize, i64)>,
+    dedup: BTreeSet<(i64, i64)>,
+    /// Fields of closed panes and windows and of forgotten id buckets.
+    gone: Vec<String>,
+    rooms: bool,
+    meta: bool,
+}
+
+/// A row of a windowed metric, due for ClickHouse.
+#[derive(Clone, Debug, PartialEq)]
+pub struct MetricRow {
+    pub metric: usize,
+    pub pane_start: i64,
+    pub key: Key,
+    pub version: u64,
+    pub aggs: Vec<Agg>,
+}
+
+/// A row of a raw log.
+#[derive(Clone, Debug, PartialEq)]
+pub struct LogRow {
+    pub log: usize,
+    pub version: u64,
+    pub event_time_ms: i64,
+    pub event_id: Box<str>,
+    pub kind: &'static str,
+    pub columns: Vec<Val>,
+}
+
+/// A leaderboard partial, due for Redis.
+#[derive(Clone, Debug, PartialEq)]
+pub struct BoardRow {
+    pub board: usize,
+    pub window_start: i64,
+    pub member: Box<str>,
+    pub value: i64,
+    pub version: u64,
+}
+
+/// What [`PartitionState::emit`] hands to the sinks.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Emission {
+    pub rows: Vec<MetricRow>,
+    pub logs: Vec<LogRow>,
+    pub boards: Vec<BoardRow>,
+}
+
+impl Emission {
+    pub fn is_empty(&self) -> bool {
+        self.rows.is_empty() && self.logs.is_empty() && self.boards.is_empty()
+    }
+
+    pub fn len(&self) -> usize {
+        self.rows.len() + self.logs.len() + self.boards.len()
+    }
+
+    pub fn extend(&mut self, other: Emission) {
+        self.rows.extend(other.rows);
+        self.logs.extend(other.logs);
+        self.boards.extend(other.boards);
+    }
+}
+
+/// What became of one record.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Outcome {
+    /// At or before the partition's next offset: already in the state.
+    Stale,
+    /// No metric, log or leaderboard takes its kind (or its filters failed).
+    Ignored,
+    /// Its event id was already counted.
+    Duplicate,
+    /// Counted where it was on time; `late` names the metrics and
+    /// leaderboards whose window had already closed (it goes to the late topic).
+    Counted { late: Vec<String> },
+}
+
+#[derive(Serialize, Deserialize)]
+struct Meta {
+    fingerprint: String,
+    next_offset: i64,
+    watermark: Watermark,
+}
+
+/// A checkpoint that cannot be used.
+#[derive(Debug, thiserror::Error)]
+pub enum RestoreError {
+    #[error("checkpoint has no meta field")]
+    NoMeta,
+    #[error("checkpoint was taken under another spec or settings ({found} ≠ {want})")]
+    Fingerprint { found: String, want: String },
+    #[error("checkpoint field {field}: {message}")]
+    Corrupt { field: String, message: String },
+}
+
+/// The aggregator state of one input partition.
+#[derive(Debug, Clone, PartialEq)]
+pub struct PartitionState {
+    pub input: Input,
+    /// The next offset to read (`-1` before the first record: read from the
+    /// beginning).
+    pub next_offset: i64,
+    wm: Watermark,
+    metrics: Vec<BTreeMap<i64, Pane>>,
+    boards: Vec<BTreeMap<i64, HashMap<Box<str>, Partial>>>,
+    /// (keep-until watermark, event second) → event ids counted.
+    dedup: BTreeMap<(i64, i64), HashSet<Box<str>>>,
+    rooms: RoomTable,
+    logs: Vec<LogRow>,
+    changed: Changed,
+}
+
+fn cond_ok(c: Option<&crate::spec::Cond>, rec: &Rec<'_>, rooms: &RoomTable) -> bool {
+    c.is_none_or(|c| c.holds(rec.get(&c.field, rooms)))
+}
+
+fn empty_val(g: &GroupBy) -> Val {
+    match g.ty() {
+        FieldType::Str => Val::S("".into()),
+        _ => Val::I(0),
+    }
+}
+
+/// The group keys of a record (several when grouping by pool); empty when a
+/// required group field is absent.
+fn group_keys(group_by: &[GroupBy], rec: &Rec<'_>, rooms: &RoomTable) -> Vec<Key> {
+    let mut keys: Vec<Vec<Val>> = vec![Vec::with_capacity(group_by.len())];
+    for g in group_by {
+        if g.field == FieldRef::Canon(Field::Pool) {
+            if rec.pools.is_empty() {
+                return Vec::new();
+            }
+            let mut next = Vec::with_capacity(keys.len() * rec.pools.len());
+            for k in &keys {
+                for p in rec.pools {
+                    let mut k = k.clone();
+                    k.push(Val::S(p.as_str().into()));
+                    next.push(k);
+                }
+            }
+            keys = next;
+            continue;
+        }
+        let v = match rec.get(&g.field, rooms) {
+            Some(v) => v.to_owned(),
+            None if g.allow_empty => empty_val(g),
+            None => return Vec::new(),
+        };
+        for k in &mut keys {
+            k.push(v.clone());
+        }
+    }
+    keys.into_iter().map(Vec::into_boxed_slice).collect()
+}
+
+fn field_text(v: ValRef<'_>) -> Box<str> {
+    match v {
+        ValRef::S(s) => s.into(),
+        ValRef::I(i) => i.to_string().into(),
+    }
+}
+
+impl PartitionState {
+    /// A fresh state (no checkpoint): reads from the beginning.
+    pub fn new(plan: &Plan, input: Input) -> PartitionState {
+        PartitionState {
+            input,
+            next_offset: -1,
+            wm: Watermark::default(),
+            metrics: vec![BTreeMap::new(); plan.spec.metrics.len()],
+            boards: vec![BTreeMap::new(); plan.spec.leaderboards.len()],
+            dedup: BTreeMap::new(),
+            rooms: RoomTable::new(),
+            logs: Vec::new(),
+            changed: Changed {
+                meta: true,
+                ..Changed::default()
+            },
+        }
+    }
+
+    pub fn watermark(&self) -> i64 {
+        self.wm.current()
+    }
+
+    pub fn max_event_time(&self) -> i64 {
+        self.wm.max_ts
+    }
+
+    /// Open panes over all metrics (for gauges and tests).
+    pub fn open_panes(&self) -> usize {
+        self.metrics.iter().map(BTreeMap::len).sum()
+    }
+
+    /// Event ids remembered for duplicate suppression.
+    pub fn remembered_ids(&self) -> usize {
+        self.dedup.values().map(HashSet::len).sum()
+    }
+
+    /// Whether an advancing watermark could close or fire anything.
+    pub fn has_open_state(&self) -> bool {
+        self.metrics.iter().any(|p| !p.is_empty())
+            || self.boards.iter().any(|b| !b.is_empty())
+            || !self.dedup.is_empty()
+    }
+
+    /// Moves past a record that is not an event (undecodable, unknown kind).
+    pub fn skip(&mut self, offset: i64) {
+        if offset >= self.next_offset {
+            self.next_offset = offset + 1;
+            self.changed.meta = true;
+        }
+    }
+
+    /// Whether anything changed since the last checkpoint.
+    pub fn dirty(&self) -> bool {
+        self.changed != Changed::default()
+    }
+
+    /// Takes one record read at `offset`.
+    pub fn process(&mut self, plan: &Plan, rec: &Rec<'_>, offset: i64) -> Outcome {
+        if offset < self.next_offset {
+            return Outcome::Stale;
+        }
+        self.next_offset = offset + 1;
+        self.changed.meta = true;
+        let version = (offset + 1) as u64;
+
+        if let Some((id, room)) = rec.room_profile() {
+            let info = RoomInfo::from_room(room);
+            let entry = self.rooms.entry(id.to_owned()).or_default();
+            // An end event may carry a bare profile: keep what is known.
+            let merged = RoomInfo {
+                room_type: pick(&info.room_type, &entry.room_type),
+                client: pick(&info.client, &entry.client),
+                title: pick(&info.title, &entry.title),
+                address: pick(&info.address, &entry.address),
+                anchor_id: pick(&info.anchor_id, &entry.anchor_id),
+                module_id: pick(&info.module_id, &entry.module_id),
+            };
+            if *entry != merged {
+                *entry = merged;
+                self.changed.rooms = true;
+            }
+        }
+
+        let t = rec.event.event_time_ms;
+        self.wm.observe(t, plan.out_of_orderness_ms);
+        let wm = self.wm.current();
+        let Some(targets) = plan.targets.get(&(self.input, rec.kind)) else {
+            return Outcome::Ignored;
+        };
+
+        let mut late = Vec::new();
+        let mut metrics: Vec<(usize, i64)> = Vec::with_capacity(targets.metrics.len());
+        for &m in &targets.metrics {
+            let metric = &plan.spec.metrics[m];
+            if !cond_ok(metric.when.as_ref(), rec, &self.rooms) {
+                continue;
+            }
+            let pane_ms = metric.window.pane_ms();
+            let pane = pane_start(t, pane_ms);
+            if wm >= pane + pane_ms + plan.metric_grace[m] {
+                late.push(metric.name.clone());
+                continue;
+            }
+            metrics.push((m, pane));
+        }
+        let mut boards: Vec<(usize, i64)> = Vec::with_capacity(targets.lbs.len());
+        for &b in &targets.lbs {
+            let board = &plan.spec.leaderboards[b];
+            if !cond_ok(board.when.as_ref(), rec, &self.rooms) {
+                continue;
+            }
+            let start = pane_start(t, board.window_ms);
+            if wm >= start + board.window_ms + plan.lb_grace[b] {
+                late.push(board.name.clone());
+                continue;
+            }
+            boards.push((b, start));
+        }
+        let logs: Vec<usize> = targets
+            .logs
+            .iter()
+            .copied()
+            .filter(|l| cond_ok(plan.spec.logs[*l].when.as_ref(), rec, &self.rooms))
+            .collect();
+        if metrics.is_empty() && boards.is_empty() && logs.is_empty() {
+            return if late.is_empty() {
+                Outcome::Ignored
+            } else {
+                Outcome::Counted { late }
+            };
+        }
+
+        let id = rec.event.event_id.as_str();
+        // Only windows need duplicate suppression: a log row is keyed by
+        // its event id in ClickHouse already.
+        let windowed = !(metrics.is_empty() && boards.is_empty());
+        if windowed && !id.is_empty() {
+            let key = (
+                plan.keep_until(self.input, rec.kind, t),
+                pane_start(t, DEDUP_BUCKET_MS),
+            );
+            if !self.dedup.entry(key).or_default().insert(id.into()) {
+                return Outcome::Duplicate;
+            }
+            self.changed.dedup.insert(key);
+        }
+
+        for (m, pane) in metrics {
+            self.apply_metric(plan, m, pane, rec, version);
+        }
+        for (b, start) in boards {
+            self.apply_board(plan, b, start, rec, version);
+        }
+        for l in logs {
+            let log = &plan.spec.logs[l];
+            let columns = log
+                .columns
+                .iter()
+                .map(|c| {
+                    rec.get(&c.field, &self.rooms)
+                        .map_or_else(|| empty_val(c), ValRef::to_owned)
+                })
+                .collect();
+            self.logs.push(LogRow {
+                log: l,
+                version,
+                event_time_ms: t,
+                event_id: id.into(),
+                kind: rec.kind.as_str(),
+                columns,
+            });
+        }
+        Outcome::Counted { late }
+    }
+
+    fn apply_metric(&mut self, plan: &Plan, m: usize, pane: i64, rec: &Rec<'_>, version: u64) {
+        let metric = &plan.spec.metrics[m];
+        let rooms = &self.rooms;
+        // Which aggregates take this record, and with what input.
+        let mut inputs: Vec<Option<AggInput>> = Vec::with_capacity(metric.aggregates.len());
+        for a in &metric.aggregates {
+            let takes = (a.kinds.is_empty() || a.kinds.contains(&rec.kind))
+                && cond_ok(a.when.as_ref(), rec, rooms);
+            inputs.push(if !takes {
+                None
+            } else {
+                match &a.func {
+                    AggFn::Count => Some(AggInput::One),
+                    AggFn::Sum(f) | AggFn::Min(f) | AggFn::Max(f) => Some(
+                        rec.get(f, rooms)
+                            .and_then(ValRef::as_int)
+                            .map_or(AggInput::Nothing, AggInput::Num),
+                    ),
+                    AggFn::Distinct(f) => Some(
+                        rec.get(f, rooms)
+                            .map_or(AggInput::Nothing, |v| AggInput::Text(field_text(v))),
+                    ),
+                    AggFn::Level { rise, fall } => {
+                        let d = i64::from(rise.contains(&rec.kind))
+                            - i64::from(fall.contains(&rec.kind));
+                        if rise.contains(&rec.kind) || fall.contains(&rec.kind) {
+                            Some(AggInput::Num(d))
+                        } else {
+                            None
+                        }
+                    }
+                }
+            });
+        }
+        if inputs.iter().all(Option::is_none) {
+            return;
+        }
+        let keys = group_keys(&metric.group_by, rec, rooms);
+        if keys.is_empty() {
+            return;
+        }
+        let pane_state = self.metrics[m].entry(pane).or_default();
+        for key in keys {
+            let cell = pane_state.cells.entry(key).or_insert_with(|| Cell {
+                version: 0,
+                dirty: false,
+                aggs: metric
+                    .aggregates
+                    .iter()
+                    .map(|a| Agg::new(&a.func))
+                    .collect(),
+                ck: false,
+            });
+            for (agg, input) in cell.aggs.iter_mut().zip(&inputs) {
+                let Some(input) = input else { continue };
+                match (agg, input) {
+                    (Agg::Count(n), _) => *n += 1,
+                    (Agg::Sum(s), AggInput::Num(v)) => *s = s.saturating_add(*v),
+                    (Agg::Min(x), AggInput::Num(v)) => *x = Some(x.map_or(*v, |x| x.min(*v))),
+                    (Agg::Max(x), AggInput::Num(v)) => *x = Some(x.map_or(*v, |x| x.max(*v))),
+                    (Agg::Distinct(set), AggInput::Text(v)) if !set.contains(v) => {
+                        set.insert(v.clone());
+                    }
+                    (Agg::Level(l), AggInput::Num(d)) => *l += d,
+                    _ => {}
+                }
+            }
+            cell.version = version;
+            cell.dirty = true;
+            cell.ck = true;
+        }
+        self.changed.panes.insert((m, pane));
+    }
+
+    fn apply_board(&mut self, plan: &Plan, b: usize, start: i64, rec: &Rec<'_>, version: u64) {
+        let board = &plan.spec.leaderboards[b];
+        let Some(member) = rec.get(&board.member.field, &self.rooms) else {
+            return;
+        };
+        let add = match &board.score {
+            Score::Count => 1,
+            Score::Sum(f) => match rec.get(f, &self.rooms).and_then(ValRef::as_int) {
+                Some(v) => v,
+                None => return,
+            },
+        };
+        let member = field_text(member);
+        let p = self.boards[b]
+            .entry(start)
+            .or_default()
+            .entry(member)
+            .or_insert(Partial {
+                value: 0,
+                version: 0,
+                dirty: false,
+                ck: false,
+            });
+        p.value = p.value.saturating_add(add);
+        p.version = version;
+        p.dirty = true;
+        p.ck = true;
+        self.changed.days.insert((b, start));
+    }
+
+    /// Applies an idle advance of the watermark (see
+    /// [`Watermark::advance_idle`]); the stage checkpoints before reading
+    /// on, so a replay sees the same watermark. Returns whether it moved.
+    pub fn advance_idle(
+        &mut self,
+        plan: &Plan,
+        idle_for_ms: i64,
+        idle_timeout_ms: i64,
+        wall_now_ms: i64,
+    ) -> bool {
+        let moved = self.wm.advance_idle(
+            plan.out_of_orderness_ms,
+            idle_for_ms,
+            idle_timeout_ms,
+            wall_now_ms,
+        );
+        if moved {
+            self.changed.meta = true;
+        }
+        moved
+    }
+
+    /// The rows due now: changed cells of fired panes (and, with `early`,
+    /// of open panes too), every changed leaderboard partial, new log rows.
+    /// Panes and leaderboard windows past their grace are dropped afterwards,
+    /// and remembered ids no longer needed are forgotten.
+    pub fn emit(&mut self, plan: &Plan, early: bool) -> Emission {
+        let wm = self.wm.current();
+        let mut out = Emission {
+            logs: std::mem::take(&mut self.logs),
+            ..Emission::default()
+        };
+        for (m, panes) in self.metrics.iter_mut().enumerate() {
+            let pane_ms = plan.spec.metrics[m].window.pane_ms();
+            let grace = plan.metric_grace[m];
+            let mut closed = Vec::new();
+            for (start, pane) in panes.iter_mut() {
+                let end = start + pane_ms;
+                if wm >= end && !pane.fired {
+                    pane.fired = true;
+                    self.changed.panes.insert((m, *start));
+                }
+                if pane.fired || early {
+                    let mut any = false;
+                    for (key, cell) in pane.cells.iter_mut().filter(|(_, c)| c.dirty) {
+                        cell.dirty = false;
+                        cell.ck = true;
+                        any = true;
+                        out.rows.push(MetricRow {
+                            metric: m,
+                            pane_start: *start,
+                            key: key.clone(),
+                            version: cell.version,
+                            aggs: cell.aggs.clone(),
+                        });
+                    }
+                    if any {
+                        self.changed.panes.insert((m, *start));
+                    }
+                }
+                if wm >= end.saturating_add(grace) {
+                    closed.push(*start);
+                }
+            }
+            let name = &plan.spec.metrics[m].name;
+            for start in closed {
+                if let Some(pane) = panes.remove(&start) {
+                    self.changed.gone.push(fired_field(name, start));
+                    for key in pane.cells.keys() {
+                        self.changed.gone.push(cell_field(name, start, key));
+                    }
+                }
+                self.changed.panes.remove(&(m, start));
+            }
+        }
+        for (b, days) in self.boards.iter_mut().enumerate() {
+            let board = &plan.spec.leaderboards[b];
+            let mut closed = Vec::new();
+            for (start, members) in days.iter_mut() {
+                let mut any = false;
+                for (member, p) in members.iter_mut().filter(|(_, p)| p.dirty) {
+                    p.dirty = false;
+                    p.ck = true;
+                    any = true;
+                    out.boards.push(BoardRow {
+                        board: b,
+                        window_start: *start,
+                        member: member.clone(),
+                        value: p.value,
+                        version: p.version,
+                    });
+                }
+                if any {
+                    self.changed.days.insert((b, *start));
+                }
+                if wm >= (start + board.window_ms).saturating_add(plan.lb_grace[b]) {
+                    closed.push(*start);
+                }
+            }
+            for start in closed {
+                if let Some(members) = days.remove(&start) {
+                    for member in members.keys() {
+                        self.changed
+                            .gone
+                            .push(member_field(&board.name, start, member));
+                    }
+                }
+                self.changed.days.remove(&(b, start));
+            }
+        }
+        while let Some(entry) = self.dedup.first_entry() {
+            if wm < entry.key().0 {
+                break;
+            }
+            let key = *entry.key();
+            entry.remove();
+            self.changed.dedup.remove(&key);
+            self.changed.gone.push(dedup_field(key));
+        }
+        out
+    }
+
+    /// The checkpoint delta since the last call (hash fields to set and to
+    /// delete); `meta` always goes with it. Call after the emitted rows are
+    /// acknowledged; the delta is forgotten here, so a failed write must be
+    /// retried with the same value.
+    pub fn checkpoint_delta(&mut self, plan: &Plan) -> CheckpointDelta {
+        let changed = std::mem::take(&mut self.changed);
+        let mut d = CheckpointDelta::default();
+        let meta = Meta {
+            fingerprint: plan.fingerprint.clone(),
+            next_offset: self.next_offset,
+            watermark: self.wm,
+        };
+        d.set.push(("meta".into(), to_json(&meta)));
+        if changed.rooms {
+            d.set.push(("rooms".into(), to_json(&self.rooms)));
+        }
+        for (m, start) in changed.panes {
+            let name = &plan.spec.metrics[m].name;
+            if let Some(p) = self.metrics[m].get_mut(&start) {
+                if p.fired {
+                    d.set.push((fired_field(name, start), b"1".to_vec()));
+                }
+                for (key, cell) in p.cells.iter_mut().filter(|(_, c)| c.ck) {
+                    cell.ck = false;
+                    d.set.push((cell_field(name, start, key), to_json(cell)));
+                }
+            }
+        }
+        for (b, start) in changed.days {
+            let name = &plan.spec.leaderboards[b].name;
+            if let Some(members) = self.boards[b].get_mut(&start) {
+                for (member, p) in members.iter_mut().filter(|(_, p)| p.ck) {
+                    p.ck = false;
+                    d.set.push((member_field(name, start, member), to_json(p)));
+                }
+            }
+        }
+        for key in changed.dedup {
+            if let Some(ids) = self.dedup.get(&key) {
+                d.set.push((dedup_field(key), to_json(ids)));
+            }
+        }
+        d.del = changed.gone;
+        d
+    }
+
+    /// Rebuilds a state from every field of its checkpoint hash.
+    pub fn restore(
+        plan: &Plan,
+        input: Input,
+        fields: &HashMap<String, Vec<u8>>,
+    ) -> Result<PartitionState, RestoreError> {
+        let meta: Meta = from_json("meta", fields.get("meta").ok_or(RestoreError::NoMeta)?)?;
+        if meta.fingerprint != plan.fingerprint {
+            return Err(RestoreError::Fingerprint {
+                found: meta.fingerprint,
+                want: plan.fingerprint.clone(),
+            });
+        }
+        let mut s = PartitionState::new(plan, input);
+        s.changed = Changed::default();
+        s.next_offset = meta.next_offset;
+        s.wm = meta.watermark;
+        if let Some(r) = fields.get("rooms") {
+            s.rooms = from_json("rooms", r)?;
+        }
+        for (field, value) in fields {
+            let mut parts = field.splitn(4, ':');
+            let (Some(tag), Some(name), Some(n)) = (parts.next(), parts.next(), parts.next())
+            else {
+                continue;
+            };
+            let rest = parts.next();
+            match tag {
+                "f" | "c" => {
+                    let (Some(m), Ok(start)) = (
+                        plan.spec.metrics.iter().position(|m| m.name == name),
+                        n.parse::<i64>(),
+                    ) else {
+                        continue;
+                    };
+                    let pane = s.metrics[m].entry(start).or_default();
+                    if tag == "f" {
+                        pane.fired = true;
+                    } else if let Some(key) = rest {
+                        let key: Key = from_json(field, key.as_bytes())?;
+                        pane.cells.insert(key, from_json(field, value)?);
+                    }
+                }
+                "l" => {
+                    let (Some(b), Ok(start), Some(member)) = (
+                        plan.spec.leaderboards.iter().position(|b| b.name == name),
+                        n.parse::<i64>(),
+                        rest,
+                    ) else {
+                        continue;
+                    };
+                    s.boards[b]
+                        .entry(start)
+                        .or_default()
+                        .insert(member.into(), from_json(field, value)?);
+                }
+                "d" => {
+                    let (Ok(until), Ok(second)) = (name.parse::<i64>(), n.parse::<i64>()) else {
+                        continue;
+                    };
+                    s.dedup.insert((until, second), from_json(field, value)?);
+                }
+                _ => {}
+            }
+        }
+        Ok(s)
+    }
+}
+
+fn pick(new: &str, old: &str) -> String {
+    if new.is_empty() { old } else { new }.to_owned()
+}
+
+enum AggInput {
+    One,
+    Num(i64),
+    Text(Box<str>),
+    Nothing,
+}
+
+// Checkpoint fields, one per unit that changes on its own: `f:<metric>:<pane>`
+// (fired), `c:<metric>:<pane>:<group key as JSON>` (a cell),
+// `l:<board>:<window>:<member>` (a partial), `d:<keep-until>:<second>:`
+// (remembered ids), plus `meta` and `rooms`.
+
+fn fired_field(metric: &str, start: i64) -> String {
+    format!("f:{metric}:{start}")
+}
+
+fn cell_field(metric: &str, start: i64, key: &Key) -> String {
+    format!(
+        "c:{metric}:{start}:{}",
+        String::from_utf8_lossy(&to_json(key))
+    )
+}
+
+fn member_field(board: &str, start: i64, member: &str) -> String {
+    format!("l:{board}:{start}:{member}")
+}
+
+fn dedup_field((until, second): (i64, i64)) -> String {
+    format!("d:{until}:{second}:")
+}
+
+fn to_json<T: Serialize>(v: &T) -> Vec<u8> {
+    // Serializing plain data (maps with string keys, numbers, strings)
+    // cannot fail.
+    serde_json::to_vec(v).unwrap_or_default()
+}
+
+fn from_json<T: for<'de> Deserialize<'de>>(field: &str, bytes: &[u8]) -> Result<T, RestoreError> {
+    serde_json::from_slice(bytes).map_err(|e| RestoreError::Corrupt {
+        field: field.to_owned(),
+        message: e.to_string(),
+    })
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,293 @@
+//! vidpulse aggregator: reads canonical events (`vp.events.v1`) and
+//! monitored events (`vp.monitored.v1`), keeps the windowed metrics, raw
+//! logs and leaderboards of a spec (the built-in one reproduces the seeds'
+//! dashboards), writes metric rows to ClickHouse and leaderboards to Redis
+//! sorted sets, and late events to `vp.late.v1`.
+//!
+//! Delivery: exact results under replays, restarts, `kill -9`, rebalances
+//! and duplicates. Each input partition is a deterministic state machine
+//! ([`engine`]) whose state is checkpointed in Redis ([`checkpoint`]) after
+//! every flush, once ClickHouse, Redis and Kafka acknowledged what it
+//! emitted; a new owner restores the checkpoint and re-reads from its
+//! offset, re-emitting identical rows that the idempotent sinks (versioned
+//! ReplacingMergeTree rows, versioned leaderboard partials) absorb. The
+//! group's committed offset only feeds lag metrics: the checkpoint is the
+//! truth. See docs/metrics.md.
+#![forbid(unsafe_code)]
+
+pub mod checkpoint;
+pub mod clickhouse;
+pub mod engine;
+pub mod leaderboard;
+pub mod query;
+pub mod record;
+pub mod spec;
+mod stage;
+pub mod window;
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::{Args as ClapArgs, Parser};
+use vidpulse_core::CancellationToken;
+use vidpulse_core::config::{AdminArgs, ConfigError, KafkaArgs};
+use vidpulse_core::topics;
+
+pub use spec::{Spec, SpecError};
+
+/// Default admin address of the aggregator.
+pub const DEFAULT_ADMIN_ADDR: &str = "0.0.0.0:9104";
+/// Default consumer group (also names the checkpoints).
+pub const DEFAULT_GROUP: &str = "vidpulse-aggregator";
+
+/// Where Redis is (leaderboards and checkpoints).
+#[derive(ClapArgs, Clone, Debug)]
+pub struct RedisArgs {
+    /// Redis URL (`redis://[:password@]host:port[/db]`).
+    #[arg(
+        long = "redis-url",
+        env = "VIDPULSE_REDIS_URL",
+        default_value = "redis://127.0.0.1:6379",
+        hide_env_values = true
+    )]
+    pub redis_url: String,
+}
+
+/// Which spec to use: `--spec FILE` or the built-in one.
+#[derive(ClapArgs, Clone, Debug)]
+pub struct SpecArgs {
+    /// Metrics spec (TOML, see docs/metrics.md); default: the built-in
+    /// spec of the seeds' dashboards (print it with --print-spec).
+    #[arg(long = "spec", env = "VIDPULSE_AGGREGATOR_SPEC")]
+    pub spec: Option<PathBuf>,
+}
+
+impl SpecArgs {
+    /// Reads and validates the spec.
+    pub fn load(&self) -> Result<Spec, AggError> {
+        match &self.spec {
+            None => Ok(Spec::parse(spec::DEFAULT_SPEC)?),
+            Some(path) => {
+                let text = std::fs::read_to_string(path).map_err(|e| ConfigError::Invalid {
+                    field: "--spec".into(),
+                    message: format!("cannot read {}: {e}", path.display()),
+                })?;
+                Spec::parse(&text).map_err(|mut e| {
+                    e.place = format!(
+                        "{}{}{}",
+                        path.display(),
+                        if e.place.is_empty() { "" } else { ": " },
+                        e.place
+                    );
+                    AggError::Spec(e)
+                })
+            }
+        }
+    }
+}
+
+/// Maintain windowed metrics in ClickHouse and leaderboards in Redis.
+#[derive(Parser, Debug, Clone)]
+#[command(name = "vidpulse-aggregator", version)]
+pub struct Args {
+    #[command(flatten)]
+    pub spec: SpecArgs,
+
+    /// Print the built-in spec and exit.
+    #[arg(long)]
+    pub print_spec: bool,
+
+    /// Print the ClickHouse tables the spec needs and exit.
+    #[arg(long)]
+    pub print_ddl: bool,
+
+    /// Consumer group; also names the checkpoints. A new group starts from
+    /// the earliest offsets with empty state (a full replay).
+    #[arg(long, env = "VIDPULSE_AGGREGATOR_GROUP", default_value = DEFAULT_GROUP)]
+    pub group: String,
+
+    /// Grace period of metrics and leaderboards whose spec sets none: how
+    /// long after its end a window still takes late events.
+    #[arg(long, env = "VIDPULSE_AGGREGATOR_GRACE", default_value = "60s", value_parser = humantime::parse_duration)]
+    pub grace: Duration,
+
+    /// Allowed out-of-orderness: the watermark trails the largest event time
+    /// seen in a partition by this much.
+    #[arg(long, env = "VIDPULSE_AGGREGATOR_OUT_OF_ORDERNESS", default_value = "5s", value_parser = humantime::parse_duration)]
+    pub out_of_orderness: Duration,
+
+    /// A partition with no record for this long is idle: its watermark then
+    /// advances with the wall clock, so windows close when traffic stops.
+    #[arg(long, env = "VIDPULSE_AGGREGATOR_IDLE_TIMEOUT", default_value = "30s", value_parser = humantime::parse_duration)]
+    pub idle_timeout: Duration,
+
+    /// Early emission: also write open windows' changed rows at this
+    /// interval (live dashboards). 0s = only when a window ends, then on
+    /// each correction within its grace.
+    #[arg(long, env = "VIDPULSE_AGGREGATOR_EARLY_EMIT", default_value = "0s", value_parser = humantime::parse_duration)]
+    pub early_emit: Duration,
+
+    /// Flush (write due rows, checkpoint, store offsets) after this many
+    /// records read since the last flush (the seed's
+    /// sink.buffer-flush.max-rows; a record makes at most a few rows, and
+    /// ClickHouse prefers few large inserts).
+    #[arg(
+        long,
+        env = "VIDPULSE_AGGREGATOR_FLUSH_MAX_ROWS",
+        default_value_t = 20_000
+    )]
+    pub flush_max_rows: usize,
+
+    /// Flush at least this often while records arrive or windows are open
+    /// (the seed's sink.buffer-flush.interval).
+    #[arg(long, env = "VIDPULSE_AGGREGATOR_FLUSH_INTERVAL", default_value = "2s", value_parser = humantime::parse_duration)]
+    pub flush_interval: Duration,
+
+    /// Give up (exit 1, to be restarted) after this many failed attempts of
+    /// one sink write; 0 = retry until it succeeds (the seed's
+    /// sink.max-retries). Nothing is read while a write is retried.
+    #[arg(
+        long,
+        env = "VIDPULSE_AGGREGATOR_SINK_MAX_RETRIES",
+        default_value_t = 0
+    )]
+    pub sink_max_retries: u32,
+
+    /// First retry delay of a failed sink write; doubles up to --max-backoff.
+    #[arg(long, env = "VIDPULSE_AGGREGATOR_MIN_BACKOFF", default_value = "200ms", value_parser = humantime::parse_duration)]
+    pub min_backoff: Duration,
+
+    /// Longest retry delay.
+    #[arg(long, env = "VIDPULSE_AGGREGATOR_MAX_BACKOFF", default_value = "5s", value_parser = humantime::parse_duration)]
+    pub max_backoff: Duration,
+
+    /// Ignore (and delete) this group's checkpoints once at start: re-read
+    /// every input from the earliest offset with empty state.
+    #[arg(long, env = "VIDPULSE_AGGREGATOR_RESET_STATE")]
+    pub reset_state: bool,
+
+    /// Topic late events are written to.
+    #[arg(long, env = "VIDPULSE_AGGREGATOR_LATE_TOPIC", default_value = topics::LATE)]
+    pub late_topic: String,
+
+    /// Dead-letter topic for records that are not valid protobuf.
+    #[arg(long, env = "VIDPULSE_AGGREGATOR_DLQ_TOPIC", default_value = topics::DLQ)]
+    pub dlq_topic: String,
+
+    #[command(flatten)]
+    pub kafka: KafkaArgs,
+
+    #[command(flatten)]
+    pub clickhouse: clickhouse::ClickHouseArgs,
+
+    #[command(flatten)]
+    pub redis: RedisArgs,
+
+    #[command(flatten)]
+    pub admin: AdminArgs,
+}
+
+/// Validated settings, built once at start.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    pub group: String,
+    pub default_grace_ms: i64,
+    pub out_of_orderness_ms: i64,
+    pub idle_timeout: Duration,
+    pub early_emit: Option<Duration>,
+    pub flush_max_rows: usize,
+    pub flush_interval: Duration,
+    pub sink_max_retries: u32,
+    pub min_backoff: Duration,
+    pub max_backoff: Duration,
+    pub reset_state: bool,
+    pub late_topic: String,
+    pub dlq_topic: String,
+    pub admin_addr: SocketAddr,
+}
+
+fn ms(d: Duration) -> i64 {
+    i64::try_from(d.as_millis()).unwrap_or(i64::MAX)
+}
+
+impl Settings {
+    pub fn from_args(args: &Args) -> Result<Settings, AggError> {
+        let admin_addr = match args.admin.admin_addr {
+            Some(a) => a,
+            None => DEFAULT_ADMIN_ADDR
+                .parse()
+                .map_err(|_| ConfigError::Invalid {
+                    field: "--admin-addr".into(),
+                    message: "bad default".into(),
+                })?,
+        };
+        if args.flush_max_rows == 0 {
+            return Err(ConfigError::Invalid {
+                field: "--flush-max-rows".into(),
+                message: "must be at least 1".into(),
+            }
+            .into());
+        }
+        if args.flush_interval.is_zero() {
+            return Err(ConfigError::Invalid {
+                field: "--flush-interval".into(),
+                message: "must be more than 0".into(),
+            }
+            .into());
+        }
+        Ok(Settings {
+            group: args.group.clone(),
+            default_grace_ms: ms(args.grace),
+            out_of_orderness_ms: ms(args.out_of_orderness),
+            idle_timeout: args.idle_timeout,
+            early_emit: (!args.early_emit.is_zero()).then_some(args.early_emit),
+            flush_max_rows: args.flush_max_rows,
+            flush_interval: args.flush_interval,
+            sink_max_retries: args.sink_max_retries,
+            min_backoff: args.min_backoff.max(Duration::from_millis(10)),
+            max_backoff: args.max_backoff.max(args.min_backoff),
+            reset_state: args.reset_state,
+            late_topic: args.kafka.topic(&args.late_topic),
+            dlq_topic: args.kafka.topic(&args.dlq_topic),
+            admin_addr,
+        })
+    }
+}
+
+/// Why the stage stopped.
+#[derive(Debug, thiserror::Error)]
+pub enum AggError {
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    #[error(transparent)]
+    Spec(#[from] SpecError),
+    #[error("kafka: {0}")]
+    Kafka(#[from] rdkafka::error::KafkaError),
+    #[error("input topic {0} does not exist; create it with `vidpulse topics create`")]
+    MissingTopic(String),
+    #[error(transparent)]
+    ClickHouse(#[from] clickhouse::ChError),
+    #[error("redis: {0}")]
+    Redis(#[from] redis::RedisError),
+    #[error(
+        "{what} failed {attempts} times in a row (--sink-max-retries); stopping before the checkpoint, so a restart re-reads: {last}"
+    )]
+    GaveUp {
+        what: &'static str,
+        attempts: u32,
+        last: String,
+    },
+    #[error("produce to {topic} failed for good, stopping before the checkpoint: {message}")]
+    Produce { topic: String, message: String },
+    #[error("admin server: {0}")]
+    Admin(std::io::Error),
+}
+
+/// Runs the aggregator until `shutdown` is cancelled (then flushes what is
+/// due, checkpoints and commits) or a sink fails for good.
+pub async fn run(args: Args, shutdown: CancellationToken) -> Result<(), AggError> {
+    let spec = args.spec.load()?;
+    let settings = Settings::from_args(&args)?;
+    stage::run(args, spec, settings, shutdown).await
+}

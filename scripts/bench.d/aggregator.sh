@@ -1,0 +1,100 @@
+# shellcheck shell=bash
+# scripts/bench aggregator: the aggregator's figures, on the same broker in the same run.
+#
+#   1. the windowed-aggregation core alone, no Kafka and no sinks: COUNT raw records written to a
+#      file by vidpulse-gen --out-file, normalized once (not timed), then the built-in spec's
+#      state machines on one thread (crates/aggregator/examples/bench_core.rs): records per second
+#      per core, processing only and with flushes (emission + checkpoint deltas);
+#   2. the whole stage (consume → decode → windows → ClickHouse rows, Redis leaderboards and
+#      checkpoints) over vp.events.v1 and vp.monitored.v1 (a site-wide monitor pool "all"), next
+#      to the bare consume → produce passthrough over the same two topics.
+#
+# Sourced by scripts/bench (which provides BIN, WORK, COUNT, pids, vp_* helpers).
+#   BENCH_COUNT=200000 scripts/bench aggregator
+
+_agg_metric() { # _agg_metric PORT NAME [LABEL-PATTERN]: sum of a metric's samples
+    curl -sf "http://127.0.0.1:$1/metrics" | grep "^$2" | grep -- "${3:-}" | awk '{s+=$2} END {printf "%d", s}'
+}
+
+_agg_drop_tables() { # _agg_drop_tables PREFIX: drop the run's ClickHouse tables and views
+    local stem="${1//[^A-Za-z0-9_]/_}" ch="http://127.0.0.1:${VIDPULSE_CLICKHOUSE_HTTP_PORT:-8123}/"
+    curl -sf "$ch" --data-binary "SELECT name FROM system.tables WHERE database = 'vidpulse' AND startsWith(name, '$stem')" \
+        | while read -r t; do curl -sf "$ch" --data-binary "DROP TABLE IF EXISTS vidpulse.\`$t\`" >/dev/null; done
+}
+
+bench_main() {
+    export VIDPULSE_TOPIC_PREFIX="benchagg$(date +%s)."
+    export VIDPULSE_LOG=warn
+    local pm="${BENCH_MONITOR_PORT:-19323}" pa="${BENCH_AGGREGATOR_PORT:-19324}"
+    "$BIN/vidpulse" topics create >/dev/null
+
+    # ---- 1. the core alone on a file of events ---------------------------------------------------
+    vp_log "core: $COUNT raw records to a file, normalized once, aggregated on one thread"
+    "$BIN/vidpulse-gen" --count "$COUNT" --seed 1 --out-file "$WORK/agg-raw.jsonl" \
+        --truth "$WORK/agg-file-truth.json" >/dev/null 2>&1
+    cargo build --release --locked -p vidpulse-aggregator --example bench_core --quiet
+    local core
+    core="$("$VP_ROOT/target/release/examples/bench_core" "$WORK/agg-raw.jsonl" 2>/dev/null)"
+
+    # ---- 2. the stage next to the passthrough ----------------------------------------------------
+    vp_log "generating $COUNT raw records, normalizing them into vp.events.v1"
+    "$BIN/vidpulse-gen" --count "$COUNT" --seed 1 --truth "$WORK/agg-truth.json" >/dev/null
+    local events
+    events="$(jq '.expected.events' "$WORK/agg-truth.json")"
+    "$BIN/vidpulse-ingest" --admin-addr 127.0.0.1:0 >"$WORK/agg-ingest.log" 2>&1 &
+    pids+=($!)
+    "$BIN/vidpulse-bench" measure --topic vp.events.v1 --expect "$events" --label ingest >/dev/null
+    kill -TERM "${pids[-1]}"; wait "${pids[-1]}" || true
+
+    vp_log "monitor with a site-wide pool \"all\" (no enrichment) into vp.monitored.v1"
+    "$BIN/vidpulse" pool create all >/dev/null
+    "$BIN/vidpulse-monitor" --pool all --no-enrich --admin-addr "127.0.0.1:$pm" >"$WORK/agg-monitor.log" 2>&1 &
+    pids+=($!)
+    "$BIN/vidpulse-bench" measure --topic vp.monitored.v1 --expect "$events" --label monitor >/dev/null
+    kill -TERM "${pids[-1]}"; wait "${pids[-1]}" || true
+    local total=$((events * 2))
+
+    vp_log "passthrough: consume → produce vp.events.v1 + vp.monitored.v1, no processing"
+    "$BIN/vidpulse-bench" passthrough --input vp.events.v1,vp.monitored.v1 --output bench.passthrough \
+        >"$WORK/agg-passthrough.log" 2>&1 &
+    pids+=($!)
+    local p_line
+    p_line="$("$BIN/vidpulse-bench" measure --topic bench.passthrough --expect "$total" --label passthrough)"
+    kill -TERM "${pids[-1]}"; wait "${pids[-1]}" || true
+
+    # The stage writes no topic to time: read its own counters. The clock starts at its first
+    # record (group join excluded, as for the passthrough) and stops when every record was read
+    # and flushed (rows, leaderboards, checkpoints written; polled every 50 ms).
+    vp_log "aggregator: consume → decode → windows → ClickHouse, Redis (grace 1h: no event is late)"
+    "$BIN/vidpulse-aggregator" --admin-addr "127.0.0.1:$pa" --grace 1h >"$WORK/agg-aggregator.log" 2>&1 &
+    pids+=($!)
+    local t_first="" t_done="" n u
+    local deadline=$((SECONDS + 900))
+    while [[ $SECONDS -lt $deadline ]]; do
+        n=$(_agg_metric "$pa" vidpulse_records_received_total 'stage="aggregator"' 2>/dev/null || echo 0)
+        u=$(_agg_metric "$pa" vidpulse_aggregator_records_unflushed 2>/dev/null || echo 1)
+        if [[ -z "$t_first" && "${n:-0}" -gt 0 ]]; then t_first=$(date +%s.%N); fi
+        if [[ "${n:-0}" -ge "$total" && "${u:-1}" -eq 0 ]]; then
+            t_done=$(date +%s.%N)
+            break
+        fi
+        sleep 0.05
+    done
+    [[ -n "$t_done" ]] || { vp_tail_log "$WORK/agg-aggregator.log"; vp_die "the aggregator did not read all $total records"; }
+    local rows
+    rows=$(_agg_metric "$pa" vidpulse_aggregator_rows_written_total)
+    kill -TERM "${pids[-1]}"; wait "${pids[-1]}" || true
+    local a_line
+    a_line=$(awk -v n="$total" -v a="$t_first" -v b="$t_done" -v r="$rows" \
+        'BEGIN { printf "aggregator: %d records in %.2fs = %d records/s (%d ClickHouse rows written)", n, b - a, n / (b - a), r }')
+
+    _agg_drop_tables "$VIDPULSE_TOPIC_PREFIX" || true
+
+    echo "$core"
+    echo "$p_line"
+    echo "$a_line"
+    local p a
+    p="$(sed -E 's/.*= ([0-9]+) records.*/\1/' <<<"$p_line")"
+    a="$(sed -E 's/.*= ([0-9]+) records.*/\1/' <<<"$a_line")"
+    awk -v p="$p" -v a="$a" 'BEGIN { printf "aggregator / passthrough = %.2f\n", a / p }'
+}

@@ -1,0 +1,1011 @@
+//! End-to-end tests of vidpulse-aggregator and `vidpulse query` on the real
+//! broker, Redis and ClickHouse (scripts/stack up): gen's ground truth equals
+//! the query output for every default metric and leaderboard, with
+//! duplicates, late and malformed records mixed in; and stays equal under
+//! kill -9 at random moments, a rebalance between two instances, a full
+//! replay in a new group, and a 30 s ClickHouse outage. Late events,
+//! duplicates, dead letters and idle windows on hand-made events. Times are
+//! printed, never asserted.
+//!
+//! The tests share ClickHouse (one of them stops it), so they run one at a
+//! time.
+#![allow(clippy::unwrap_used)]
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::message::{Headers, Message as _};
+use rdkafka::producer::{BaseRecord, Producer};
+use rdkafka::{ClientConfig, Offset, TopicPartitionList};
+use serde_json::Value;
+use vidpulse_e2e::*;
+use vidpulse_proto::{Event, Message as _, MonitoredEvent, event};
+
+const EVENTS: &str = "vp.events.v1";
+const MONITORED: &str = "vp.monitored.v1";
+const LATE: &str = "vp.late.v1";
+const DLQ: &str = "vp.dlq.v1";
+
+/// Metrics of the default spec that read vp.monitored.v1.
+const FROM_MONITORED: [&str; 3] = [
+    "gifts_by_module_1m",
+    "pool_production_1m",
+    "pool_consumption_1m",
+];
+
+static SERIAL: Mutex<()> = Mutex::new(());
+
+fn serial() -> MutexGuard<'static, ()> {
+    SERIAL.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+fn clickhouse_port() -> u16 {
+    std::env::var("VIDPULSE_CLICKHOUSE_HTTP_PORT")
+        .ok()
+        .and_then(|p| p.parse().ok())
+        .unwrap_or(8123)
+}
+
+/// Runs SQL over ClickHouse's HTTP interface; `None` when it does not answer.
+fn ch_sql(sql: &str) -> Option<String> {
+    let mut s = TcpStream::connect(("127.0.0.1", clickhouse_port())).ok()?;
+    s.set_read_timeout(Some(Duration::from_secs(30))).ok()?;
+    write!(
+        s,
+        "POST / HTTP/1.0\r\nHost: localhost\r\nContent-Length: {}\r\n\r\n{sql}",
+        sql.len()
+    )
+    .ok()?;
+    let mut buf = String::new();
+    s.read_to_string(&mut buf).ok()?;
+    let (head, body) = buf.split_once("\r\n\r\n")?;
+    head.starts_with("HTTP/1.0 200")
+        .then(|| body.to_owned())
+        .or_else(|| head.starts_with("HTTP/1.1 200").then(|| body.to_owned()))
+}
+
+/// Drops a test's ClickHouse tables and views when dropped (also when the
+/// test fails).
+struct DropTables(String);
+
+impl Drop for DropTables {
+    fn drop(&mut self) {
+        drop_tables(&self.0);
+    }
+}
+
+/// Drops the ClickHouse tables and views of topic prefix `prefix`.
+fn drop_tables(prefix: &str) {
+    let stem: String = prefix
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || c == '_' {
+                c
+            } else {
+                '_'
+            }
+        })
+        .collect();
+    let names = ch_sql(&format!(
+        "SELECT name FROM system.tables WHERE database = 'vidpulse' AND startsWith(name, '{stem}')"
+    ))
+    .unwrap_or_default();
+    for n in names.lines().filter(|n| !n.is_empty()) {
+        let _ = ch_sql(&format!("DROP TABLE IF EXISTS vidpulse.`{n}`"));
+    }
+}
+
+fn metrics(port: u16) -> BTreeMap<String, f64> {
+    prom(
+        &http_get(port, "/metrics")
+            .map(|(_, b)| b)
+            .unwrap_or_default(),
+    )
+}
+
+fn readyz(port: u16) -> Option<u16> {
+    http_get(port, "/readyz").map(|(s, _)| s)
+}
+
+/// Runs gen with the usual mess and returns the truth.
+fn run_gen(env: &Env, count: u64, seed: u64, extra: &[&str]) -> (Value, std::path::PathBuf) {
+    let truth = scratch(&env.prefix).join(format!("truth-{seed}.json"));
+    let count = count.to_string();
+    let seed = seed.to_string();
+    let mut args = vec![
+        "--count",
+        &count,
+        "--seed",
+        &seed,
+        "--start",
+        "2021-08-16T01:00:00Z",
+        "--span",
+        "10m",
+        "--bad-fraction",
+        "0.02",
+        "--dup-fraction",
+        "0.04",
+        "--late-fraction",
+        "0.04",
+        "--truth",
+        truth.to_str().unwrap(),
+    ];
+    args.extend_from_slice(extra);
+    let out = env.run("vidpulse-gen", &args);
+    assert!(
+        out.status.success(),
+        "gen failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    (read_json(&truth), truth)
+}
+
+fn ingest(env: &Env) -> Proc {
+    let port = free_port().to_string();
+    env.spawn(
+        "vidpulse-ingest",
+        &["--admin-addr", &format!("127.0.0.1:{port}")],
+        "ingest.log",
+    )
+}
+
+/// An aggregator that makes every window visible quickly: early emission,
+/// short flushes, a grace long enough for gen's late records (and for
+/// ingest's interleaving of raw partitions).
+fn aggregator(env: &Env, port: u16, log: &str, extra: &[&str]) -> Proc {
+    let addr = format!("127.0.0.1:{port}");
+    let mut args = vec![
+        "--admin-addr",
+        &addr,
+        "--grace",
+        "1h",
+        "--early-emit",
+        "200ms",
+        "--flush-interval",
+        "200ms",
+    ];
+    args.extend_from_slice(extra);
+    env.spawn("vidpulse-aggregator", &args, log)
+}
+
+fn query(env: &Env, name: &str) -> Vec<Value> {
+    let out = env.run("vidpulse", &["query", name, "--format", "json"]);
+    if !out.status.success() {
+        return Vec::new();
+    }
+    String::from_utf8(out.stdout)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect()
+}
+
+fn canon(rows: &[Value]) -> Vec<String> {
+    let mut v: Vec<String> = rows.iter().map(|r| r.to_string()).collect();
+    v.sort();
+    v
+}
+
+/// What the truth says for every name `vidpulse query` knows, except `skip`.
+fn expected(truth: &Value, skip: &[&str]) -> BTreeMap<String, Vec<Value>> {
+    let mut out = BTreeMap::new();
+    for section in ["metrics", "leaderboards"] {
+        for (name, rows) in truth[section].as_object().unwrap() {
+            if !skip.contains(&name.as_str()) {
+                out.insert(name.clone(), rows.as_array().unwrap().clone());
+            }
+        }
+    }
+    out
+}
+
+/// Names whose query output differs from `want`, with a sample of the diff.
+fn differences(env: &Env, want: &BTreeMap<String, Vec<Value>>) -> Vec<String> {
+    let mut bad = Vec::new();
+    for (name, rows) in want {
+        let got = query(env, name);
+        let (a, b) = (canon(rows), canon(&got));
+        if a != b {
+            let sa: BTreeSet<&String> = a.iter().collect();
+            let sb: BTreeSet<&String> = b.iter().collect();
+            let missing: Vec<_> = sa.difference(&sb).take(2).collect();
+            let extra: Vec<_> = sb.difference(&sa).take(2).collect();
+            bad.push(format!(
+                "{name}: want {} rows, got {}; missing {missing:?}; unexpected {extra:?}",
+                a.len(),
+                b.len()
+            ));
+        }
+    }
+    bad
+}
+
+fn wait_exact(env: &Env, want: &BTreeMap<String, Vec<Value>>, what: &str) {
+    let started = Instant::now();
+    let mut last = Vec::new();
+    let deadline = started + Duration::from_secs(240);
+    while Instant::now() < deadline {
+        last = differences(env, want);
+        if last.is_empty() {
+            println!(
+                "{what}: every value equals the truth after {:?} ({} names)",
+                started.elapsed(),
+                want.len()
+            );
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    panic!(
+        "{what}: still different from the truth:\n{}",
+        last.join("\n")
+    );
+}
+
+fn consumer(env: &Env) -> BaseConsumer {
+    ClientConfig::new()
+        .set("bootstrap.servers", brokers())
+        .set("group.id", env.topic("test-reader"))
+        .set("enable.auto.commit", "false")
+        .create()
+        .unwrap()
+}
+
+/// Every record of a topic, from the beginning to the current end:
+/// (partition, key, value, headers).
+type Rec = (i32, Option<Vec<u8>>, Vec<u8>, Vec<(String, String)>);
+
+fn read_all(env: &Env, topic: &str) -> Vec<Rec> {
+    let c = consumer(env);
+    let full = env.topic(topic);
+    let md = c
+        .fetch_metadata(Some(&full), Duration::from_secs(10))
+        .unwrap();
+    let parts: Vec<i32> = md.topics()[0].partitions().iter().map(|p| p.id()).collect();
+    let mut tpl = TopicPartitionList::new();
+    let mut ends = HashMap::new();
+    for p in &parts {
+        let (lo, hi) = c
+            .fetch_watermarks(&full, *p, Duration::from_secs(10))
+            .unwrap();
+        if hi > lo {
+            ends.insert(*p, hi);
+            tpl.add_partition_offset(&full, *p, Offset::Offset(lo))
+                .unwrap();
+        }
+    }
+    let mut out = Vec::new();
+    if ends.is_empty() {
+        return out;
+    }
+    c.assign(&tpl).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !ends.is_empty() && Instant::now() < deadline {
+        let Some(m) = c.poll(Duration::from_millis(500)) else {
+            continue;
+        };
+        let m = m.unwrap();
+        let headers = m
+            .headers()
+            .map(|h| {
+                h.iter()
+                    .map(|x| {
+                        (
+                            x.key.to_owned(),
+                            String::from_utf8_lossy(x.value.unwrap_or_default()).into_owned(),
+                        )
+                    })
+                    .collect()
+            })
+            .unwrap_or_default();
+        out.push((
+            m.partition(),
+            m.key().map(<[u8]>::to_vec),
+            m.payload().unwrap_or_default().to_vec(),
+            headers,
+        ));
+        if ends
+            .get(&m.partition())
+            .is_some_and(|e| m.offset() + 1 >= *e)
+        {
+            ends.remove(&m.partition());
+        }
+    }
+    out
+}
+
+/// Plays the monitor with a site-wide pool `all` (and a consumption pool
+/// `even` of the even video ids): wraps each event of vp.events.v1 into a MonitoredEvent
+/// with the room's module as enrichment, on the same partition with the
+/// same key. Runs until `stop` and `want` events were forwarded.
+struct Forwarder {
+    stop: Arc<AtomicBool>,
+    forwarded: Arc<AtomicU64>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Forwarder {
+    fn start(env: &Env) -> Forwarder {
+        let stop = Arc::new(AtomicBool::new(false));
+        let forwarded = Arc::new(AtomicU64::new(0));
+        let (s, f) = (stop.clone(), forwarded.clone());
+        let prefix = env.prefix.clone();
+        let thread = std::thread::spawn(move || {
+            let env = Env {
+                prefix: prefix.clone(),
+            };
+            let c: BaseConsumer = ClientConfig::new()
+                .set("bootstrap.servers", brokers())
+                .set("group.id", format!("{prefix}forwarder"))
+                .set("enable.auto.commit", "false")
+                .set("auto.offset.reset", "earliest")
+                .create()
+                .unwrap();
+            c.subscribe(&[&env.topic(EVENTS)]).unwrap();
+            let p = env.producer();
+            let out = env.topic(MONITORED);
+            // Events are consumed in partition order; a room's gifts may come
+            // before its start event, so hold events until the module is known
+            // or the run ends (like a monitor whose dimension table is loaded).
+            let mut modules: HashMap<String, String> = HashMap::new();
+            let mut held: Vec<(i32, Vec<u8>, Event)> = Vec::new();
+            let mut idle_since = Instant::now();
+            let send = |p: &rdkafka::producer::ThreadedProducer<_>,
+                        part: i32,
+                        key: &[u8],
+                        e: Event,
+                        modules: &HashMap<String, String>| {
+                let mut enrichment = HashMap::new();
+                if let Some(m) = modules.get(&e.room_id) {
+                    enrichment.insert("module_id".to_owned(), m.clone());
+                }
+                let mut pools = vec!["all".to_owned()];
+                let consumption = matches!(
+                    e.payload,
+                    Some(event::Payload::VideoPlayed(_) | event::Payload::UserAction(_))
+                );
+                if consumption && e.video_id.parse::<u64>().is_ok_and(|v| v % 2 == 0) {
+                    pools.push("even".to_owned());
+                }
+                let me = MonitoredEvent {
+                    event: Some(e),
+                    pools,
+                    enrichment,
+                };
+                let bytes = me.encode_to_vec();
+                let mut r: BaseRecord<'_, [u8], [u8]> = BaseRecord::to(&out)
+                    .partition(part)
+                    .key(key)
+                    .payload(&bytes);
+                loop {
+                    match p.send(r) {
+                        Ok(()) => break,
+                        Err((_, back)) => {
+                            r = back;
+                            std::thread::sleep(Duration::from_millis(5));
+                        }
+                    }
+                }
+            };
+            loop {
+                match c.poll(Duration::from_millis(200)) {
+                    Some(Ok(m)) => {
+                        idle_since = Instant::now();
+                        let e = Event::decode(m.payload().unwrap_or_default()).unwrap();
+                        if let Some(event::Payload::LiveRoomStarted(r)) = &e.payload
+                            && let Some(room) = &r.room
+                        {
+                            modules.insert(e.room_id.clone(), room.module_id.clone());
+                            // Release what waited for this room.
+                            let (ready, wait): (Vec<_>, Vec<_>) = std::mem::take(&mut held)
+                                .into_iter()
+                                .partition(|(_, _, h)| modules.contains_key(&h.room_id));
+                            held = wait;
+                            for (part, key, h) in ready {
+                                send(&p, part, &key, h, &modules);
+                                f.fetch_add(1, Ordering::SeqCst);
+                            }
+                        }
+                        let key = m.key().unwrap_or_default().to_vec();
+                        let needs_module = matches!(e.payload, Some(event::Payload::GiftSent(_)))
+                            && !e.room_id.is_empty()
+                            && !modules.contains_key(&e.room_id);
+                        if needs_module {
+                            held.push((m.partition(), key, e));
+                        } else {
+                            send(&p, m.partition(), &key, e, &modules);
+                            f.fetch_add(1, Ordering::SeqCst);
+                        }
+                    }
+                    Some(Err(e)) => panic!("forwarder: {e}"),
+                    None => {
+                        if s.load(Ordering::SeqCst) && idle_since.elapsed() > Duration::from_secs(2)
+                        {
+                            for (part, key, h) in std::mem::take(&mut held) {
+                                send(&p, part, &key, h, &modules);
+                                f.fetch_add(1, Ordering::SeqCst);
+                            }
+                            p.flush(Duration::from_secs(30)).unwrap();
+                            return;
+                        }
+                    }
+                }
+                if !held.is_empty() && idle_since.elapsed() > Duration::from_secs(1) {
+                    p.flush(Duration::from_secs(30)).unwrap();
+                }
+            }
+        });
+        Forwarder {
+            stop,
+            forwarded,
+            thread: Some(thread),
+        }
+    }
+
+    /// Waits until `n` events were forwarded, then stops the thread.
+    fn finish(&mut self, n: u64) {
+        wait_for(
+            &format!("{n} events forwarded to {MONITORED}"),
+            Duration::from_secs(180),
+            || (self.forwarded.load(Ordering::SeqCst) >= n).then_some(()),
+        );
+        self.stop.store(true, Ordering::SeqCst);
+        if let Some(t) = self.thread.take() {
+            t.join().unwrap();
+        }
+    }
+}
+
+/// The `even` pool's expected rows: `all`'s rows of even videos.
+fn with_even_pool(want: &mut BTreeMap<String, Vec<Value>>) {
+    let rows = want["pool_consumption_1m"].clone();
+    let even: Vec<Value> = rows
+        .iter()
+        .filter(|r| {
+            r["video_id"]
+                .as_str()
+                .unwrap()
+                .parse::<u64>()
+                .is_ok_and(|v| v % 2 == 0)
+        })
+        .map(|r| {
+            let mut r = r.clone();
+            r["pool"] = Value::from("even");
+            r
+        })
+        .collect();
+    assert!(!even.is_empty());
+    want.get_mut("pool_consumption_1m").unwrap().extend(even);
+}
+
+fn wait_events(env: &Env, n: i64) {
+    wait_for(
+        &format!("{n} events in {EVENTS}"),
+        Duration::from_secs(180),
+        || (env.count(EVENTS) >= n).then_some(()),
+    );
+}
+
+#[test]
+fn every_default_metric_and_leaderboard_equals_the_ground_truth() {
+    let _serial = serial();
+    let env = Env::new("aggtruth");
+    let _tables = DropTables(env.prefix.clone());
+    env.create_topics();
+    let (truth, _) = run_gen(&env, 4000, 21, &[]);
+    let events = truth["expected"]["events"].as_i64().unwrap();
+    let _ingest = ingest(&env);
+    wait_events(&env, events);
+    let mut fwd = Forwarder::start(&env);
+    fwd.finish(events as u64);
+
+    let port = free_port();
+    let mut agg = aggregator(&env, port, "aggregator.log", &[]);
+    let mut want = expected(&truth, &[]);
+    with_even_pool(&mut want);
+    // Every name `vidpulse query --list` knows has a truth to meet.
+    let listed = env.ctl(&["query", "--list", "--format", "json"]);
+    let names: BTreeSet<String> = listed
+        .lines()
+        .map(|l| {
+            serde_json::from_str::<Value>(l).unwrap()["name"]
+                .as_str()
+                .unwrap()
+                .to_owned()
+        })
+        .collect();
+    assert_eq!(names, want.keys().cloned().collect::<BTreeSet<_>>());
+    assert!(truth["topics"]["live_gift_total"]["late"].as_u64().unwrap() > 0);
+    assert!(
+        truth["topics"]["video_events"]["duplicates"]
+            .as_u64()
+            .unwrap()
+            > 0
+    );
+    wait_exact(&env, &want, "single aggregator");
+
+    let m = metrics(port);
+    let dups = prom_sum(&m, "vidpulse_aggregator_duplicates_total", &[]);
+    println!("duplicates skipped: {dups}");
+    assert!(dups > 0.0, "gen's duplicates were seen and skipped");
+    assert_eq!(prom_sum(&m, "vidpulse_aggregator_late_total", &[]), 0.0);
+    assert_eq!(readyz(port), Some(200));
+    // The human format prints the same rows.
+    let table = env.ctl(&["query", "top_gifters_1h"]);
+    assert!(table.starts_with("window_start"), "{table}");
+    assert_eq!(table.lines().count(), 1 + want["top_gifters_1h"].len());
+    // Filters: a time range and a group value.
+    let some = env.ctl(&[
+        "query",
+        "gifts_by_type_1m",
+        "--format",
+        "json",
+        "--from",
+        "2021-08-16T01:03:00Z",
+        "--to",
+        "2021-08-16 01:05:00",
+        "--where",
+        "gift_type=3",
+    ]);
+    let expect: Vec<&Value> = want["gifts_by_type_1m"]
+        .iter()
+        .filter(|r| {
+            let w = r["window_start"].as_str().unwrap();
+            r["gift_type"] == "3" && ("2021-08-16T01:03:00Z"..="2021-08-16T01:04:00Z").contains(&w)
+        })
+        .collect();
+    assert_eq!(some.lines().count(), expect.len());
+    assert!(agg.terminate(), "SIGTERM: drains, checkpoints, exits 0");
+}
+
+/// A tiny deterministic generator for the kill moments (its seed is printed).
+struct Lcg(u64);
+
+impl Lcg {
+    fn next(&mut self, n: u64) -> u64 {
+        self.0 = self
+            .0
+            .wrapping_mul(6_364_136_223_846_793_005)
+            .wrapping_add(1_442_695_040_888_963_407);
+        (self.0 >> 33) % n.max(1)
+    }
+}
+
+#[test]
+fn kill_9_rebalance_and_full_replay_keep_every_value_exact() {
+    let _serial = serial();
+    let env = Env::new("aggfault");
+    let _tables = DropTables(env.prefix.clone());
+    env.create_topics();
+    // Produced at a rate, so the aggregator is killed while it works.
+    let truth_path = scratch(&env.prefix).join("truth.json");
+    let mut generator = env.spawn(
+        "vidpulse-gen",
+        &[
+            "--count",
+            "6000",
+            "--rate",
+            "150",
+            "--seed",
+            "33",
+            "--start",
+            "2021-08-16T01:00:00Z",
+            "--span",
+            "10m",
+            "--bad-fraction",
+            "0.02",
+            "--dup-fraction",
+            "0.04",
+            "--late-fraction",
+            "0.04",
+            "--truth",
+            truth_path.to_str().unwrap(),
+        ],
+        "gen.log",
+    );
+    let _ingest = ingest(&env);
+    let mut fwd = Forwarder::start(&env);
+    let seed = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_nanos() as u64;
+    println!("kill schedule seed {seed}");
+    let mut rnd = Lcg(seed);
+    // Dead members leave the group after the session timeout: keep it short.
+    let small = [
+        "--flush-max-rows",
+        "100",
+        "--kafka-option",
+        "session.timeout.ms=6000",
+    ];
+    let owned = |port| prom_sum(&metrics(port), "vidpulse_aggregator_partitions_owned", &[]);
+    let read = |port| {
+        prom_sum(
+            &metrics(port),
+            "vidpulse_records_received_total",
+            &["stage=\"aggregator\""],
+        )
+    };
+    let restored = |port| {
+        prom_sum(
+            &metrics(port),
+            "vidpulse_aggregator_checkpoints_restored_total",
+            &[],
+        )
+    };
+    let port_a = free_port();
+    let mut a = aggregator(&env, port_a, "a-0.log", &small);
+    let mut kills = 0;
+    while kills < 4 {
+        // Kill while it works: once it owns partitions and reads, at a
+        // random moment within the next 1.5 s.
+        wait_for(
+            "A to own partitions and read",
+            Duration::from_secs(90),
+            || {
+                (owned(port_a) > 0.0 && (read(port_a) > 0.0 || !generator.is_running()))
+                    .then_some(())
+            },
+        );
+        if kills > 0 {
+            assert!(restored(port_a) > 0.0, "a restart restores checkpoints");
+        }
+        std::thread::sleep(Duration::from_millis(rnd.next(1500)));
+        a.kill9();
+        kills += 1;
+        a = aggregator(&env, port_a, &format!("a-{kills}.log"), &small);
+    }
+    println!("aggregator killed with -9 {kills} times while reading");
+    // A second instance joins: the group rebalances between A and B.
+    wait_for("A to own partitions", Duration::from_secs(90), || {
+        (owned(port_a) > 0.0).then_some(())
+    });
+    let port_b = free_port();
+    let mut b = aggregator(&env, port_b, "b.log", &small);
+    wait_for(
+        "the group to split between A and B",
+        Duration::from_secs(90),
+        || {
+            let (na, nb) = (owned(port_a), owned(port_b));
+            (na > 0.0 && nb > 0.0 && na + nb == 16.0).then_some(())
+        },
+    );
+    println!(
+        "split: A owns {}, B owns {}; gen still running: {}",
+        owned(port_a),
+        owned(port_b),
+        generator.is_running()
+    );
+    // A dies with -9 after the rebalance: B takes everything over.
+    std::thread::sleep(Duration::from_millis(rnd.next(1500)));
+    a.kill9();
+    wait_for("gen to finish", Duration::from_secs(120), || {
+        (!generator.is_running()).then_some(())
+    });
+    let truth = read_json(&truth_path);
+    let events = truth["expected"]["events"].as_i64().unwrap();
+    wait_events(&env, events);
+    fwd.finish(events as u64);
+    wait_for("B to own every partition", Duration::from_secs(90), || {
+        (owned(port_b) == 16.0).then_some(())
+    });
+    let mut want = expected(&truth, &[]);
+    with_even_pool(&mut want);
+    wait_exact(&env, &want, "after kill -9s and rebalances");
+
+    // A full replay from the earliest offsets in a new group, over the rows
+    // already written: every final value stays the same.
+    let table = "vidpulse.`".to_owned() + &env.prefix.replace('.', "_") + "video_plays_1m`";
+    let rows_before: u64 = ch_sql(&format!("SELECT count() FROM {table}"))
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    b.terminate();
+    let port_c = free_port();
+    let mut c = aggregator(&env, port_c, "c.log", &["--group", "replay"]);
+    let monitored = env.count(MONITORED) as f64;
+    wait_for(
+        "the replay to read everything",
+        Duration::from_secs(180),
+        || {
+            let m = metrics(port_c);
+            (prom_sum(
+                &m,
+                "vidpulse_records_received_total",
+                &["stage=\"aggregator\""],
+            ) >= events as f64 + monitored
+                && prom_sum(&m, "vidpulse_aggregator_flush_seconds_count", &[]) > 0.0)
+                .then_some(())
+        },
+    );
+    wait_for("the replay's rows to land", Duration::from_secs(60), || {
+        let n: u64 = ch_sql(&format!("SELECT count() FROM {table}"))?
+            .trim()
+            .parse()
+            .ok()?;
+        (n > rows_before).then_some(())
+    });
+    // Let its last flush complete, then compare again.
+    c.terminate();
+    assert!(
+        differences(&env, &want).is_empty(),
+        "{:?}",
+        differences(&env, &want)
+    );
+    println!("full replay in a new group: every value unchanged");
+}
+
+/// Restarts ClickHouse when dropped, so a failing test leaves it running.
+struct ClickHouseBack;
+
+impl Drop for ClickHouseBack {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new(repo_root().join("scripts/stack"))
+            .args(["start", "clickhouse"])
+            .status();
+    }
+}
+
+#[test]
+fn clickhouse_outage_stops_consumption_and_loses_nothing() {
+    let _serial = serial();
+    let env = Env::new("aggch");
+    let _tables = DropTables(env.prefix.clone());
+    env.create_topics();
+    let truth_path = scratch(&env.prefix).join("truth.json");
+    let mut generator = env.spawn(
+        "vidpulse-gen",
+        &[
+            "--count",
+            "3000",
+            "--rate",
+            "100",
+            "--seed",
+            "44",
+            "--start",
+            "2021-08-16T01:00:00Z",
+            "--span",
+            "10m",
+            "--dup-fraction",
+            "0.04",
+            "--late-fraction",
+            "0.04",
+            "--truth",
+            truth_path.to_str().unwrap(),
+        ],
+        "gen.log",
+    );
+    let _ingest = ingest(&env);
+    let port = free_port();
+    let mut agg = aggregator(&env, port, "aggregator.log", &["--flush-max-rows", "50"]);
+    wait_for("the aggregator to read", Duration::from_secs(60), || {
+        (prom_sum(&metrics(port), "vidpulse_records_received_total", &[]) > 100.0).then_some(())
+    });
+
+    let back = ClickHouseBack;
+    let stack = repo_root().join("scripts/stack");
+    let stopped = Instant::now();
+    assert!(
+        std::process::Command::new(&stack)
+            .args(["stop", "clickhouse"])
+            .status()
+            .unwrap()
+            .success()
+    );
+    wait_for("readyz to say 503", Duration::from_secs(60), || {
+        (readyz(port) == Some(503)).then_some(())
+    });
+    let body = http_get(port, "/readyz").unwrap().1;
+    assert!(body.contains("clickhouse unavailable"), "{body}");
+    let read_at_503 = prom_sum(&metrics(port), "vidpulse_records_received_total", &[]);
+    // The outage lasts about 30 s; records keep arriving meanwhile.
+    while stopped.elapsed() < Duration::from_secs(30) {
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    let read_at_end = prom_sum(&metrics(port), "vidpulse_records_received_total", &[]);
+    println!("read {read_at_503} records before, {read_at_end} at the end of the outage");
+    assert!(
+        read_at_end - read_at_503 <= 50.0,
+        "back-pressure: nothing more than one flush batch is read while ClickHouse is down"
+    );
+    assert!(agg.is_running());
+    drop(back);
+    wait_for("readyz to say 200", Duration::from_secs(120), || {
+        (readyz(port) == Some(200)).then_some(())
+    });
+    wait_for("gen to finish", Duration::from_secs(120), || {
+        (!generator.is_running()).then_some(())
+    });
+    let truth = read_json(&truth_path);
+    let want = expected(&truth, &FROM_MONITORED);
+    wait_exact(&env, &want, "after a 30 s ClickHouse outage");
+    let m = metrics(port);
+    assert!(prom_sum(&m, "vidpulse_sink_errors_total", &["sink=\"clickhouse\""]) > 0.0);
+    assert!(agg.terminate());
+}
+
+fn canonical(id: &str, t: i64, video: &str, user: &str) -> Event {
+    Event {
+        event_id: id.into(),
+        event_time_ms: t,
+        ingest_time_ms: t,
+        schema_version: 1,
+        video_id: video.into(),
+        user_id: user.into(),
+        payload: Some(event::Payload::VideoPlayed(vidpulse_proto::VideoPlayed {
+            watch_ms: Some(100),
+        })),
+        ..Default::default()
+    }
+}
+
+#[test]
+fn late_events_duplicates_dead_letters_and_idle_windows() {
+    let _serial = serial();
+    let env = Env::new("agglate");
+    let _tables = DropTables(env.prefix.clone());
+    env.create_topics();
+    const T0: i64 = 1_629_075_600_000; // 2021-08-16T01:00:00Z
+    let a = canonical("a", T0 + 1_000, "v1", "u1");
+    let b = canonical("b", T0 + 2_000, "v1", "u2");
+    let c = canonical("c", T0 + 118_000, "v1", "u1");
+    let late = canonical("d", T0 + 30_000, "v1", "u3");
+    let mut records: Vec<(Option<&str>, Option<Vec<u8>>)> = vec![
+        (Some("v1"), Some(a.encode_to_vec())),
+        (Some("v1"), Some(b.encode_to_vec())),
+        (Some("v1"), Some(b.encode_to_vec())), // a duplicate
+        (Some("v1"), Some(c.encode_to_vec())),
+        (Some("v1"), Some(late.encode_to_vec())),
+    ];
+    records.push((Some("v1"), Some(b"\xff not protobuf".to_vec())));
+    env.produce(EVENTS, &records);
+
+    let port = free_port();
+    let addr = format!("127.0.0.1:{port}");
+    // No early emission: a window shows once the watermark passes its end.
+    // The last one only closes when the partition idles.
+    let mut agg = env.spawn(
+        "vidpulse-aggregator",
+        &[
+            "--admin-addr",
+            &addr,
+            "--grace",
+            "10s",
+            "--out-of-orderness",
+            "0s",
+            "--idle-timeout",
+            "1s",
+            "--flush-interval",
+            "200ms",
+        ],
+        "aggregator.log",
+    );
+    let want = vec![
+        serde_json::json!({"window_start": "2021-08-16T01:00:00Z", "video_id": "v1", "plays": 2, "viewers": 2, "watch_ms": 200}),
+        serde_json::json!({"window_start": "2021-08-16T01:01:00Z", "video_id": "v1", "plays": 1, "viewers": 1, "watch_ms": 100}),
+    ];
+    wait_for(
+        "both windows, the second closed by the idle advance",
+        Duration::from_secs(120),
+        || (canon(&query(&env, "video_plays_1m")) == canon(&want)).then_some(()),
+    );
+    let late_records = wait_for("the late record", Duration::from_secs(60), || {
+        let r = read_all(&env, LATE);
+        (!r.is_empty()).then_some(r)
+    });
+    assert_eq!(late_records.len(), 1);
+    let (_, key, value, headers) = &late_records[0];
+    assert_eq!(key.as_deref(), Some(&b"v1"[..]));
+    assert_eq!(Event::decode(value.as_slice()).unwrap().event_id, "d");
+    let h: HashMap<&str, &str> = headers
+        .iter()
+        .map(|(k, v)| (k.as_str(), v.as_str()))
+        .collect();
+    assert!(h["vp.late.for"].contains("video_plays_1m"), "{h:?}");
+    assert_eq!(h["vp.source.topic"], env.topic(EVENTS));
+    let dead = read_all(&env, DLQ);
+    assert_eq!(dead.len(), 1);
+    let h: HashMap<&str, &str> = dead[0]
+        .3
+        .iter()
+        .map(|(k, v)| (k.as_str(), v.as_str()))
+        .collect();
+    assert_eq!(
+        (h["vp.reason"], h["vp.stage"]),
+        ("invalid_protobuf", "aggregator")
+    );
+    let m = metrics(port);
+    assert_eq!(
+        prom_sum(&m, "vidpulse_aggregator_duplicates_total", &[]),
+        1.0
+    );
+    assert!(
+        prom_sum(
+            &m,
+            "vidpulse_aggregator_late_total",
+            &["metric=\"video_plays_1m\""]
+        ) >= 1.0
+    );
+    // The leaderboard and the log stay empty: no such kinds here.
+    assert!(query(&env, "live_viewer_log").is_empty());
+    assert!(agg.terminate());
+}
+
+/// The real pipeline: ingest → dim-builder (room hashes in Redis) → monitor
+/// (site-wide pool `all`, enrichment from those hashes) → aggregator. The
+/// stages run one after the other so every gift's room is in Redis before the
+/// monitor looks it up, as in production where a room starts long before
+/// its gifts.
+#[test]
+fn ingest_dims_monitor_aggregator_pipeline_equals_the_ground_truth() {
+    let _serial = serial();
+    let env = Env::new("aggpipe");
+    let _tables = DropTables(env.prefix.clone());
+    env.create_topics();
+    let (truth, _) = run_gen(&env, 3000, 55, &[]);
+    let events = truth["expected"]["events"].as_i64().unwrap();
+    let _ingest = ingest(&env);
+    wait_events(&env, events);
+
+    let dims_port = free_port();
+    let room_prefix = format!("{}room:", env.prefix);
+    let viewer_prefix = format!("{}viewer:", env.prefix);
+    let mut dims = env.spawn(
+        "vidpulse-dim-builder",
+        &[
+            "--admin-addr",
+            &format!("127.0.0.1:{dims_port}"),
+            "--key-prefix",
+            &room_prefix,
+            "--viewer-key-prefix",
+            &viewer_prefix,
+        ],
+        "dim-builder.log",
+    );
+    wait_for("dim-builder to catch up", Duration::from_secs(120), || {
+        let m = metrics(dims_port);
+        (m.keys().any(|k| k.starts_with("vidpulse_consumer_lag"))
+            && prom_sum(&m, "vidpulse_consumer_lag", &[]) == 0.0)
+            .then_some(())
+    });
+    dims.terminate();
+
+    env.ctl(&["pool", "create", "all"]);
+    let mon_port = free_port();
+    let room_key = format!("{}room:{{id}}", env.prefix);
+    let anchor_key = format!("{}anchor:{{id}}", env.prefix);
+    let viewer_key = format!("{}viewer:{{id}}", env.prefix);
+    let _monitor = env.spawn(
+        "vidpulse-monitor",
+        &[
+            "--pool",
+            "all",
+            "--admin-addr",
+            &format!("127.0.0.1:{mon_port}"),
+            "--room-key",
+            &room_key,
+            "--anchor-key",
+            &anchor_key,
+            "--viewer-key",
+            &viewer_key,
+        ],
+        "monitor.log",
+    );
+    wait_for(
+        &format!("{events} monitored events"),
+        Duration::from_secs(120),
+        || (env.count(MONITORED) >= events).then_some(()),
+    );
+
+    let port = free_port();
+    let mut agg = aggregator(&env, port, "aggregator.log", &[]);
+    let want = expected(&truth, &[]);
+    wait_exact(&env, &want, "ingest → dim-builder → monitor → aggregator");
+    assert!(agg.terminate());
+}
