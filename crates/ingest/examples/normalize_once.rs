@@ -9,11 +9,21 @@ use vidpulse_core::pipeline::{Input, Processor};
 use vidpulse_ingest::{normalize::Normalizer, presets};
 
 fn main() {
-    let cfg = vidpulse_gen::GenConfig { count: 20_000, ..Default::default() };
+    let cfg = vidpulse_gen::GenConfig {
+        count: 20_000,
+        ..Default::default()
+    };
     let records = vidpulse_gen::generate(&cfg).records;
     let mut mappings = HashMap::new();
     for name in presets::names() {
-        mappings.insert(name.to_owned(), Arc::new(presets::preset(name, chrono_tz::Asia::Shanghai).unwrap().unwrap()));
+        mappings.insert(
+            name.to_owned(),
+            Arc::new(
+                presets::preset(name, chrono_tz::Asia::Shanghai)
+                    .unwrap()
+                    .unwrap(),
+            ),
+        );
     }
     let mut n = Normalizer::new(mappings, "vp.events.v1".into(), "vp.dlq.v1".into(), 1 << 20);
     let mut out = Vec::new();
