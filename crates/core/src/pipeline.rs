@@ -283,7 +283,7 @@ impl ConsumerCtx {
 }
 
 /// Sets the consumer-lag gauge of every partition in `stats`.
-pub(crate) fn record_lag(
+pub fn record_lag(
     stage: &'static str,
     stats: &Statistics,
     gauges: &mut HashMap<(String, i32), metrics::Gauge>,
@@ -304,7 +304,7 @@ pub(crate) fn record_lag(
 }
 
 /// Fails when an input topic does not exist, naming the fix.
-pub(crate) fn check_topics_exist<C: ConsumerContext>(
+pub fn check_topics_exist<C: ConsumerContext>(
     consumer: &impl Consumer<C>,
     topics: &[String],
 ) -> Result<(), PipelineError> {
@@ -321,7 +321,7 @@ pub(crate) fn check_topics_exist<C: ConsumerContext>(
     Ok(())
 }
 
-pub(crate) fn log_rdkafka(level: RDKafkaLogLevel, fac: &str, msg: &str) {
+pub fn log_rdkafka(level: RDKafkaLogLevel, fac: &str, msg: &str) {
     match level {
         RDKafkaLogLevel::Emerg
         | RDKafkaLogLevel::Alert

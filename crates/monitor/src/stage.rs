@@ -134,7 +134,7 @@ struct DeliveryCtx(Arc<Shared>);
 
 impl ClientContext for DeliveryCtx {
     fn log(&self, level: RDKafkaLogLevel, fac: &str, msg: &str) {
-        log_rdkafka(level, fac, msg);
+        vidpulse_core::pipeline::log_rdkafka(level, fac, msg);
     }
 }
 
@@ -162,25 +162,12 @@ struct ConsumerCtx(Arc<Shared>);
 
 impl ClientContext for ConsumerCtx {
     fn log(&self, level: RDKafkaLogLevel, fac: &str, msg: &str) {
-        log_rdkafka(level, fac, msg);
+        vidpulse_core::pipeline::log_rdkafka(level, fac, msg);
     }
 
     fn stats(&self, stats: Statistics) {
-        let Ok(mut gauges) = self.0.lag.lock() else {
-            return;
-        };
-        for (name, topic) in &stats.topics {
-            for (p, part) in &topic.partitions {
-                if *p < 0 || part.consumer_lag < 0 {
-                    continue;
-                }
-                gauges
-                    .entry((name.clone(), *p))
-                    .or_insert_with(|| {
-                        gauge!(m::CONSUMER_LAG, "stage" => STAGE, "topic" => name.clone(), "partition" => p.to_string())
-                    })
-                    .set(part.consumer_lag as f64);
-            }
+        if let Ok(mut gauges) = self.0.lag.lock() {
+            vidpulse_core::pipeline::record_lag(STAGE, &stats, &mut gauges);
         }
     }
 }
@@ -276,20 +263,6 @@ impl ConsumerCtx {
             .filter(|e| e.topic() == self.0.topic)
             .map(|e| e.partition())
             .collect()
-    }
-}
-
-fn log_rdkafka(level: RDKafkaLogLevel, fac: &str, msg: &str) {
-    match level {
-        RDKafkaLogLevel::Emerg
-        | RDKafkaLogLevel::Alert
-        | RDKafkaLogLevel::Critical
-        | RDKafkaLogLevel::Error => tracing::error!(target: "librdkafka", fac, "{msg}"),
-        RDKafkaLogLevel::Warning => tracing::warn!(target: "librdkafka", fac, "{msg}"),
-        RDKafkaLogLevel::Notice | RDKafkaLogLevel::Info => {
-            tracing::info!(target: "librdkafka", fac, "{msg}")
-        }
-        RDKafkaLogLevel::Debug => tracing::debug!(target: "librdkafka", fac, "{msg}"),
     }
 }
 
