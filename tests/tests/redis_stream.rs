@@ -5,6 +5,8 @@
 #![allow(clippy::unwrap_used)]
 
 use std::collections::{BTreeMap, HashSet};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
@@ -67,12 +69,14 @@ fn pending(con: &mut redis::Connection, stream: &str, consumer: Option<&str>) ->
     }
 }
 
-/// `XADD`s `total` entries at about `rate`/s in a thread; every 97th has no
-/// timestamp (a dead letter). Returns the good and bad entry ids.
+/// `XADD`s `total` entries at about `rate`/s in a thread, or fewer if `stop`
+/// is raised first; every 97th has no timestamp (a dead letter). Returns the
+/// good and bad entry ids.
 fn writer(
     stream: String,
     total: usize,
     rate: usize,
+    stop: Arc<AtomicBool>,
 ) -> std::thread::JoinHandle<(Vec<String>, Vec<String>)> {
     std::thread::spawn(move || {
         let mut con = redis();
@@ -80,7 +84,7 @@ fn writer(
         let started = Instant::now();
         let batch = 100;
         let mut i = 0;
-        while i < total {
+        while i < total && !stop.load(Ordering::Relaxed) {
             let mut pipe = redis::pipe();
             let mut kinds = Vec::new();
             for _ in 0..batch.min(total - i) {
@@ -155,9 +159,10 @@ fn entries_read(con: &mut redis::Connection, stream: &str) -> usize {
         .unwrap_or(0)
 }
 
-/// Kills `proc` mid-backlog: once the group has read past `after` entries
+/// Kills `proc` mid-stream: once the group has read past `after` entries
 /// and `consumer` holds entries read but not acknowledged. Returns how many
-/// it left pending.
+/// it left pending. The stream must still be growing (or hold a backlog)
+/// while this waits, or the consumer may be caught up with nothing pending.
 fn kill_mid_stream(
     proc: &mut Proc,
     con: &mut redis::Connection,
@@ -184,7 +189,10 @@ fn redis_stream_kill_9_loses_nothing_and_pending_entries_are_reclaimed() {
     let mut con = redis();
     let _: () = redis::cmd("DEL").arg(&stream).query(&mut con).unwrap();
     // A backlog (so a kill lands mid-batch), then live traffic meanwhile.
-    let (backlog_good, backlog_bad) = writer(stream.clone(), 40_000, 1_000_000).join().unwrap();
+    let never = Arc::new(AtomicBool::new(false));
+    let (backlog_good, backlog_bad) = writer(stream.clone(), 40_000, 1_000_000, never)
+        .join()
+        .unwrap();
 
     // c1 runs, then dies mid-stream with entries read but not acknowledged.
     let p1 = free_port();
@@ -194,7 +202,10 @@ fn redis_stream_kill_9_loses_nothing_and_pending_entries_are_reclaimed() {
         left_by_c1 > 0,
         "c1 was killed with entries pending (read, not acknowledged)"
     );
-    let write = writer(stream.clone(), 10_000, 5_000);
+    // Live traffic until c2 has died and its successor is up, so c2 is
+    // never caught up with nothing pending when it is killed.
+    let stop = Arc::new(AtomicBool::new(false));
+    let write = writer(stream.clone(), usize::MAX, 5_000, stop.clone());
 
     // c2 (a replacement pod: another name) claims what c1 left pending.
     let p2 = free_port();
@@ -211,14 +222,21 @@ fn redis_stream_kill_9_loses_nothing_and_pending_entries_are_reclaimed() {
     );
     // c2 dies too and comes back under its own name: it re-reads its own
     // pending entries first.
-    let left_by_c2 = kill_mid_stream(&mut c2, &mut con, &stream, "c2", 20_000);
+    let read_so_far = entries_read(&mut con, &stream);
+    let left_by_c2 = kill_mid_stream(&mut c2, &mut con, &stream, "c2", read_so_far + 2_000);
     let p3 = free_port();
     let mut c2b = spawn_ingest(&env, &stream, "c2", p3, "ingest-c2b.log");
+    wait_for("c2 back under way", Duration::from_secs(60), || {
+        let m = metrics(p3);
+        (prom_sum(&m, "vidpulse_ingest_redis_acked_total", &[]) > 0.0).then_some(())
+    });
+    std::thread::sleep(Duration::from_secs(1));
+    stop.store(true, Ordering::Relaxed);
 
     let (live_good, live_bad) = write.join().unwrap();
     let good: Vec<String> = backlog_good.into_iter().chain(live_good).collect();
     let bad: Vec<String> = backlog_bad.into_iter().chain(live_bad).collect();
-    assert_eq!(good.len() + bad.len(), 50_000);
+    assert!(good.len() + bad.len() > 42_000, "live traffic was written");
     wait_for(
         "every entry in Kafka and acknowledged",
         Duration::from_secs(180),
