@@ -1,7 +1,7 @@
 //! Against a real broker (`scripts/stack up kafka`; `VIDPULSE_KAFKA_BROKERS`
 //! or 127.0.0.1:9092): what lands on the raw topics is exactly what
 //! `generate` says, per key in production order, and the truth file matches.
-//! Run with `cargo test --release -p vidpulse-gen -- --ignored`.
+//! `scripts/test` starts the broker before running it.
 #![allow(clippy::unwrap_used)]
 
 use std::collections::{BTreeMap, HashMap};
@@ -22,7 +22,6 @@ fn brokers() -> String {
 }
 
 #[tokio::test(flavor = "multi_thread")]
-#[ignore = "needs Kafka: scripts/stack up kafka"]
 async fn records_land_as_generated() {
     let nanos = SystemTime::now()
         .duration_since(UNIX_EPOCH)
