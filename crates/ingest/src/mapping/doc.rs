@@ -75,6 +75,12 @@ impl<'de> de::Deserialize<'de> for Key<'de> {
 
 /// Whether brackets nest deeper than `limit` (strings are skipped).
 pub fn nesting_exceeds(bytes: &[u8], limit: usize) -> bool {
+    // Fast path: with no more openers than the limit, no nesting can exceed
+    // it (this count vectorizes; typical events have one to three).
+    let openers = bytes.iter().filter(|&&b| b == b'{' || b == b'[').count();
+    if openers <= limit {
+        return false;
+    }
     let (mut depth, mut in_str, mut escaped) = (0usize, false, false);
     for &b in bytes {
         if in_str {
@@ -122,5 +128,9 @@ mod tests {
         assert!(!nesting_exceeds(br#"{"a":"[[[[[[[[[["}"#, 3));
         assert!(nesting_exceeds(br#"{"a":[[[1]]]}"#, 3));
         assert!(!nesting_exceeds(br#"{"a":"\"[[[[","b":[[1]]}"#, 3));
+        assert!(
+            !nesting_exceeds(br#"{"a":[1],"b":[2],"c":{"d":[3]}}"#, 3),
+            "wide, not deep"
+        );
     }
 }

@@ -225,6 +225,11 @@ impl Path {
             Seg::Key(k) => doc.raw(k),
             Seg::Index(i) => doc.raw(&i.to_string()),
         }?;
+        if rest.is_empty() {
+            if let Some(v) = simple_scalar(raw.get()) {
+                return Some(v);
+            }
+        }
         let top: Value = serde_json::from_str(raw.get()).ok()?;
         if rest.is_empty() {
             return (!top.is_null()).then_some(top);
@@ -244,6 +249,28 @@ impl Path {
         }
         (!v.is_null()).then_some(v)
     }
+}
+
+/// The value of a raw JSON scalar that needs no decoding: a string without
+/// escapes, or an integer that fits in i64. The common case on the hot path;
+/// anything else (`None`) goes through serde_json.
+fn simple_scalar(raw: &str) -> Option<Value> {
+    let b = raw.as_bytes();
+    if b.len() >= 2 && b[0] == b'"' && b[b.len() - 1] == b'"' {
+        let inner = &raw[1..raw.len() - 1];
+        return (!inner.bytes().any(|c| c == b'\\' || c == b'"' || c < 0x20))
+            .then(|| Value::String(inner.to_owned()));
+    }
+    let digits = b.strip_prefix(b"-").unwrap_or(b);
+    if !digits.is_empty() && digits.len() <= 18 && digits.iter().all(u8::is_ascii_digit) {
+        // No leading zeros in JSON ("0" is fine; serde_json reads "-0" as
+        // a float).
+        if digits[0] == b'0' && (digits.len() > 1 || digits.len() < b.len()) {
+            return None;
+        }
+        return raw.parse::<i64>().ok().map(|i| Value::Number(i.into()));
+    }
+    None
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -971,4 +998,47 @@ fn compile_field(target: Target, f: &FieldSpec, zone: Tz) -> Result<Field, Strin
         field.time = Some((TimeFormat::Auto, zone));
     }
     Ok(field)
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_scalar_fast_path_agrees_with_serde_json() {
+        let cases = [
+            r#""abc""#,
+            r#""""#,
+            r#""浙江""#,
+            r#""a\"b""#,
+            r#""a\u0062""#,
+            r#""tab\there""#,
+            "0",
+            "-0",
+            "7",
+            "-42",
+            "123456789012345678",
+            "1234567890123456789",
+            "99999999999999999999",
+            "1.5",
+            "1e3",
+            "-",
+            "true",
+            "null",
+            "[1]",
+            r#"{"a":1}"#,
+        ];
+        for raw in cases {
+            let want: Value = serde_json::from_str(raw).unwrap_or(Value::Null);
+            if let Some(got) = simple_scalar(raw) {
+                assert_eq!(got, want, "{raw}");
+            }
+        }
+        // The common cases take the fast path.
+        assert!(simple_scalar(r#""u-5""#).is_some());
+        assert!(simple_scalar("20210813").is_some());
+        assert!(simple_scalar(r#""a\"b""#).is_none());
+        assert!(simple_scalar("1.5").is_none());
+    }
 }
