@@ -225,10 +225,10 @@ impl Path {
             Seg::Key(k) => doc.raw(k),
             Seg::Index(i) => doc.raw(&i.to_string()),
         }?;
-        if rest.is_empty() {
-            if let Some(v) = simple_scalar(raw.get()) {
-                return Some(v);
-            }
+        if rest.is_empty()
+            && let Some(v) = simple_scalar(raw.get())
+        {
+            return Some(v);
         }
         let top: Value = serde_json::from_str(raw.get()).ok()?;
         if rest.is_empty() {
