@@ -85,6 +85,17 @@ vp_as_root() {
     fi
 }
 
+# vp_build_deps: Debian packages the Rust build needs besides gcc/make:
+# OpenSSL headers and pkg-config for librdkafka's TLS/SCRAM support, and the
+# openssl CLI (the TLS test makes its certificates with it). Idempotent.
+vp_build_deps() {
+    local pkgs=() p
+    for p in libssl-dev pkg-config openssl; do
+        dpkg -s "$p" >/dev/null 2>&1 || pkgs+=("$p")
+    done
+    vp_apt_install "${pkgs[@]}"
+}
+
 # vp_apt_install PKG...: install Debian packages non-interactively (one apt-get update first).
 # Daemons are not auto-started by the packages (a temporary policy-rc.d forbids it), so that
 # the system services do not grab the ports the local stack uses.

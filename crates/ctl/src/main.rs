@@ -71,6 +71,15 @@ async fn main() -> std::process::ExitCode {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(error) => {
             eprintln!("vidpulse: {error:#}");
+            let text = format!("{error:#}");
+            if text.contains("BrokerTransportFailure") || text.contains("AllBrokersDown") {
+                eprintln!(
+                    "vidpulse: hint: no broker at {} answered; check --kafka-brokers / VIDPULSE_KAFKA_BROKERS, \
+                     and, for a TLS or SASL listener, security.protocol, ssl.ca.location and sasl.* \
+                     (--kafka-option or --kafka-options-file)",
+                    cli.kafka.brokers
+                );
+            }
             std::process::ExitCode::from(1)
         }
     }
