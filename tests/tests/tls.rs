@@ -272,3 +272,246 @@ fn every_client_talks_tls_to_a_tls_only_broker() {
         );
     }
 }
+
+/// A Redis that only accepts TLS (Debian's redis-server is built with TLS),
+/// on a spare port; killed when dropped.
+struct TlsRedis {
+    child: Child,
+    port: u16,
+}
+
+impl TlsRedis {
+    fn start(dir: &Path) -> TlsRedis {
+        let port = free_port();
+        let log = std::fs::File::create(dir.join("redis.log")).unwrap();
+        let child = Command::new("redis-server")
+            .args(["--port", "0", "--tls-port", &port.to_string()])
+            .args([
+                "--tls-cert-file",
+                "server.pem",
+                "--tls-key-file",
+                "server.key",
+            ])
+            .args(["--tls-ca-cert-file", "ca.pem", "--tls-auth-clients", "no"])
+            .args(["--save", "", "--appendonly", "no", "--dir", "."])
+            .current_dir(dir)
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .expect("redis-server (scripts/stack up installs it)");
+        wait_for("the TLS Redis to listen", Duration::from_secs(30), || {
+            std::net::TcpStream::connect(("127.0.0.1", port))
+                .ok()
+                .map(|_| ())
+        });
+        TlsRedis { child, port }
+    }
+}
+
+impl Drop for TlsRedis {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+#[test]
+fn redis_clients_talk_tls_with_a_rediss_url() {
+    let env = Env::new("rtls");
+    let dir = scratch(&env.prefix);
+    make_certs(&dir);
+    let redis = TlsRedis::start(&dir);
+    let url = format!("rediss://127.0.0.1:{}", redis.port);
+    let rows = dir.join("viewers.csv");
+    std::fs::write(&rows, "user_id,province,grade\n7,浙江,3\n8,四川,5\n").unwrap();
+    let dims = |args: &[&str], ca: bool| {
+        let mut c = env.cmd("vidpulse");
+        c.env("VIDPULSE_REDIS_URL", &url).arg("dims").args(args);
+        if ca {
+            // OpenSSL's default trust store, pointed at the private CA.
+            c.env("SSL_CERT_FILE", dir.join("ca.pem"));
+        } else {
+            c.env("SSL_CERT_FILE", dir.join("server.csr"));
+        }
+        c.output().unwrap()
+    };
+    let out = dims(
+        &["load", "--kind", "viewer", "--file", rows.to_str().unwrap()],
+        true,
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let out = dims(&["show", "viewer", "7", "8"], true);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let shown = String::from_utf8(out.stdout).unwrap();
+    assert!(shown.contains("浙江") && shown.contains("四川"), "{shown}");
+
+    // A server certificate the client cannot verify: a clear failure.
+    let out = dims(&["show", "viewer", "7"], false);
+    assert!(!out.status.success(), "an untrusted server was accepted");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("certificate"), "{err}");
+}
+
+/// A private ClickHouse serving HTTPS (and plain HTTP/native on spare ports
+/// nobody uses) with the test certificate; killed when dropped.
+struct TlsClickHouse {
+    child: Child,
+    https_port: u16,
+}
+
+impl TlsClickHouse {
+    fn start(dir: &Path) -> TlsClickHouse {
+        let (http, tcp, https) = (free_port(), free_port(), free_port());
+        let d = dir.display();
+        for sub in ["data", "tmp", "user_files", "format_schemas", "log"] {
+            std::fs::create_dir_all(dir.join(sub)).unwrap();
+        }
+        std::fs::write(
+            dir.join("config.xml"),
+            format!(
+                r#"<?xml version="1.0"?>
+<yandex>
+    <logger><level>warning</level><log>{d}/log/server.log</log><errorlog>{d}/log/server.err.log</errorlog></logger>
+    <listen_host>127.0.0.1</listen_host>
+    <http_port>{http}</http_port>
+    <tcp_port>{tcp}</tcp_port>
+    <https_port>{https}</https_port>
+    <openSSL>
+        <server>
+            <certificateFile>{d}/server.pem</certificateFile>
+            <privateKeyFile>{d}/server.key</privateKeyFile>
+            <verificationMode>none</verificationMode>
+            <loadDefaultCAFile>false</loadDefaultCAFile>
+            <cacheSessions>true</cacheSessions>
+            <disableProtocols>sslv2,sslv3</disableProtocols>
+            <preferServerCiphers>true</preferServerCiphers>
+        </server>
+    </openSSL>
+    <max_connections>64</max_connections>
+    <keep_alive_timeout>3</keep_alive_timeout>
+    <mark_cache_size>67108864</mark_cache_size>
+    <path>{d}/data/</path>
+    <tmp_path>{d}/tmp/</tmp_path>
+    <user_files_path>{d}/user_files/</user_files_path>
+    <format_schema_path>{d}/format_schemas/</format_schema_path>
+    <users_config>{d}/users.xml</users_config>
+    <default_profile>default</default_profile>
+    <default_database>default</default_database>
+    <timezone>UTC</timezone>
+    <mlock_executable>false</mlock_executable>
+</yandex>
+"#
+            ),
+        )
+        .unwrap();
+        std::fs::write(
+            dir.join("users.xml"),
+            r#"<?xml version="1.0"?>
+<yandex>
+    <profiles><default><max_memory_usage>2000000000</max_memory_usage></default></profiles>
+    <users><default><password></password><networks><ip>::/0</ip></networks><profile>default</profile><quota>default</quota></default></users>
+    <quotas><default><interval><duration>3600</duration><queries>0</queries><errors>0</errors><result_rows>0</result_rows><read_rows>0</read_rows><execution_time>0</execution_time></interval></default></quotas>
+</yandex>
+"#,
+        )
+        .unwrap();
+        let server = ["/usr/bin/clickhouse-server", "/usr/sbin/clickhouse-server"]
+            .into_iter()
+            .find(|p| Path::new(p).exists())
+            .expect("clickhouse-server (scripts/stack up installs it)");
+        let log = std::fs::File::create(dir.join("clickhouse.out")).unwrap();
+        let child = Command::new(server)
+            .arg(format!("--config-file={d}/config.xml"))
+            .current_dir(dir)
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .unwrap();
+        wait_for("ClickHouse to serve HTTPS", Duration::from_secs(60), || {
+            std::net::TcpStream::connect(("127.0.0.1", https))
+                .ok()
+                .map(|_| ())
+        });
+        TlsClickHouse {
+            child,
+            https_port: https,
+        }
+    }
+}
+
+impl Drop for TlsClickHouse {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+#[test]
+fn clickhouse_clients_talk_https() {
+    let env = Env::new("chtls");
+    env.create_topics();
+    let dir = scratch(&env.prefix);
+    make_certs(&dir);
+    let ch = TlsClickHouse::start(&dir);
+    let url = format!("https://127.0.0.1:{}", ch.https_port);
+    let ca = dir.join("ca.pem");
+
+    // The aggregator creates its tables over HTTPS and reports ready.
+    let port = free_port();
+    let log = std::fs::File::create(dir.join("aggregator.log")).unwrap();
+    let mut agg = env
+        .cmd("vidpulse-aggregator")
+        .env("VIDPULSE_CLICKHOUSE_URL", &url)
+        .env("SSL_CERT_FILE", &ca)
+        .args(["--admin-addr", &format!("127.0.0.1:{port}")])
+        .stdout(log.try_clone().unwrap())
+        .stderr(log)
+        .spawn()
+        .unwrap();
+    wait_for(
+        "the aggregator ready over HTTPS",
+        Duration::from_secs(90),
+        || (http_get(port, "/readyz").map(|(s, _)| s) == Some(200)).then_some(()),
+    );
+    let _ = agg.kill();
+    let _ = agg.wait();
+
+    // `vidpulse query` reads over HTTPS (the tables exist, no rows yet).
+    let query = |trusted: bool| {
+        let mut c = env.cmd("vidpulse");
+        c.env("VIDPULSE_CLICKHOUSE_URL", &url)
+            .env(
+                "SSL_CERT_FILE",
+                if trusted {
+                    ca.clone()
+                } else {
+                    dir.join("server.csr")
+                },
+            )
+            .args(["query", "video_plays_1m", "--format", "json"]);
+        c.output().unwrap()
+    };
+    let out = query(true);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "");
+
+    // A server certificate the client cannot verify: a clear failure.
+    let out = query(false);
+    assert!(!out.status.success(), "an untrusted server was accepted");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("certificate"), "{err}");
+}

@@ -93,7 +93,18 @@ pub struct ChError {
 
 impl From<clickhouse::error::Error> for ChError {
     fn from(e: clickhouse::error::Error) -> Self {
-        let message = e.to_string();
+        // With its causes: "network error: client error (Connect)" alone
+        // does not say that a TLS certificate failed to verify.
+        let mut message = e.to_string();
+        let mut cause = std::error::Error::source(&e);
+        while let Some(c) = cause {
+            let text = c.to_string();
+            if !message.contains(&text) {
+                message.push_str(": ");
+                message.push_str(&text);
+            }
+            cause = c.source();
+        }
         // Server-side exceptions come back as "bad response: Code: N, ...".
         let rejected = message.contains("Code: ")
             && ![
