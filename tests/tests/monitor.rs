@@ -786,8 +786,9 @@ fn bucketed_pool_with_another_partition_count_fails_at_start_saying_why() {
     assert!(err.contains("--mode broadcast"), "names a fix: {err}");
 }
 
-/// Serves `body` to every GET on a loopback port, in a thread.
-fn serve_http(body: Arc<std::sync::Mutex<String>>) -> u16 {
+/// Serves `body` to every GET on a loopback port, in a thread; the last
+/// request's head goes to `seen`.
+fn serve_http(body: Arc<std::sync::Mutex<String>>, seen: Arc<std::sync::Mutex<String>>) -> u16 {
     let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let port = listener.local_addr().unwrap().port();
     std::thread::spawn(move || {
@@ -801,6 +802,7 @@ fn serve_http(body: Arc<std::sync::Mutex<String>>) -> u16 {
                     Ok(n) => req.extend_from_slice(&buf[..n]),
                 }
             }
+            *seen.lock().unwrap() = String::from_utf8_lossy(&req).into_owned();
             let b = body.lock().unwrap().clone();
             // Chunked, as many servers answer.
             let resp = format!(
@@ -858,9 +860,26 @@ fn pool_sync_mirrors_a_redis_set_and_an_http_endpoint_writing_only_differences()
 
     // HTTP: a JSON array, then lines; an empty answer removes nothing.
     let body = Arc::new(std::sync::Mutex::new(r#"["a3", 42, "a9"]"#.to_owned()));
-    let url = format!("http://127.0.0.1:{}/ids", serve_http(body.clone()));
-    let out = env.ctl(&["pool", "sync", "ops", "--http", &url, "--once"]);
-    assert!(out.contains("+2 -2"), "{out}");
+    let seen = Arc::new(std::sync::Mutex::new(String::new()));
+    let url = format!(
+        "http://127.0.0.1:{}/ids",
+        serve_http(body.clone(), seen.clone())
+    );
+    // A token from the environment goes out as a header.
+    let out = env
+        .cmd("vidpulse")
+        .env("VIDPULSE_POOL_HTTP_HEADER", "Authorization: Bearer t0ken-9")
+        .args(["pool", "sync", "ops", "--http", &url, "--once"])
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        stdout.contains("+2 -2"),
+        "{stdout} {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let head = seen.lock().unwrap().to_ascii_lowercase();
+    assert!(head.contains("authorization: bearer t0ken-9"), "{head}");
     assert_eq!(members(&env, "ops"), vec!["42", "a3", "a9"]);
     *body.lock().unwrap() = "a9\n# comment\n\nb1\n".to_owned();
     env.ctl(&["pool", "sync", "ops", "--http", &url, "--once"]);

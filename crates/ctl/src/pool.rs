@@ -9,7 +9,7 @@
 //! id twice or removing an absent one leaves the same pool state.
 
 use std::collections::{BTreeMap, HashSet};
-use std::io::{BufRead, Read, Write};
+use std::io::{BufRead, Write};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
@@ -122,9 +122,13 @@ pub struct SyncArgs {
         default_value = "redis://127.0.0.1:6379"
     )]
     redis_url: String,
-    /// Plain-HTTP URL answering a JSON array of ids or one id per line.
+    /// HTTP(S) URL answering a JSON array of ids or one id per line.
     #[arg(long)]
     http: Option<String>,
+    /// Extra request header `NAME: VALUE` for --http (e.g. a bearer token;
+    /// prefer the environment variable for secrets). Repeatable.
+    #[arg(long, env = "VIDPULSE_POOL_HTTP_HEADER", hide_env_values = true, value_parser = parse_header)]
+    http_header: Vec<(String, String)>,
     /// Time between two syncs.
     #[arg(long, default_value = "30s", value_parser = humantime::parse_duration)]
     interval: Duration,
@@ -616,13 +620,15 @@ async fn sync(kafka_args: &KafkaArgs, a: SyncArgs) -> anyhow::Result<()> {
         ),
         None => None,
     };
+    let http = reqwest::Client::builder()
+        .user_agent("vidpulse")
+        .timeout(Duration::from_secs(30))
+        .build()
+        .context("setting up the HTTP client")?;
     loop {
         let source: anyhow::Result<HashSet<String>> = match (&a.redis_set, &a.http, &redis) {
             (Some(set), _, Some(client)) => redis_set(client, set).await,
-            (_, Some(url), _) => {
-                let url = url.clone();
-                tokio::task::spawn_blocking(move || http_ids(&url)).await?
-            }
+            (_, Some(url), _) => http_ids(&http, url, &a.http_header).await,
             _ => bail!("give --redis-set KEY or --http URL"),
         };
         match source {
@@ -698,10 +704,39 @@ async fn redis_set(client: &redis::Client, key: &str) -> anyhow::Result<HashSet<
     }
 }
 
-/// GETs a plain-HTTP URL and parses its body as ids.
-fn http_ids(url: &str) -> anyhow::Result<HashSet<String>> {
-    let body = http_get(url)?;
-    parse_ids(&body)
+/// GETs `url` (http or https: the system CA store, or the one
+/// `SSL_CERT_FILE` names) with the extra headers and parses its body as ids.
+async fn http_ids(
+    client: &reqwest::Client,
+    url: &str,
+    headers: &[(String, String)],
+) -> anyhow::Result<HashSet<String>> {
+    let mut req = client
+        .get(url)
+        .header(reqwest::header::ACCEPT, "application/json, text/plain");
+    for (k, v) in headers {
+        req = req.header(k.as_str(), v.as_str());
+    }
+    let resp = req.send().await.with_context(|| format!("GET {url}"))?;
+    let status = resp.status();
+    if !status.is_success() {
+        bail!("{url} answered HTTP {}", status.as_u16());
+    }
+    let body = resp.bytes().await.context("reading the HTTP body")?;
+    parse_ids(std::str::from_utf8(&body).context("the body is not UTF-8")?)
+}
+
+/// `NAME: VALUE` of an `--http-header`.
+fn parse_header(s: &str) -> Result<(String, String), String> {
+    let (k, v) = s
+        .split_once(':')
+        .ok_or_else(|| "expected NAME: VALUE, e.g. 'Authorization: Bearer …'".to_owned())?;
+    let (k, v) = (k.trim(), v.trim());
+    reqwest::header::HeaderName::from_bytes(k.as_bytes())
+        .map_err(|_| format!("{k:?} is not a valid header name"))?;
+    reqwest::header::HeaderValue::from_str(v)
+        .map_err(|_| "the header value is not valid".to_owned())?;
+    Ok((k.to_owned(), v.to_owned()))
 }
 
 /// Ids from a JSON array (strings or integers) or from lines.
@@ -727,88 +762,6 @@ fn parse_ids(body: &str) -> anyhow::Result<HashSet<String>> {
     }
 }
 
-/// A minimal HTTP/1.1 GET over TCP for `http://` URLs (identity or chunked
-/// bodies). Enough for an internal id endpoint; TLS is not needed on a
-/// cluster network and would pull in a TLS stack.
-fn http_get(url: &str) -> anyhow::Result<String> {
-    let rest = url
-        .strip_prefix("http://")
-        .with_context(|| format!("only http:// URLs are supported, got {url}"))?;
-    let (hostport, path) = match rest.find('/') {
-        Some(i) => (&rest[..i], &rest[i..]),
-        None => (rest, "/"),
-    };
-    let addr = if hostport.contains(':') {
-        hostport.to_owned()
-    } else {
-        format!("{hostport}:80")
-    };
-    let host = hostport.split(':').next().unwrap_or(hostport);
-    let timeout = Duration::from_secs(30);
-    let sock = std::net::ToSocketAddrs::to_socket_addrs(&addr)
-        .with_context(|| format!("resolving {addr}"))?
-        .next()
-        .with_context(|| format!("{addr} resolves to nothing"))?;
-    let mut s = std::net::TcpStream::connect_timeout(&sock, timeout)
-        .with_context(|| format!("connecting to {addr}"))?;
-    s.set_read_timeout(Some(timeout))?;
-    s.set_write_timeout(Some(timeout))?;
-    let request = format!(
-        "GET {path} HTTP/1.1\r\nHost: {host}\r\nAccept: application/json, text/plain\r\nConnection: close\r\nUser-Agent: vidpulse\r\n\r\n"
-    );
-    s.write_all(request.as_bytes())
-        .with_context(|| format!("sending the request to {addr}"))?;
-    let mut raw = Vec::new();
-    s.read_to_end(&mut raw)
-        .context("reading the HTTP response")?;
-    let split = raw
-        .windows(4)
-        .position(|w| w == b"\r\n\r\n")
-        .context("malformed HTTP response (no header end)")?;
-    let head = String::from_utf8_lossy(&raw[..split]).to_string();
-    let body = &raw[split + 4..];
-    let status: u16 = head
-        .split_whitespace()
-        .nth(1)
-        .and_then(|s| s.parse().ok())
-        .context("malformed HTTP status line")?;
-    if !(200..300).contains(&status) {
-        bail!("{url} answered HTTP {status}");
-    }
-    let chunked = head.lines().any(|l| {
-        let l = l.to_ascii_lowercase();
-        l.starts_with("transfer-encoding:") && l.contains("chunked")
-    });
-    let body = if chunked {
-        dechunk(body)?
-    } else {
-        body.to_vec()
-    };
-    String::from_utf8(body).context("the body is not UTF-8")
-}
-
-fn dechunk(mut b: &[u8]) -> anyhow::Result<Vec<u8>> {
-    let mut out = Vec::new();
-    loop {
-        let eol = b
-            .windows(2)
-            .position(|w| w == b"\r\n")
-            .context("malformed chunked body")?;
-        let size_txt = String::from_utf8_lossy(&b[..eol]);
-        let size = usize::from_str_radix(size_txt.split(';').next().unwrap_or("").trim(), 16)
-            .context("malformed chunk size")?;
-        b = &b[eol + 2..];
-        if size == 0 {
-            return Ok(out);
-        }
-        if b.len() < size {
-            bail!("truncated chunked body");
-        }
-        out.extend_from_slice(&b[..size]);
-        b = b.get(size + 2..).unwrap_or(&[]);
-    }
-}
-
 #[cfg(test)]
 mod tests {
     #![allow(clippy::unwrap_used)]
@@ -825,9 +778,20 @@ mod tests {
     }
 
     #[test]
-    fn chunked_bodies_are_joined() {
-        let body = b"4\r\nab\nc\r\n3;ext=1\r\n\nde\r\n0\r\n\r\n";
-        assert_eq!(dechunk(body).unwrap(), b"ab\nc\nde");
-        assert!(dechunk(b"5\r\nab").is_err());
+    fn http_headers_need_a_name_and_a_colon() {
+        assert_eq!(
+            parse_header("Authorization: Bearer abc").unwrap(),
+            ("Authorization".to_owned(), "Bearer abc".to_owned())
+        );
+        assert!(
+            parse_header("Authorization Bearer")
+                .unwrap_err()
+                .contains("NAME: VALUE")
+        );
+        assert!(
+            parse_header("bad name: x")
+                .unwrap_err()
+                .contains("not a valid header name")
+        );
     }
 }
