@@ -17,3 +17,11 @@ pub mod telemetry;
 pub mod topics;
 
 pub use tokio_util::sync::CancellationToken;
+
+/// Every vidpulse binary links this crate, so this sets the allocator for all
+/// of them: mimalloc, which with its `override` feature also serves the C
+/// code in the process (librdkafka, OpenSSL). With glibc's malloc the
+/// consume → produce loop spent half of its waits on the arena lock:
+/// librdkafka frees on its broker thread what our thread allocated.
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
