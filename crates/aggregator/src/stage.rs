@@ -704,6 +704,7 @@ impl Stage {
                     key: msg.key(),
                     payload: msg.payload(),
                     timestamp_ms: msg.timestamp().to_millis(),
+                    headers: &[],
                 };
                 let what = input_kind(&self.shared.topics[ti].1);
                 let out = dlq::record(

@@ -43,6 +43,8 @@ pub struct Input<'a> {
     pub payload: Option<&'a [u8]>,
     /// The record's Kafka timestamp, when it has one.
     pub timestamp_ms: Option<i64>,
+    /// The record's Kafka headers (key, value); raw records rarely have any.
+    pub headers: &'a [(&'a str, &'a [u8])],
 }
 
 /// One record to produce.
@@ -58,18 +60,6 @@ pub struct Output {
 /// synchronous, so tests call it without Kafka.
 pub trait Processor: Send {
     fn process(&mut self, input: &Input<'_>, out: &mut Vec<Output>);
-
-    /// Like `process`, with the record's Kafka headers (key, value). The
-    /// default ignores them.
-    fn process_with_headers(
-        &mut self,
-        input: &Input<'_>,
-        headers: &[(&str, &[u8])],
-        out: &mut Vec<Output>,
-    ) {
-        let _ = headers;
-        self.process(input, out);
-    }
 }
 
 /// How the loop runs.
@@ -424,6 +414,11 @@ pub async fn run<P: Processor>(
             continue;
         }
         received[t as usize].increment(1);
+        // Raw records rarely carry headers: no allocation then.
+        let headers: Vec<(&str, &[u8])> = msg
+            .headers()
+            .map(|hs| hs.iter().filter_map(|h| Some((h.key, h.value?))).collect())
+            .unwrap_or_default();
         let input = Input {
             topic: msg.topic(),
             partition: msg.partition(),
@@ -431,14 +426,10 @@ pub async fn run<P: Processor>(
             key: msg.key(),
             payload: msg.payload(),
             timestamp_ms: msg.timestamp().to_millis(),
+            headers: &headers,
         };
         out.clear();
-        // Raw records rarely carry headers: no allocation then.
-        let headers: Vec<(&str, &[u8])> = msg
-            .headers()
-            .map(|hs| hs.iter().filter_map(|h| Some((h.key, h.value?))).collect())
-            .unwrap_or_default();
-        processor.process_with_headers(&input, &headers, &mut out);
+        processor.process(&input, &mut out);
         let n = out.len() as u32;
         if n > 0 {
             // Back-pressure: wait for room before producing more.

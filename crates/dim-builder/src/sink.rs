@@ -189,6 +189,7 @@ impl DimSink {
             key: r.key.as_deref(),
             payload: r.payload.as_deref(),
             timestamp_ms: r.timestamp_ms,
+            headers: &[],
         };
         let out = dlq::record(&self.dlq.topic, STAGE, &input, reason, detail);
         let producer = self.dlq.producer.clone();

@@ -40,6 +40,7 @@ fn bench(c: &mut Criterion) {
                     key: r.key.as_deref().map(str::as_bytes),
                     payload: Some(&r.payload),
                     timestamp_ms: None,
+                    headers: &[],
                 };
                 normalizer.process(&input, &mut out);
             }

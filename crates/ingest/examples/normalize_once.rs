@@ -36,6 +36,7 @@ fn main() {
             key: r.key.as_deref().map(str::as_bytes),
             payload: Some(&r.payload),
             timestamp_ms: None,
+            headers: &[],
         };
         n.process(&input, &mut out);
     }

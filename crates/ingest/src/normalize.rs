@@ -180,14 +180,10 @@ impl Normalizer {
 }
 
 impl Normalizer {
-    /// Processes a record with its Kafka headers: a record replayed from the
-    /// DLQ (`vp.original.*` headers) keeps its original source-derived id.
-    pub fn process_with_headers(
-        &mut self,
-        input: &Input<'_>,
-        headers: &[(&str, &[u8])],
-        out: &mut Vec<Output>,
-    ) {
+    /// Processes a record: one replayed from the DLQ (`vp.original.*`
+    /// headers) keeps its original source-derived id.
+    fn process_record(&mut self, input: &Input<'_>, out: &mut Vec<Output>) {
+        let headers = input.headers;
         let original = if headers.is_empty() {
             None
         } else {
@@ -266,16 +262,7 @@ impl Normalizer {
 
 impl Processor for Normalizer {
     fn process(&mut self, input: &Input<'_>, out: &mut Vec<Output>) {
-        self.process_as(input, None, out);
-    }
-
-    fn process_with_headers(
-        &mut self,
-        input: &Input<'_>,
-        headers: &[(&str, &[u8])],
-        out: &mut Vec<Output>,
-    ) {
-        Normalizer::process_with_headers(self, input, headers, out);
+        self.process_record(input, out);
     }
 }
 
@@ -318,6 +305,7 @@ mod tests {
             key: Some(b"k"),
             payload: Some(payload),
             timestamp_ms: None,
+            headers: &[],
         }
     }
 
@@ -361,7 +349,13 @@ mod tests {
             (H_ORIGINAL_OFFSET, b"12"),
         ];
         out.clear();
-        n.process_with_headers(&input(LIKE, 90), &headers, &mut out);
+        n.process(
+            &Input {
+                headers: &headers,
+                ..input(LIKE, 90)
+            },
+            &mut out,
+        );
         assert_eq!(event_id(&out), "p.user_actions/1/12");
         let ev = Event::decode(out[0].payload.as_deref().unwrap()).unwrap();
         assert_eq!(
@@ -372,7 +366,7 @@ mod tests {
 
         // Without the headers it is a new record.
         out.clear();
-        n.process_with_headers(&input(LIKE, 90), &[], &mut out);
+        n.process(&input(LIKE, 90), &mut out);
         assert_eq!(event_id(&out), "p.user_actions/3/90");
     }
 
@@ -386,7 +380,13 @@ mod tests {
             (H_ORIGINAL_PARTITION, b"1"),
             (H_ORIGINAL_OFFSET, b"12"),
         ];
-        n.process_with_headers(&input(own, 90), &headers, &mut out);
+        n.process(
+            &Input {
+                headers: &headers,
+                ..input(own, 90)
+            },
+            &mut out,
+        );
         assert_eq!(event_id(&out), "e-1");
     }
 
@@ -399,7 +399,13 @@ mod tests {
             (H_ORIGINAL_PARTITION, b"1"),
             (H_ORIGINAL_OFFSET, b"12"),
         ];
-        n.process_with_headers(&input(b"{}", 90), &headers, &mut out);
+        n.process(
+            &Input {
+                headers: &headers,
+                ..input(b"{}", 90)
+            },
+            &mut out,
+        );
         assert_eq!(out[0].topic, "p.vp.dlq.v1");
         let h = |name: &str| {
             out[0]

@@ -846,6 +846,7 @@ pub fn entry_output(
                 key: None,
                 payload: Some(&json),
                 timestamp_ms: None,
+                headers: &[],
             };
             let mut out = dlq::record(
                 dlq_topic,
