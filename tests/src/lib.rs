@@ -180,6 +180,24 @@ impl Env {
     }
 }
 
+/// Another program's process (a private server, a browser), killed when
+/// dropped, also when the test fails.
+pub struct KillOnDrop(pub Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// Waits until something accepts connections on loopback `port`.
+pub fn wait_listening(what: &str, port: u16, timeout: Duration) {
+    wait_for(what, timeout, || {
+        TcpStream::connect(("127.0.0.1", port)).ok().map(|_| ())
+    });
+}
+
 /// A spawned binary, killed when dropped.
 pub struct Proc {
     child: Option<Child>,
@@ -390,28 +408,30 @@ pub fn sse_first(port: u16, path: &str, event: &str, timeout: Duration) -> Optio
     None
 }
 
+/// Runs SQL over ClickHouse's HTTP port (`VIDPULSE_CLICKHOUSE_HTTP_PORT`,
+/// default 8123); the body of a 200 answer, `None` otherwise.
+pub fn clickhouse_sql(q: &str) -> Option<String> {
+    let port: u16 = std::env::var("VIDPULSE_CLICKHOUSE_HTTP_PORT")
+        .ok()
+        .and_then(|p| p.parse().ok())
+        .unwrap_or(8123);
+    let mut s = TcpStream::connect(("127.0.0.1", port)).ok()?;
+    s.set_read_timeout(Some(Duration::from_secs(30))).ok()?;
+    write!(
+        s,
+        "POST / HTTP/1.0\r\nHost: localhost\r\nContent-Length: {}\r\n\r\n{q}",
+        q.len()
+    )
+    .ok()?;
+    let mut buf = String::new();
+    s.read_to_string(&mut buf).ok()?;
+    let (head, body) = buf.split_once("\r\n\r\n")?;
+    head.contains(" 200 ").then(|| body.to_owned())
+}
+
 /// Drops the ClickHouse tables and views (database `vidpulse`) of a topic
-/// prefix, over ClickHouse's HTTP port (`VIDPULSE_CLICKHOUSE_HTTP_PORT`,
-/// default 8123). Best effort: a test cleaning up never fails on it.
+/// prefix. Best effort: a test cleaning up never fails on it.
 pub fn drop_clickhouse_tables(prefix: &str) {
-    fn sql(q: &str) -> Option<String> {
-        let port: u16 = std::env::var("VIDPULSE_CLICKHOUSE_HTTP_PORT")
-            .ok()
-            .and_then(|p| p.parse().ok())
-            .unwrap_or(8123);
-        let mut s = TcpStream::connect(("127.0.0.1", port)).ok()?;
-        s.set_read_timeout(Some(Duration::from_secs(30))).ok()?;
-        write!(
-            s,
-            "POST / HTTP/1.0\r\nHost: localhost\r\nContent-Length: {}\r\n\r\n{q}",
-            q.len()
-        )
-        .ok()?;
-        let mut buf = String::new();
-        s.read_to_string(&mut buf).ok()?;
-        let (head, body) = buf.split_once("\r\n\r\n")?;
-        head.contains(" 200 ").then(|| body.to_owned())
-    }
     let stem: String = prefix
         .chars()
         .map(|c| {
@@ -422,11 +442,11 @@ pub fn drop_clickhouse_tables(prefix: &str) {
             }
         })
         .collect();
-    let names = sql(&format!(
+    let names = clickhouse_sql(&format!(
         "SELECT name FROM system.tables WHERE database = 'vidpulse' AND startsWith(name, '{stem}')"
     ))
     .unwrap_or_default();
     for n in names.lines().filter(|n| !n.is_empty()) {
-        let _ = sql(&format!("DROP TABLE IF EXISTS vidpulse.`{n}`"));
+        let _ = clickhouse_sql(&format!("DROP TABLE IF EXISTS vidpulse.`{n}`"));
     }
 }

@@ -12,8 +12,6 @@
 #![allow(clippy::unwrap_used)]
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
-use std::io::{Read, Write};
-use std::net::TcpStream;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
@@ -44,59 +42,13 @@ fn serial() -> MutexGuard<'static, ()> {
     SERIAL.lock().unwrap_or_else(|e| e.into_inner())
 }
 
-fn clickhouse_port() -> u16 {
-    std::env::var("VIDPULSE_CLICKHOUSE_HTTP_PORT")
-        .ok()
-        .and_then(|p| p.parse().ok())
-        .unwrap_or(8123)
-}
-
-/// Runs SQL over ClickHouse's HTTP interface; `None` when it does not answer.
-fn ch_sql(sql: &str) -> Option<String> {
-    let mut s = TcpStream::connect(("127.0.0.1", clickhouse_port())).ok()?;
-    s.set_read_timeout(Some(Duration::from_secs(30))).ok()?;
-    write!(
-        s,
-        "POST / HTTP/1.0\r\nHost: localhost\r\nContent-Length: {}\r\n\r\n{sql}",
-        sql.len()
-    )
-    .ok()?;
-    let mut buf = String::new();
-    s.read_to_string(&mut buf).ok()?;
-    let (head, body) = buf.split_once("\r\n\r\n")?;
-    head.starts_with("HTTP/1.0 200")
-        .then(|| body.to_owned())
-        .or_else(|| head.starts_with("HTTP/1.1 200").then(|| body.to_owned()))
-}
-
 /// Drops a test's ClickHouse tables and views when dropped (also when the
 /// test fails).
 struct DropTables(String);
 
 impl Drop for DropTables {
     fn drop(&mut self) {
-        drop_tables(&self.0);
-    }
-}
-
-/// Drops the ClickHouse tables and views of topic prefix `prefix`.
-fn drop_tables(prefix: &str) {
-    let stem: String = prefix
-        .chars()
-        .map(|c| {
-            if c.is_ascii_alphanumeric() || c == '_' {
-                c
-            } else {
-                '_'
-            }
-        })
-        .collect();
-    let names = ch_sql(&format!(
-        "SELECT name FROM system.tables WHERE database = 'vidpulse' AND startsWith(name, '{stem}')"
-    ))
-    .unwrap_or_default();
-    for n in names.lines().filter(|n| !n.is_empty()) {
-        let _ = ch_sql(&format!("DROP TABLE IF EXISTS vidpulse.`{n}`"));
+        drop_clickhouse_tables(&self.0);
     }
 }
 
@@ -701,7 +653,7 @@ fn kill_9_rebalance_and_full_replay_keep_every_value_exact() {
     // A full replay from the earliest offsets in a new group, over the rows
     // already written: every final value stays the same.
     let table = "vidpulse.`".to_owned() + &env.prefix.replace('.', "_") + "video_plays_1m`";
-    let rows_before: u64 = ch_sql(&format!("SELECT count() FROM {table}"))
+    let rows_before: u64 = clickhouse_sql(&format!("SELECT count() FROM {table}"))
         .unwrap()
         .trim()
         .parse()
@@ -725,7 +677,7 @@ fn kill_9_rebalance_and_full_replay_keep_every_value_exact() {
         },
     );
     wait_for("the replay's rows to land", Duration::from_secs(60), || {
-        let n: u64 = ch_sql(&format!("SELECT count() FROM {table}"))?
+        let n: u64 = clickhouse_sql(&format!("SELECT count() FROM {table}"))?
             .trim()
             .parse()
             .ok()?;

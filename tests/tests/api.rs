@@ -561,12 +561,3 @@ fn api_refuses_bad_flags() {
         assert!(err.contains(want), "{args:?}: {err}");
     }
 }
-
-struct KillOnDrop(std::process::Child);
-
-impl Drop for KillOnDrop {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}

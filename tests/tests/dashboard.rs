@@ -15,7 +15,7 @@
 use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use base64::Engine as _;
@@ -39,15 +39,6 @@ fn chromium() -> PathBuf {
     panic!(
         "no Chromium found: `apt-get install -y chromium` (scripts/test does), or set VIDPULSE_CHROMIUM"
     );
-}
-
-struct KillOnDrop(Child);
-
-impl Drop for KillOnDrop {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
 }
 
 /// GET on Chromium's DevTools HTTP port, which keeps connections open: the

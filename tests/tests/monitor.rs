@@ -729,15 +729,6 @@ fn redis_outage_stops_consumption_and_loses_nothing() {
     assert!(mon.terminate());
 }
 
-struct KillOnDrop(std::process::Child);
-
-impl Drop for KillOnDrop {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
 #[test]
 fn bucketed_pool_with_another_partition_count_fails_at_start_saying_why() {
     let env = Env::new("mmis");

@@ -6,7 +6,7 @@
 #![allow(clippy::unwrap_used)]
 
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use vidpulse_e2e::*;
@@ -100,7 +100,7 @@ fn nisshi() -> PathBuf {
 
 /// A TLS-only broker on a spare port; killed when dropped.
 struct TlsBroker {
-    child: Child,
+    _server: KillOnDrop,
     addr: String,
 }
 
@@ -129,22 +129,11 @@ impl TlsBroker {
             .stderr(log)
             .spawn()
             .expect("nisshi (scripts/stack up installs it)");
-        wait_for("the TLS broker to listen", Duration::from_secs(30), || {
-            std::net::TcpStream::connect(("127.0.0.1", port))
-                .ok()
-                .map(|_| ())
-        });
+        wait_listening("the TLS broker to listen", port, Duration::from_secs(30));
         TlsBroker {
-            child,
+            _server: KillOnDrop(child),
             addr: format!("127.0.0.1:{port}"),
         }
-    }
-}
-
-impl Drop for TlsBroker {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
     }
 }
 
@@ -276,7 +265,7 @@ fn every_client_talks_tls_to_a_tls_only_broker() {
 /// A Redis that only accepts TLS (Debian's redis-server is built with TLS),
 /// on a spare port; killed when dropped.
 struct TlsRedis {
-    child: Child,
+    _server: KillOnDrop,
     port: u16,
 }
 
@@ -300,19 +289,11 @@ impl TlsRedis {
             .stderr(log)
             .spawn()
             .expect("redis-server (scripts/stack up installs it)");
-        wait_for("the TLS Redis to listen", Duration::from_secs(30), || {
-            std::net::TcpStream::connect(("127.0.0.1", port))
-                .ok()
-                .map(|_| ())
-        });
-        TlsRedis { child, port }
-    }
-}
-
-impl Drop for TlsRedis {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        wait_listening("the TLS Redis to listen", port, Duration::from_secs(30));
+        TlsRedis {
+            _server: KillOnDrop(child),
+            port,
+        }
     }
 }
 
@@ -364,7 +345,7 @@ fn redis_clients_talk_tls_with_a_rediss_url() {
 /// A private ClickHouse serving HTTPS (and plain HTTP/native on spare ports
 /// nobody uses) with the test certificate; killed when dropped.
 struct TlsClickHouse {
-    child: Child,
+    _server: KillOnDrop,
     https_port: u16,
 }
 
@@ -437,22 +418,11 @@ impl TlsClickHouse {
             .stderr(log)
             .spawn()
             .unwrap();
-        wait_for("ClickHouse to serve HTTPS", Duration::from_secs(60), || {
-            std::net::TcpStream::connect(("127.0.0.1", https))
-                .ok()
-                .map(|_| ())
-        });
+        wait_listening("ClickHouse to serve HTTPS", https, Duration::from_secs(60));
         TlsClickHouse {
-            child,
+            _server: KillOnDrop(child),
             https_port: https,
         }
-    }
-}
-
-impl Drop for TlsClickHouse {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
     }
 }
 
