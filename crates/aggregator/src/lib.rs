@@ -31,7 +31,7 @@ use std::time::Duration;
 
 use clap::{Args as ClapArgs, Parser};
 use vidpulse_core::CancellationToken;
-use vidpulse_core::config::{AdminArgs, ConfigError, KafkaArgs};
+use vidpulse_core::config::{AdminArgs, ConfigError, KafkaArgs, RedisArgs};
 use vidpulse_core::topics;
 
 pub use spec::{Spec, SpecError};
@@ -40,19 +40,6 @@ pub use spec::{Spec, SpecError};
 pub const DEFAULT_ADMIN_ADDR: &str = "0.0.0.0:9104";
 /// Default consumer group (also names the checkpoints).
 pub const DEFAULT_GROUP: &str = "vidpulse-aggregator";
-
-/// Where Redis is (leaderboards and checkpoints).
-#[derive(ClapArgs, Clone, Debug)]
-pub struct RedisArgs {
-    /// Redis URL (`redis://[:password@]host:port[/db]`).
-    #[arg(
-        long = "redis-url",
-        env = "VIDPULSE_REDIS_URL",
-        default_value = "redis://127.0.0.1:6379",
-        hide_env_values = true
-    )]
-    pub redis_url: String,
-}
 
 /// Which spec to use: `--spec FILE` or the built-in one.
 #[derive(ClapArgs, Clone, Debug)]

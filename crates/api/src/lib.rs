@@ -27,9 +27,10 @@ use std::time::Duration;
 use clap::{ArgAction, Parser};
 use vidpulse_aggregator::clickhouse::{ClickHouseArgs, Tables};
 use vidpulse_aggregator::query;
-use vidpulse_aggregator::{RedisArgs, Spec, SpecArgs};
+use vidpulse_aggregator::{Spec, SpecArgs};
 use vidpulse_core::CancellationToken;
 use vidpulse_core::config::KafkaArgs;
+use vidpulse_core::config::RedisArgs;
 use vidpulse_core::telemetry::LogFormat;
 
 pub use error::ApiError;

@@ -37,6 +37,37 @@ pub struct KafkaArgs {
     pub options_file: Option<PathBuf>,
 }
 
+/// Where Redis is, for every binary that uses it.
+#[derive(Args, Clone)]
+pub struct RedisArgs {
+    /// Redis server: `redis://[:password@]host:port[/db]`, or `rediss://…`
+    /// for TLS. Never logged.
+    #[arg(
+        long = "redis-url",
+        env = "VIDPULSE_REDIS_URL",
+        hide_env_values = true,
+        default_value = "redis://127.0.0.1:6379"
+    )]
+    pub redis_url: String,
+}
+
+impl std::fmt::Debug for RedisArgs {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RedisArgs")
+            .field("redis_url", &redact_url(&self.redis_url))
+            .finish()
+    }
+}
+
+/// A URL with its credentials (`user:password@`) replaced by `***`, for
+/// logs and errors.
+pub fn redact_url(url: &str) -> String {
+    match (url.find("://"), url.rfind('@')) {
+        (Some(s), Some(at)) if at > s => format!("{}://***@{}", &url[..s], &url[at + 1..]),
+        _ => url.to_owned(),
+    }
+}
+
 impl std::fmt::Debug for KafkaArgs {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         // Option values may be passwords: show keys only.
@@ -133,5 +164,27 @@ mod tests {
         let shown = format!("{args:?}");
         assert!(shown.contains("sasl.password"));
         assert!(!shown.contains("hunter2"));
+    }
+
+    #[test]
+    fn urls_are_redacted() {
+        assert_eq!(
+            redact_url("redis://:s3cret@r:6379/0"),
+            "redis://***@r:6379/0"
+        );
+        assert_eq!(redact_url("rediss://u:p@r"), "rediss://***@r");
+        assert_eq!(redact_url("redis://r:6379"), "redis://r:6379");
+    }
+
+    #[test]
+    fn redis_args_debug_hides_the_password() {
+        let a = RedisArgs {
+            redis_url: "redis://:hunter2@r:6379".into(),
+        };
+        let shown = format!("{a:?}");
+        assert!(
+            shown.contains("r:6379") && !shown.contains("hunter2"),
+            "{shown}"
+        );
     }
 }

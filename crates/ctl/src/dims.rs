@@ -17,6 +17,7 @@ use clap::{Args, Subcommand, ValueEnum};
 use indicatif::{ProgressBar, ProgressStyle};
 use redis::AsyncCommands;
 use serde_json::{Map, Value, json};
+use vidpulse_core::config::RedisArgs;
 use vidpulse_dim_builder::load::{self, DimKind, Format, LoadSettings, Rows};
 use vidpulse_dim_builder::store::Store;
 
@@ -75,19 +76,13 @@ pub struct LoadArgs {
     #[arg(long)]
     json: bool,
     #[command(flatten)]
-    redis: RedisArgs,
+    redis: DimsRedisArgs,
 }
 
 #[derive(Args)]
-struct RedisArgs {
-    /// Redis server.
-    #[arg(
-        long,
-        env = "VIDPULSE_REDIS_URL",
-        hide_env_values = true,
-        default_value = "redis://127.0.0.1:6379"
-    )]
-    redis_url: String,
+struct DimsRedisArgs {
+    #[command(flatten)]
+    server: RedisArgs,
     /// Connect and response timeout of each Redis call.
     #[arg(long, env = "VIDPULSE_DIMS_REDIS_TIMEOUT", default_value = "10s", value_parser = humantime::parse_duration)]
     redis_timeout: Duration,
@@ -115,7 +110,7 @@ pub struct ShowArgs {
     #[arg(long)]
     all: bool,
     #[command(flatten)]
-    redis: RedisArgs,
+    redis: DimsRedisArgs,
 }
 
 pub async fn run(cmd: DimsCmd) -> anyhow::Result<()> {
@@ -171,7 +166,7 @@ async fn run_load(a: LoadArgs) -> anyhow::Result<()> {
         )
     };
     let mut rows = Rows::new(settings.kind, format, reader)?;
-    let mut store = Store::open(&a.redis.redis_url, a.redis.redis_timeout)?;
+    let mut store = Store::open(&a.redis.server.redis_url, a.redis.redis_timeout)?;
 
     let bar = progress_bar(size);
     let mut on_progress = |p: load::Progress| {
@@ -261,7 +256,7 @@ async fn run_show(a: ShowArgs) -> anyhow::Result<()> {
         }
         .to_owned()
     });
-    let mut store = Store::open(&a.redis.redis_url, a.redis.redis_timeout)?;
+    let mut store = Store::open(&a.redis.server.redis_url, a.redis.redis_timeout)?;
     let mut conn = store.connection().await?;
     let mut out = std::io::stdout().lock();
     for id in &a.ids {

@@ -23,7 +23,7 @@ use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::Message;
 use rdkafka::producer::{BaseRecord, DeliveryResult, Producer, ProducerContext, ThreadedProducer};
 use rdkafka::{ClientContext, Offset, TopicPartitionList};
-use vidpulse_core::config::KafkaArgs;
+use vidpulse_core::config::{KafkaArgs, RedisArgs, redact_url};
 use vidpulse_core::{kafka, topics};
 use vidpulse_monitor::loader::REGISTRY_TOPIC;
 use vidpulse_monitor::pool::{MatchField, Membership, Mode, PoolDef};
@@ -115,13 +115,8 @@ pub struct SyncArgs {
     /// Redis set holding the ids (SSCAN), on --redis-url.
     #[arg(long, conflicts_with = "http", required_unless_present = "http")]
     redis_set: Option<String>,
-    #[arg(
-        long,
-        env = "VIDPULSE_REDIS_URL",
-        hide_env_values = true,
-        default_value = "redis://127.0.0.1:6379"
-    )]
-    redis_url: String,
+    #[command(flatten)]
+    redis: RedisArgs,
     /// HTTP(S) URL answering a JSON array of ids or one id per line.
     #[arg(long)]
     http: Option<String>,
@@ -615,8 +610,9 @@ async fn sync(kafka_args: &KafkaArgs, a: SyncArgs) -> anyhow::Result<()> {
     let mut state = Follower::new(&consumer, &topic)?;
     let redis = match &a.redis_set {
         Some(_) => Some(
-            redis::Client::open(a.redis_url.as_str())
-                .with_context(|| format!("invalid --redis-url {}", a.redis_url))?,
+            redis::Client::open(a.redis.redis_url.as_str()).with_context(|| {
+                format!("invalid --redis-url {}", redact_url(&a.redis.redis_url))
+            })?,
         ),
         None => None,
     };

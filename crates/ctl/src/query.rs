@@ -8,9 +8,10 @@ use std::io::Write;
 use anyhow::{Context, bail};
 use clap::{Args, ValueEnum};
 use serde_json::Value;
+use vidpulse_aggregator::SpecArgs;
 use vidpulse_aggregator::clickhouse::{ClickHouseArgs, Tables};
 use vidpulse_aggregator::query::{self, Filters, Row, Target};
-use vidpulse_aggregator::{RedisArgs, SpecArgs};
+use vidpulse_core::config::RedisArgs;
 use vidpulse_core::config::{KafkaArgs, parse_kv};
 
 #[derive(Clone, Copy, Debug, ValueEnum)]

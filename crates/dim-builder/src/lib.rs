@@ -23,7 +23,7 @@ use std::time::Duration;
 
 use clap::{ArgAction, Parser};
 use vidpulse_core::admin::{self, Health};
-use vidpulse_core::config::{AdminArgs, ConfigError, KafkaArgs};
+use vidpulse_core::config::{AdminArgs, ConfigError, KafkaArgs, RedisArgs};
 use vidpulse_core::pipeline::PipelineError;
 use vidpulse_core::{CancellationToken, kafka, topics};
 
@@ -50,14 +50,8 @@ pub const REDIS_SECONDS: &str = "vidpulse_dim_redis_seconds";
 #[derive(Parser, Debug, Clone)]
 #[command(name = "vidpulse-dim-builder", version)]
 pub struct Args {
-    /// Redis server.
-    #[arg(
-        long,
-        env = "VIDPULSE_REDIS_URL",
-        hide_env_values = true,
-        default_value = "redis://127.0.0.1:6379"
-    )]
-    pub redis_url: String,
+    #[command(flatten)]
+    pub redis: RedisArgs,
 
     /// Connect and response timeout of every Redis call; past it the batch
     /// is retried.
@@ -211,7 +205,7 @@ impl Settings {
                 .map_err(|_| invalid("--admin-addr", "bad default"))?,
         };
         Ok(Settings {
-            redis_url: args.redis_url.clone(),
+            redis_url: args.redis.redis_url.clone(),
             redis_timeout: args.redis_timeout,
             planner: Planner {
                 room_prefix: args.key_prefix.clone(),

@@ -247,7 +247,7 @@ pub async fn run(args: Args, shutdown: CancellationToken) -> Result<(), IngestEr
     let stop = shutdown.child_token();
     let streams = (!settings.streams.is_empty()).then(|| redis_stream::Settings {
         streams: settings.streams.clone(),
-        redis_url: args.redis.redis_url.clone(),
+        redis_url: args.redis.server.redis_url.clone(),
         group: args.redis.redis_group.clone(),
         consumer: args
             .redis

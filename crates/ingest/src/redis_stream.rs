@@ -37,7 +37,7 @@ use redis::streams::{
 use redis::{AsyncCommands, RedisError};
 use serde_json::{Map, Value};
 use vidpulse_core::admin::Health;
-use vidpulse_core::config::{ConfigError, KafkaArgs};
+use vidpulse_core::config::{ConfigError, KafkaArgs, RedisArgs, redact_url};
 use vidpulse_core::pipeline::{Input, Output};
 use vidpulse_core::{CancellationToken, dlq, kafka, metrics as m};
 use vidpulse_proto::Message as _;
@@ -78,15 +78,8 @@ pub struct RedisStreamArgs {
     )]
     pub streams: Vec<String>,
 
-    /// Redis server of the streams (`redis://[:password@]host:port[/db]`).
-    /// Never logged.
-    #[arg(
-        long,
-        env = "VIDPULSE_REDIS_URL",
-        hide_env_values = true,
-        default_value = "redis://127.0.0.1:6379"
-    )]
-    pub redis_url: String,
+    #[command(flatten)]
+    pub server: RedisArgs,
 
     /// Consumer group on every stream; created at the stream's first entry
     /// (`0`) when missing, so nothing already in the stream is skipped.
@@ -120,21 +113,13 @@ impl std::fmt::Debug for RedisStreamArgs {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("RedisStreamArgs")
             .field("streams", &self.streams)
-            .field("redis_url", &redact_url(&self.redis_url))
+            .field("server", &self.server)
             .field("redis_group", &self.redis_group)
             .field("redis_consumer", &self.redis_consumer)
             .field("redis_claim_idle", &self.redis_claim_idle)
             .field("redis_batch", &self.redis_batch)
             .field("redis_timeout", &self.redis_timeout)
             .finish()
-    }
-}
-
-/// `url` with any password (and user) replaced, for logs.
-pub fn redact_url(url: &str) -> String {
-    match (url.find("://"), url.rfind('@')) {
-        (Some(s), Some(at)) if at > s => format!("{}://***@{}", &url[..s], &url[at + 1..]),
-        _ => url.to_owned(),
     }
 }
 
@@ -1027,15 +1012,5 @@ mod tests {
         let e = entry("7-4", &[("type", b"like"), ("timestamp", b"\xff\xfe")]);
         let out = entry_output(&spec(), &e, "ev", "dlq", 1 << 20, 1);
         assert_eq!(header(&out, dlq::H_REASON), b"invalid_utf8");
-    }
-
-    #[test]
-    fn urls_are_redacted() {
-        assert_eq!(
-            redact_url("redis://:s3cret@r:6379/0"),
-            "redis://***@r:6379/0"
-        );
-        assert_eq!(redact_url("rediss://u:p@r"), "rediss://***@r");
-        assert_eq!(redact_url("redis://r:6379"), "redis://r:6379");
     }
 }

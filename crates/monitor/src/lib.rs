@@ -31,7 +31,7 @@ use rdkafka::admin::AdminClient;
 use rdkafka::client::DefaultClientContext;
 use rdkafka::consumer::BaseConsumer;
 use vidpulse_core::admin::{self, Health};
-use vidpulse_core::config::{AdminArgs, ConfigError, KafkaArgs};
+use vidpulse_core::config::{AdminArgs, ConfigError, KafkaArgs, RedisArgs};
 use vidpulse_core::{CancellationToken, kafka, topics};
 
 use enrich::{EnrichSettings, KeyPatterns, MissPolicy};
@@ -69,14 +69,8 @@ pub struct Args {
     )]
     pub group: String,
 
-    /// Redis holding the dimensions.
-    #[arg(
-        long,
-        env = "VIDPULSE_REDIS_URL",
-        hide_env_values = true,
-        default_value = "redis://127.0.0.1:6379"
-    )]
-    pub redis_url: String,
+    #[command(flatten)]
+    pub redis: RedisArgs,
 
     /// Skip enrichment (pools only; no Redis needed).
     #[arg(long, env = "VIDPULSE_MONITOR_NO_ENRICH")]
@@ -327,7 +321,7 @@ pub async fn run(args: Args, shutdown: CancellationToken) -> Result<(), MonitorE
         None
     } else {
         Some(enrich::Enricher::new(EnrichSettings {
-            redis_url: args.redis_url.clone(),
+            redis_url: args.redis.redis_url.clone(),
             keys: KeyPatterns {
                 room: args.room_key.clone(),
                 anchor: args.anchor_key.clone(),
