@@ -447,24 +447,21 @@ pub async fn run<P: Processor>(
             tr.begin(tp, input.offset, n);
         }
         for o in out.drain(..) {
-            let produced = produced
-                .entry(o.topic.clone())
-                .or_insert_with(
-                    || counter!(m::RECORDS_PRODUCED, "stage" => stage, "topic" => o.topic.clone()),
-                )
-                .clone();
+            // The topic's counter; its name is copied only the first time.
+            let produced = match produced.get(&o.topic) {
+                Some(c) => c.clone(),
+                None => {
+                    let c =
+                        counter!(m::RECORDS_PRODUCED, "stage" => stage, "topic" => o.topic.clone());
+                    produced.insert(o.topic.clone(), c.clone());
+                    c
+                }
+            };
             let ticket = Box::new(Ticket {
                 tp,
                 offset: input.offset,
                 produced,
             });
-            let mut headers = OwnedHeaders::new_with_capacity(o.headers.len());
-            for (k, v) in &o.headers {
-                headers = headers.insert(Header {
-                    key: k,
-                    value: Some(v),
-                });
-            }
             let mut record: BaseRecord<'_, [u8], [u8], Box<Ticket>> =
                 BaseRecord::with_opaque_to(&o.topic, ticket);
             if let Some(k) = &o.key {
@@ -473,7 +470,15 @@ pub async fn run<P: Processor>(
             if let Some(p) = &o.payload {
                 record = record.payload(p.as_slice());
             }
+            // librdkafka allocates a header list: only when there are headers.
             if !o.headers.is_empty() {
+                let mut headers = OwnedHeaders::new_with_capacity(o.headers.len());
+                for (k, v) in &o.headers {
+                    headers = headers.insert(Header {
+                        key: k,
+                        value: Some(v),
+                    });
+                }
                 record = record.headers(headers);
             }
             let mut record = record;
