@@ -16,63 +16,30 @@
 #![forbid(unsafe_code)]
 
 pub mod checkpoint;
-pub mod clickhouse;
 pub mod engine;
 pub mod leaderboard;
-pub mod query;
 pub mod record;
-pub mod spec;
+pub mod rowbinary;
 mod stage;
 pub mod window;
 
 use std::net::SocketAddr;
-use std::path::PathBuf;
 use std::time::Duration;
 
-use clap::{Args as ClapArgs, Parser};
+use clap::Parser;
 use vidpulse_core::CancellationToken;
 use vidpulse_core::config::{AdminArgs, ConfigError, KafkaArgs, RedisArgs};
 use vidpulse_core::topics;
 
-pub use spec::{Spec, SpecError};
+pub use vidpulse_query::{
+    SpecArgs, spec,
+    spec::{Spec, SpecError},
+};
 
 /// Default admin address of the aggregator.
 pub const DEFAULT_ADMIN_ADDR: &str = "0.0.0.0:9104";
 /// Default consumer group (also names the checkpoints).
 pub const DEFAULT_GROUP: &str = "vidpulse-aggregator";
-
-/// Which spec to use: `--spec FILE` or the built-in one.
-#[derive(ClapArgs, Clone, Debug)]
-pub struct SpecArgs {
-    /// Metrics spec (TOML, see docs/metrics.md); default: the built-in
-    /// spec of the seeds' dashboards (print it with --print-spec).
-    #[arg(long = "spec", env = "VIDPULSE_AGGREGATOR_SPEC")]
-    pub spec: Option<PathBuf>,
-}
-
-impl SpecArgs {
-    /// Reads and validates the spec.
-    pub fn load(&self) -> Result<Spec, AggError> {
-        match &self.spec {
-            None => Ok(Spec::parse(spec::DEFAULT_SPEC)?),
-            Some(path) => {
-                let text = std::fs::read_to_string(path).map_err(|e| ConfigError::Invalid {
-                    field: "--spec".into(),
-                    message: format!("cannot read {}: {e}", path.display()),
-                })?;
-                Spec::parse(&text).map_err(|mut e| {
-                    e.place = format!(
-                        "{}{}{}",
-                        path.display(),
-                        if e.place.is_empty() { "" } else { ": " },
-                        e.place
-                    );
-                    AggError::Spec(e)
-                })
-            }
-        }
-    }
-}
 
 /// Maintain windowed metrics in ClickHouse and leaderboards in Redis.
 #[derive(Parser, Debug, Clone)]
@@ -166,7 +133,7 @@ pub struct Args {
     pub kafka: KafkaArgs,
 
     #[command(flatten)]
-    pub clickhouse: clickhouse::ClickHouseArgs,
+    pub clickhouse: vidpulse_query::ClickHouseArgs,
 
     #[command(flatten)]
     pub redis: RedisArgs,
@@ -254,7 +221,7 @@ pub enum AggError {
     #[error("input topic {0} does not exist; create it with `vidpulse topics create`")]
     MissingTopic(String),
     #[error(transparent)]
-    ClickHouse(#[from] clickhouse::ChError),
+    ClickHouse(#[from] vidpulse_query::ChError),
     #[error("redis: {0}")]
     Redis(#[from] redis::RedisError),
     #[error(

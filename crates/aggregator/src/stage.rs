@@ -35,11 +35,13 @@ use vidpulse_core::metrics as m;
 use vidpulse_core::{CancellationToken, dlq, kafka, pipeline};
 use vidpulse_proto::{Event, Message as _, MonitoredEvent};
 
-use crate::clickhouse::{self as ch, Tables};
 use crate::engine::{Emission, Outcome, PartitionState, Plan};
 use crate::record::Rec;
+use crate::rowbinary;
 use crate::spec::{Input, Spec};
 use crate::{AggError, Args, Settings, checkpoint, leaderboard};
+use vidpulse_query::clickhouse as ch;
+use vidpulse_query::schema::{self, Tables};
 
 const STAGE: &str = "aggregator";
 
@@ -406,7 +408,7 @@ pub(crate) async fn run(
         return Ok(());
     }
     if args.print_ddl {
-        print!("{}", ch::describe_schema(&tables, &spec));
+        print!("{}", schema::describe_schema(&tables, &spec));
         return Ok(());
     }
     let health = Health::new();
@@ -426,7 +428,7 @@ pub(crate) async fn run(
     {
         let mut retry = Retry::new("clickhouse", &settings, &health, &shutdown);
         loop {
-            match ch::ensure_schema(&client, &tables, &plan.spec).await {
+            match schema::ensure_schema(&client, &tables, &plan.spec).await {
                 Ok(()) => break,
                 Err(e) if e.retriable => match retry.failed(&e).await {
                     Ok(()) => {}
@@ -835,12 +837,12 @@ impl Stage {
         for ((_, partition), e) in &emitted {
             for r in &e.rows {
                 let (buf, n) = &mut metric_bufs[r.metric];
-                ch::encode_metric_row(buf, &spec.metrics[r.metric], *partition, r);
+                rowbinary::encode_metric_row(buf, &spec.metrics[r.metric], *partition, r);
                 *n += 1;
             }
             for r in &e.logs {
                 let (buf, n) = &mut log_bufs[r.log];
-                ch::encode_log_row(buf, &spec.logs[r.log], *partition, r);
+                rowbinary::encode_log_row(buf, &spec.logs[r.log], *partition, r);
                 *n += 1;
             }
         }

@@ -9,7 +9,7 @@ use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use metrics::counter;
 use serde_json::{Value, json};
-use vidpulse_aggregator::query::QueryError;
+use vidpulse_query::QueryError;
 
 use crate::metrics as m;
 

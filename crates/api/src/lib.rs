@@ -8,7 +8,7 @@
 //! `readonly=2`), Redis or Kafka. Every answer is bounded: time ranges and
 //! row counts are capped, ClickHouse stops a result at the cap
 //! (`max_result_rows`, `result_overflow_mode=break`) and each backend call
-//! has a deadline. Queries come from `vidpulse_aggregator::query`, the code
+//! has a deadline. Queries come from `vidpulse_query::read`, the code
 //! behind `vidpulse query`, so the API and the CLI always agree.
 #![forbid(unsafe_code)]
 
@@ -25,13 +25,13 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use clap::{ArgAction, Parser};
-use vidpulse_aggregator::clickhouse::{ClickHouseArgs, Tables};
-use vidpulse_aggregator::query;
-use vidpulse_aggregator::{Spec, SpecArgs};
 use vidpulse_core::CancellationToken;
 use vidpulse_core::config::KafkaArgs;
 use vidpulse_core::config::RedisArgs;
 use vidpulse_core::telemetry::LogFormat;
+use vidpulse_query::read as query;
+use vidpulse_query::{ClickHouseArgs, Tables};
+use vidpulse_query::{Spec, SpecArgs};
 
 pub use error::ApiError;
 
@@ -225,7 +225,7 @@ pub enum StartError {
     #[error(transparent)]
     Config(#[from] vidpulse_core::config::ConfigError),
     #[error(transparent)]
-    Spec(#[from] vidpulse_aggregator::SpecError),
+    Spec(#[from] vidpulse_query::SpecError),
     #[error("cannot listen on {addr}: {source}")]
     Bind {
         addr: SocketAddr,
@@ -272,11 +272,7 @@ pub fn clickhouse_client(args: &ClickHouseArgs, timeout: Duration) -> clickhouse
 
 /// Builds the shared state (spec, clients, live poller, pool follower).
 pub fn state(args: &Args, shutdown: &CancellationToken) -> Result<AppState, StartError> {
-    let spec = args.spec.load().map_err(|e| match e {
-        vidpulse_aggregator::AggError::Spec(s) => StartError::Spec(s),
-        vidpulse_aggregator::AggError::Config(c) => StartError::Config(c),
-        other => invalid("--spec", other.to_string()),
-    })?;
+    let spec = args.spec.load()?;
     let settings = Settings::from_args(args)?;
     let pools = settings
         .pools

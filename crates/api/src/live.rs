@@ -24,9 +24,9 @@ use futures::Stream;
 use metrics::{counter, gauge, histogram};
 use serde_json::{Map, Value, json};
 use tokio::sync::{Notify, watch};
-use vidpulse_aggregator::query::{self, Filters, Row, Target};
-use vidpulse_aggregator::spec::AggFn;
 use vidpulse_core::CancellationToken;
+use vidpulse_query::read::{self as query, Filters, Row, Target};
+use vidpulse_query::spec::AggFn;
 
 use crate::error::deadline;
 use crate::metrics as m;
@@ -629,7 +629,7 @@ pub fn shape(how: How, t: &Target<'_>, rows: &[Row], anchor: i64) -> Result<Valu
 #[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
-    use vidpulse_aggregator::spec::Spec;
+    use vidpulse_query::spec::Spec;
 
     const T0: i64 = 1_629_075_600_000; // 2021-08-16T01:00:00Z
     const MIN: i64 = 60_000;

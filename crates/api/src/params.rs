@@ -9,8 +9,8 @@
 
 use std::collections::BTreeSet;
 
-use vidpulse_aggregator::query::{self, Target};
-use vidpulse_aggregator::spec::Spec;
+use vidpulse_query::read::{self as query, Target};
+use vidpulse_query::spec::Spec;
 
 use crate::{ApiError, Limits};
 

@@ -2,7 +2,7 @@
 //! registry topic `vp.pools.v1` and the current number of ids of each pool,
 //! from its compacted topic — the same topics `vidpulse pool ls` reads.
 //!
-//! It runs the monitor's own loader (`vidpulse_monitor::loader`) with every
+//! It runs the monitor's own loader (`vidpulse_pools::loader`) with every
 //! events partition assigned, so bucketed pools are loaded whole and edits
 //! show within about a second. A supervisor thread (re)starts the loader
 //! when Kafka becomes reachable, when the registry or events topic appears
@@ -18,7 +18,7 @@ use rdkafka::consumer::BaseConsumer;
 use serde::Serialize;
 use vidpulse_core::config::KafkaArgs;
 use vidpulse_core::{CancellationToken, kafka, topics};
-use vidpulse_monitor::loader::{self, Gate, LoaderCtx, Pools, REGISTRY_TOPIC};
+use vidpulse_pools::loader::{self, Gate, LoaderCtx, Pools, REGISTRY_TOPIC};
 
 const TICK: Duration = Duration::from_secs(2);
 const RETRY_FATAL: Duration = Duration::from_secs(30);
@@ -145,7 +145,7 @@ impl PoolWatch {
                     }),
                     created_by: d.created_by.clone(),
                     created_at: (d.created_at_ms > 0)
-                        .then(|| vidpulse_aggregator::query::rfc3339(d.created_at_ms, false)),
+                        .then(|| vidpulse_query::read::rfc3339(d.created_at_ms, false)),
                 }
             })
             .collect();

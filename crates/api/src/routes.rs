@@ -18,8 +18,8 @@ use metrics::{counter, histogram};
 use serde::Serialize;
 use serde::ser::SerializeMap;
 use serde_json::{Value, json};
-use vidpulse_aggregator::clickhouse::fetch_json;
-use vidpulse_aggregator::query::{self, Filters, Row, Target};
+use vidpulse_query::clickhouse::fetch_json;
+use vidpulse_query::read::{self as query, Filters, Row, Target};
 
 use crate::error::deadline;
 use crate::live::now_ms;
@@ -232,7 +232,7 @@ async fn list_boards(State(st): State<AppState>) -> Json<Value> {
                 "help": b.help,
                 "member": b.member.name,
                 "score": b.score_name,
-                "window": vidpulse_aggregator::spec::fmt_ms(b.window_ms),
+                "window": vidpulse_query::spec::fmt_ms(b.window_ms),
             })
         })
         .collect();

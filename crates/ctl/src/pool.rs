@@ -25,8 +25,8 @@ use rdkafka::producer::{BaseRecord, DeliveryResult, Producer, ProducerContext, T
 use rdkafka::{ClientContext, Offset, TopicPartitionList};
 use vidpulse_core::config::{KafkaArgs, RedisArgs, redact_url};
 use vidpulse_core::{kafka, topics};
-use vidpulse_monitor::loader::REGISTRY_TOPIC;
-use vidpulse_monitor::pool::{MatchField, Membership, Mode, PoolDef};
+use vidpulse_pools::loader::REGISTRY_TOPIC;
+use vidpulse_pools::pool::{MatchField, Membership, Mode, PoolDef};
 
 const META: Duration = Duration::from_secs(10);
 
@@ -325,7 +325,7 @@ async fn create(kafka_args: &KafkaArgs, a: CreateArgs) -> anyhow::Result<()> {
         }
         def.partitions = actual;
     }
-    vidpulse_monitor::ensure_registry(&admin, kafka_args).await?;
+    vidpulse_pools::ensure_registry(&admin, kafka_args).await?;
     let kafka_args2 = kafka_args.clone();
     tokio::task::spawn_blocking(move || {
         let defs = read_registry(&kafka_args2)?;

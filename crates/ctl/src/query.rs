@@ -8,11 +8,11 @@ use std::io::Write;
 use anyhow::{Context, bail};
 use clap::{Args, ValueEnum};
 use serde_json::Value;
-use vidpulse_aggregator::SpecArgs;
-use vidpulse_aggregator::clickhouse::{ClickHouseArgs, Tables};
-use vidpulse_aggregator::query::{self, Filters, Row, Target};
 use vidpulse_core::config::RedisArgs;
 use vidpulse_core::config::{KafkaArgs, parse_kv};
+use vidpulse_query::SpecArgs;
+use vidpulse_query::read::{self as query, Filters, Row, Target};
+use vidpulse_query::{ClickHouseArgs, Tables};
 
 #[derive(Clone, Copy, Debug, ValueEnum)]
 pub enum Format {

@@ -16,10 +16,10 @@
 #![forbid(unsafe_code)]
 
 pub mod enrich;
-pub mod loader;
 pub mod metrics;
-pub mod pool;
 mod stage;
+
+pub use vidpulse_pools::{loader, pool};
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -35,7 +35,7 @@ use vidpulse_core::config::{AdminArgs, ConfigError, KafkaArgs, RedisArgs};
 use vidpulse_core::{CancellationToken, kafka, topics};
 
 use enrich::{EnrichSettings, KeyPatterns, MissPolicy};
-use loader::{Gate, LoaderCtx, Pools, REGISTRY_TOPIC};
+use loader::{Gate, LoaderCtx, Pools};
 use pool::Mode;
 
 /// Filter events through ID pools and enrich the matches from Redis.
@@ -364,17 +364,4 @@ pub async fn run(args: Args, shutdown: CancellationToken) -> Result<(), MonitorE
     result
 }
 
-/// Creates the registry topic `vp.pools.v1` (1 partition, compacted) unless
-/// it exists.
-pub async fn ensure_registry(
-    admin: &AdminClient<DefaultClientContext>,
-    kafka_args: &KafkaArgs,
-) -> Result<bool, rdkafka::error::KafkaError> {
-    kafka::ensure_topic(
-        admin,
-        &kafka_args.topic(REGISTRY_TOPIC),
-        1,
-        &[("cleanup.policy", "compact")],
-    )
-    .await
-}
+pub use vidpulse_pools::ensure_registry;

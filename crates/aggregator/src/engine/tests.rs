@@ -393,7 +393,7 @@ fn leaderboard_partials_are_cumulative_and_versioned() {
 // ---- checkpoints and replays -----------------------------------------------
 
 const ALL: &str = concat!(
-    include_str!("../default_spec.toml"),
+    include_str!("../../../query/src/default_spec.toml"),
     r#"
 [[metric]]
 name = "extremes"

@@ -13,7 +13,7 @@ use serde::Deserialize;
 use vidpulse_core::topics;
 use vidpulse_proto::Kind;
 
-use crate::record::{Field, FieldRef, FieldType, ValRef};
+use crate::field::{Field, FieldRef, FieldType, ValRef};
 
 /// The built-in spec (seeds 000, 002, 003, 004).
 pub const DEFAULT_SPEC: &str = include_str!("default_spec.toml");

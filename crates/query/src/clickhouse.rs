@@ -1,0 +1,175 @@
+//! The ClickHouse client every vidpulse binary shares: where the server is
+//! (flags with `VIDPULSE_CLICKHOUSE_*` twins; the password is never logged),
+//! errors that know whether they are retriable, quoting, `SELECT` into JSON
+//! rows and `INSERT` of pre-encoded RowBinary. Every request has a timeout.
+
+use std::time::Duration;
+
+use bytes::Bytes;
+use clap::Args;
+
+/// Where ClickHouse is.
+#[derive(Args, Clone)]
+pub struct ClickHouseArgs {
+    /// ClickHouse HTTP URL.
+    #[arg(
+        long = "clickhouse-url",
+        env = "VIDPULSE_CLICKHOUSE_URL",
+        default_value = "http://127.0.0.1:8123"
+    )]
+    pub clickhouse_url: String,
+
+    /// Database of the metric tables (created if missing).
+    #[arg(
+        long = "clickhouse-database",
+        env = "VIDPULSE_CLICKHOUSE_DATABASE",
+        default_value = "vidpulse"
+    )]
+    pub clickhouse_database: String,
+
+    /// ClickHouse user.
+    #[arg(long = "clickhouse-user", env = "VIDPULSE_CLICKHOUSE_USER")]
+    pub clickhouse_user: Option<String>,
+
+    /// ClickHouse password (prefer the environment variable).
+    #[arg(
+        long = "clickhouse-password",
+        env = "VIDPULSE_CLICKHOUSE_PASSWORD",
+        hide_env_values = true
+    )]
+    pub clickhouse_password: Option<String>,
+}
+
+impl std::fmt::Debug for ClickHouseArgs {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ClickHouseArgs")
+            .field("url", &self.clickhouse_url)
+            .field("database", &self.clickhouse_database)
+            .field("user", &self.clickhouse_user)
+            .field(
+                "password",
+                &self.clickhouse_password.as_ref().map(|_| "<hidden>"),
+            )
+            .finish()
+    }
+}
+
+impl ClickHouseArgs {
+    pub fn client(&self) -> clickhouse::Client {
+        let mut c = clickhouse::Client::default()
+            .with_url(&self.clickhouse_url)
+            .with_validation(false);
+        if let Some(u) = &self.clickhouse_user {
+            c = c.with_user(u);
+        }
+        if let Some(p) = &self.clickhouse_password {
+            c = c.with_password(p);
+        }
+        c
+    }
+}
+
+/// A ClickHouse failure; `retriable` when the server may answer later
+/// (connection refused, timeout, 5xx), not for SQL the server rejects.
+#[derive(Debug, thiserror::Error)]
+#[error("clickhouse: {message}")]
+pub struct ChError {
+    pub message: String,
+    pub retriable: bool,
+}
+
+impl From<clickhouse::error::Error> for ChError {
+    fn from(e: clickhouse::error::Error) -> Self {
+        // With its causes: "network error: client error (Connect)" alone
+        // does not say that a TLS certificate failed to verify.
+        let mut message = e.to_string();
+        let mut cause = std::error::Error::source(&e);
+        while let Some(c) = cause {
+            let text = c.to_string();
+            if !message.contains(&text) {
+                message.push_str(": ");
+                message.push_str(&text);
+            }
+            cause = c.source();
+        }
+        // Server-side exceptions come back as "bad response: Code: N, ...".
+        let rejected = message.contains("Code: ")
+            && ![
+                "Code: 159",
+                "Code: 202",
+                "Code: 209",
+                "Code: 210",
+                "Code: 241",
+                "Code: 252",
+            ]
+            .iter()
+            .any(|c| message.contains(c));
+        ChError {
+            message,
+            retriable: !rejected,
+        }
+    }
+}
+
+/// How long one ClickHouse request may take before it counts as failed.
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
+
+async fn timed<T>(
+    f: impl std::future::Future<Output = Result<T, clickhouse::error::Error>>,
+) -> Result<T, ChError> {
+    match tokio::time::timeout(REQUEST_TIMEOUT, f).await {
+        Ok(r) => r.map_err(ChError::from),
+        Err(_) => Err(ChError {
+            message: format!("no answer within {REQUEST_TIMEOUT:?}"),
+            retriable: true,
+        }),
+    }
+}
+
+/// Quotes an identifier.
+pub fn ident(s: &str) -> String {
+    format!("`{}`", s.replace('\\', "\\\\").replace('`', "\\`"))
+}
+
+/// Quotes a string literal.
+pub fn literal(s: &str) -> String {
+    format!("'{}'", s.replace('\\', "\\\\").replace('\'', "\\'"))
+}
+
+pub async fn exec(client: &clickhouse::Client, sql: &str) -> Result<(), ChError> {
+    timed(client.query_raw(sql).execute()).await
+}
+
+/// Runs a SELECT and returns its rows as JSON objects (64-bit integers as numbers).
+pub async fn fetch_json(
+    client: &clickhouse::Client,
+    sql: &str,
+) -> Result<Vec<serde_json::Value>, ChError> {
+    let fetch = async {
+        let mut cursor = client
+            .query_raw(sql)
+            .with_setting("output_format_json_quote_64bit_integers", "0")
+            .fetch_bytes("JSONEachRow")?;
+        cursor.collect().await
+    };
+    let bytes = timed(fetch).await?;
+    let mut out = Vec::new();
+    for line in bytes.split(|b| *b == b'\n').filter(|l| !l.is_empty()) {
+        out.push(serde_json::from_slice(line).map_err(|e| ChError {
+            message: format!("unreadable answer: {e}"),
+            retriable: false,
+        })?);
+    }
+    Ok(out)
+}
+
+/// Sends `INSERT INTO table FORMAT RowBinary` with pre-encoded rows.
+pub async fn insert(client: &clickhouse::Client, table: &str, data: Bytes) -> Result<(), ChError> {
+    let sql = format!("INSERT INTO {table} FORMAT RowBinary");
+    let send = async {
+        let mut ins = client.insert_formatted_with(sql);
+        ins.send(data).await?;
+        ins.end().await
+    };
+    timed(send).await
+}

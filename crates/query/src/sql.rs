@@ -1,0 +1,361 @@
+//! The final-value SQL of metrics and logs, shared by the `<table>_final`
+//! views and `vidpulse query`: counts and sums summed over partitions, min of
+//! mins, max of maxes, `uniqExactArray` over per-partition value sets (never
+//! a sum of distinct counts), top-N after summing per-member partials, levels
+//! as running sums of per-window deltas, hopping windows as unions of panes.
+
+use crate::clickhouse::{ident, literal};
+use crate::field::FieldType;
+use crate::read::{Filters, QueryError, Target};
+use crate::schema::Tables;
+use crate::spec::{AggFn, GroupBy, Log, Metric};
+
+/// SQL of the final values, and how to read its columns.
+/// How a result column is converted for output.
+#[derive(Clone, Debug)]
+pub(crate) enum Out {
+    /// Epoch seconds → RFC 3339.
+    Window,
+    /// Epoch milliseconds → RFC 3339 with milliseconds (0 → null).
+    TimeMs,
+    Plain,
+}
+
+#[derive(Clone, Debug)]
+pub struct FinalQuery {
+    pub sql: String,
+    /// (output name, SQL alias, conversion)
+    pub(crate) cols: Vec<(String, String, Out)>,
+    /// Top metrics: rank inside these aliases' groups (ordered already).
+    pub(crate) rank_within: Option<Vec<String>>,
+    /// Filters applied after ranking: (output name, value as text).
+    pub(crate) post: Vec<(String, String)>,
+}
+
+fn secs_ceil(ms: i64) -> i64 {
+    ms.div_euclid(1000) + i64::from(ms.rem_euclid(1000) != 0)
+}
+
+fn typed_literal(g: &GroupBy, v: &str) -> Result<String, QueryError> {
+    match g.ty() {
+        FieldType::Str => Ok(literal(v)),
+        _ => v.parse::<i64>().map(|i| i.to_string()).map_err(|_| {
+            QueryError::Usage(format!("--where {}: {v:?} is not a whole number", g.name))
+        }),
+    }
+}
+
+fn agg_expr(f: &AggFn, col: &str) -> String {
+    match f {
+        AggFn::Count | AggFn::Sum(_) | AggFn::Level { .. } => format!("sum({col})"),
+        AggFn::Min(_) => format!("min({col})"),
+        AggFn::Max(_) => format!("max({col})"),
+        AggFn::Distinct(_) => format!("uniqExactArray({col})"),
+    }
+}
+
+pub(crate) fn unknown_where(name: &str, k: &str, valid: &[String]) -> QueryError {
+    QueryError::Usage(format!(
+        "--where {k}: {name} has no such column; filter on {}",
+        if valid.is_empty() {
+            "nothing (it has no group-by columns)".to_owned()
+        } else {
+            valid.join(", ")
+        }
+    ))
+}
+
+/// Builds the final-value SQL of a metric or log. Leaderboards live in
+/// Redis: use [`run`].
+pub fn final_sql(t: &Tables, target: &Target<'_>, f: &Filters) -> Result<FinalQuery, QueryError> {
+    match target {
+        Target::Metric(m) => metric_sql(t, m, f),
+        Target::Log(l) => log_sql(t, l, f),
+        Target::Board(b) => Err(QueryError::Usage(format!(
+            "{} is a leaderboard (Redis), not a table",
+            b.name
+        ))),
+    }
+}
+
+/// The SQL of a `<table>_final` view: the final values under their result
+/// column names (`window_start` as DateTime; a top metric's rows come in
+/// rank order without a rank column).
+pub fn view_sql(t: &Tables, target: &Target<'_>) -> Result<String, QueryError> {
+    let q = final_sql(t, target, &Filters::default())?;
+    let sel: Vec<String> = q
+        .cols
+        .iter()
+        .map(|(name, alias, conv)| match conv {
+            Out::Window => format!("toDateTime({alias}) AS {}", ident(name)),
+            _ => format!("{alias} AS {}", ident(name)),
+        })
+        .collect();
+    Ok(format!("SELECT {} FROM ({})", sel.join(", "), q.sql))
+}
+
+fn metric_sql(t: &Tables, m: &Metric, f: &Filters) -> Result<FinalQuery, QueryError> {
+    let table = t.qualified(&m.name);
+    let g_alias: Vec<String> = (0..m.group_by.len()).map(|i| format!("_g{i}")).collect();
+    let c_alias: Vec<String> = (0..m.aggregates.len()).map(|i| format!("_c{i}")).collect();
+    let member = m.top.as_ref().map(|tp| tp.field);
+
+    // Filters on group columns: pushed down, except the ranked member of a
+    // top metric (ranking happens first).
+    let mut conds: Vec<String> = Vec::new();
+    let mut post = Vec::new();
+    let valid: Vec<String> = m.group_by.iter().map(|g| g.name.clone()).collect();
+    for (k, v) in &f.wheres {
+        let i = m
+            .group_by
+            .iter()
+            .position(|g| &g.name == k)
+            .ok_or_else(|| unknown_where(&m.name, k, &valid))?;
+        let lit = typed_literal(&m.group_by[i], v)?;
+        if Some(i) == member {
+            post.push((k.clone(), v.clone()));
+        } else {
+            conds.push(format!("{} = {lit}", ident(k)));
+        }
+    }
+    let from_s = f.from_ms.map(secs_ceil);
+    let to_s = f.to_ms.map(secs_ceil);
+    let groups_sel: Vec<String> = m
+        .group_by
+        .iter()
+        .zip(&g_alias)
+        .map(|(g, a)| format!("{} AS {a}", ident(&g.name)))
+        .collect();
+    let level = m.is_level();
+    let hopping = m.window.is_hopping();
+
+    let mut base_conds = conds.clone();
+    if !level {
+        let span_s = (m.window.size_ms - m.window.slide_ms) / 1000;
+        if let Some(fr) = from_s {
+            base_conds.push(format!(
+                "window_start >= toDateTime({})",
+                (fr - span_s).max(0)
+            ));
+        }
+        if let Some(to) = to_s {
+            base_conds.push(format!("window_start < toDateTime({})", to.max(0)));
+        }
+    }
+    let where_base = if base_conds.is_empty() {
+        String::new()
+    } else {
+        format!(" WHERE {}", base_conds.join(" AND "))
+    };
+    let group_list = |extra: &str| -> String {
+        let mut v = vec![extra.to_owned()];
+        v.extend(g_alias.iter().cloned());
+        v.join(", ")
+    };
+    let mut time_conds = Vec::new();
+    if let Some(fr) = from_s {
+        time_conds.push(format!("_ws >= {fr}"));
+    }
+    if let Some(to) = to_s {
+        time_conds.push(format!("_ws < {to}"));
+    }
+    let where_time = if time_conds.is_empty() {
+        String::new()
+    } else {
+        format!(" WHERE {}", time_conds.join(" AND "))
+    };
+
+    let base = if hopping {
+        let raw_sel: Vec<String> = m
+            .aggregates
+            .iter()
+            .enumerate()
+            .map(|(i, a)| format!("{} AS _r{i}", ident(&a.name)))
+            .collect();
+        let mut inner_sel = vec!["toUInt32(window_start) AS _p".to_owned()];
+        inner_sel.extend(groups_sel.iter().cloned());
+        inner_sel.extend(raw_sel);
+        inner_sel.push(format!(
+            "range({}) AS _r",
+            m.window.size_ms / m.window.slide_ms
+        ));
+        let aggs: Vec<String> = m
+            .aggregates
+            .iter()
+            .enumerate()
+            .map(|(i, a)| format!("{} AS {}", agg_expr(&a.func, &format!("_r{i}")), c_alias[i]))
+            .collect();
+        let mut mid_sel = vec![format!(
+            "toInt64(_p) - toInt64(_i) * {} AS _ws",
+            m.window.slide_ms / 1000
+        )];
+        mid_sel.extend(g_alias.iter().cloned());
+        mid_sel.extend(aggs);
+        format!(
+            "SELECT * FROM (SELECT {} FROM (SELECT {} FROM {table} FINAL{where_base}) ARRAY JOIN _r AS _i GROUP BY {}){where_time}",
+            mid_sel.join(", "),
+            inner_sel.join(", "),
+            group_list("_ws"),
+        )
+    } else {
+        let aggs: Vec<String> = m
+            .aggregates
+            .iter()
+            .enumerate()
+            .map(|(i, a)| format!("{} AS {}", agg_expr(&a.func, &ident(&a.name)), c_alias[i]))
+            .collect();
+        let mut sel = vec!["toUInt32(window_start) AS _ws".to_owned()];
+        sel.extend(groups_sel.iter().cloned());
+        sel.extend(aggs);
+        format!(
+            "SELECT {} FROM {table} FINAL{where_base} GROUP BY {}",
+            sel.join(", "),
+            group_list("_ws")
+        )
+    };
+
+    let order = group_list("_ws");
+    let sql = if level {
+        let tuple = {
+            let mut v = vec!["_ws".to_owned()];
+            v.extend(c_alias.iter().cloned());
+            v.join(", ")
+        };
+        let mut lv = vec!["arrayMap(x -> tupleElement(x, 1), _arr) AS _wss".to_owned()];
+        for (i, _) in c_alias.iter().enumerate() {
+            lv.push(format!(
+                "arrayCumSum(arrayMap(x -> tupleElement(x, {}), _arr)) AS _l{i}",
+                i + 2
+            ));
+        }
+        let mut sel = g_alias.clone();
+        sel.push(format!("arraySort(groupArray(({tuple}))) AS _arr"));
+        sel.extend(lv);
+        let group_by = if g_alias.is_empty() {
+            String::new()
+        } else {
+            format!(" GROUP BY {}", g_alias.join(", "))
+        };
+        let joins: Vec<String> = std::iter::once("_wss AS _ws".to_owned())
+            .chain(
+                c_alias
+                    .iter()
+                    .enumerate()
+                    .map(|(i, c)| format!("_l{i} AS {c}")),
+            )
+            .collect();
+        let mut out_sel = vec!["_ws".to_owned()];
+        out_sel.extend(g_alias.iter().cloned());
+        out_sel.extend(c_alias.iter().cloned());
+        format!(
+            "SELECT {} FROM (SELECT {} FROM ({base}){group_by}) ARRAY JOIN {}{where_time} ORDER BY {order}",
+            out_sel.join(", "),
+            sel.join(", "),
+            joins.join(", ")
+        )
+    } else if let Some(tp) = &m.top {
+        let others: Vec<String> = g_alias
+            .iter()
+            .enumerate()
+            .filter(|(i, _)| *i != tp.field)
+            .map(|(_, a)| a.clone())
+            .collect();
+        let mut ord = vec!["_ws".to_owned()];
+        ord.extend(others.iter().cloned());
+        let mut by = ord.clone();
+        ord.push(format!("{} DESC", c_alias[tp.by]));
+        ord.push(format!("{} ASC", g_alias[tp.field]));
+        format!(
+            "SELECT * FROM ({base}) ORDER BY {} LIMIT {} BY {}",
+            ord.join(", "),
+            tp.n,
+            std::mem::take(&mut by).join(", ")
+        )
+    } else {
+        format!("{base} ORDER BY {order}")
+    };
+
+    let mut cols = vec![("window_start".to_owned(), "_ws".to_owned(), Out::Window)];
+    for (g, a) in m.group_by.iter().zip(&g_alias) {
+        cols.push((g.name.clone(), a.clone(), Out::Plain));
+    }
+    for (ag, a) in m.aggregates.iter().zip(&c_alias) {
+        cols.push((ag.name.clone(), a.clone(), Out::Plain));
+    }
+    let rank_within = m.top.as_ref().map(|tp| {
+        let mut v = vec!["_ws".to_owned()];
+        v.extend(
+            g_alias
+                .iter()
+                .enumerate()
+                .filter(|(i, _)| *i != tp.field)
+                .map(|(_, a)| a.clone()),
+        );
+        v
+    });
+    Ok(FinalQuery {
+        sql,
+        cols,
+        rank_within,
+        post,
+    })
+}
+
+fn log_sql(t: &Tables, l: &Log, f: &Filters) -> Result<FinalQuery, QueryError> {
+    let table = t.qualified(&l.name);
+    let mut conds = Vec::new();
+    if let Some(fr) = f.from_ms {
+        conds.push(format!(
+            "event_minute >= toDateTime({})",
+            (fr.div_euclid(60_000) * 60).max(0)
+        ));
+        conds.push(format!("event_time >= {fr}"));
+    }
+    if let Some(to) = f.to_ms {
+        conds.push(format!("event_time < {to}"));
+    }
+    let mut valid = vec!["event_id".to_owned(), "kind".to_owned()];
+    valid.extend(l.columns.iter().map(|c| c.name.clone()));
+    for (k, v) in &f.wheres {
+        match l.columns.iter().find(|c| &c.name == k) {
+            Some(c) => conds.push(format!("{} = {}", ident(k), typed_literal(c, v)?)),
+            None if k == "event_id" || k == "kind" => {
+                conds.push(format!("{} = {}", ident(k), literal(v)))
+            }
+            None => return Err(unknown_where(&l.name, k, &valid)),
+        }
+    }
+    let mut sel = vec![
+        "event_time AS _t".to_owned(),
+        "event_id AS _id".to_owned(),
+        "kind AS _k".to_owned(),
+    ];
+    let mut cols = vec![
+        ("event_time".to_owned(), "_t".to_owned(), Out::TimeMs),
+        ("event_id".to_owned(), "_id".to_owned(), Out::Plain),
+        ("kind".to_owned(), "_k".to_owned(), Out::Plain),
+    ];
+    for (i, c) in l.columns.iter().enumerate() {
+        sel.push(format!("{} AS _g{i}", ident(&c.name)));
+        let out = if c.field.ty() == FieldType::Time {
+            Out::TimeMs
+        } else {
+            Out::Plain
+        };
+        cols.push((c.name.clone(), format!("_g{i}"), out));
+    }
+    let where_ = if conds.is_empty() {
+        String::new()
+    } else {
+        format!(" WHERE {}", conds.join(" AND "))
+    };
+    Ok(FinalQuery {
+        sql: format!(
+            "SELECT {} FROM {table} FINAL{where_} ORDER BY _t, _id",
+            sel.join(", ")
+        ),
+        cols,
+        rank_within: None,
+        post: Vec::new(),
+    })
+}
