@@ -41,6 +41,34 @@ pub fn brokers() -> String {
     std::env::var("VIDPULSE_KAFKA_BROKERS").unwrap_or_else(|_| "127.0.0.1:9092".into())
 }
 
+/// The local stack's Redis (`VIDPULSE_REDIS_URL`).
+pub fn redis_url() -> String {
+    std::env::var("VIDPULSE_REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".into())
+}
+
+/// A connection to the local stack's Redis.
+pub fn redis_conn() -> redis::Connection {
+    redis::Client::open(redis_url())
+        .unwrap()
+        .get_connection()
+        .unwrap()
+}
+
+/// The Prometheus metrics of a stage's admin port (empty when it does not
+/// answer).
+pub fn metrics(port: u16) -> BTreeMap<String, f64> {
+    prom(
+        &http_get(port, "/metrics")
+            .map(|(_, b)| b)
+            .unwrap_or_default(),
+    )
+}
+
+/// The status of a stage's `/readyz`.
+pub fn readyz(port: u16) -> Option<u16> {
+    http_get(port, "/readyz").map(|(s, _)| s)
+}
+
 /// A scratch directory under `.work/tests`.
 pub fn scratch(prefix: &str) -> PathBuf {
     let d = repo_root()
@@ -136,7 +164,7 @@ impl Env {
             .unwrap_or(-1)
     }
 
-    /// Spawns a long-running stage.
+    /// Spawns a long-running binary.
     pub fn spawn(&self, name: &str, args: &[&str], log: &str) -> Proc {
         let logf = std::fs::File::create(scratch(&self.prefix).join(log)).unwrap();
         let child = self
@@ -149,7 +177,21 @@ impl Env {
         Proc {
             child: Some(child),
             name: name.to_owned(),
+            admin: None,
+            log: scratch(&self.prefix).join(log),
         }
+    }
+
+    /// Spawns a stage with its admin server on a free loopback port (see
+    /// [`Proc::metrics`], [`Proc::ready`]).
+    pub fn spawn_stage(&self, name: &str, args: &[&str], log: &str) -> Proc {
+        let port = free_port();
+        let addr = format!("127.0.0.1:{port}");
+        let mut all = vec!["--admin-addr", addr.as_str()];
+        all.extend_from_slice(args);
+        let mut p = self.spawn(name, &all, log);
+        p.admin = Some(port);
+        p
     }
 
     /// A producer for crafting raw records.
@@ -202,9 +244,57 @@ pub fn wait_listening(what: &str, port: u16, timeout: Duration) {
 pub struct Proc {
     child: Option<Child>,
     pub name: String,
+    /// The admin port of a stage started with [`Env::spawn_stage`].
+    pub admin: Option<u16>,
+    /// Its log file.
+    pub log: PathBuf,
 }
 
 impl Proc {
+    pub fn admin_port(&self) -> u16 {
+        self.admin
+            .unwrap_or_else(|| panic!("{} was not started with an admin port", self.name))
+    }
+
+    /// The stage's Prometheus metrics.
+    pub fn metrics(&self) -> BTreeMap<String, f64> {
+        metrics(self.admin_port())
+    }
+
+    /// Sum of metric `name` over the samples whose labels contain `labels`.
+    pub fn metric(&self, name: &str, labels: &[&str]) -> f64 {
+        prom_sum(&self.metrics(), name, labels)
+    }
+
+    /// `/readyz`: status and body.
+    pub fn ready(&self) -> Option<(u16, String)> {
+        http_get(self.admin_port(), "/readyz")
+    }
+
+    /// Waits until `/readyz` answers 200 (panics with the log's tail after
+    /// `timeout`).
+    pub fn wait_ready(&self, timeout: Duration) {
+        let deadline = Instant::now() + timeout;
+        while Instant::now() < deadline {
+            if self.ready().is_some_and(|(s, _)| s == 200) {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(200));
+        }
+        panic!(
+            "{} not ready after {timeout:?}; log:\n{}",
+            self.name,
+            self.log_tail(40)
+        );
+    }
+
+    /// The last `n` lines of its log.
+    pub fn log_tail(&self, n: usize) -> String {
+        let text = std::fs::read_to_string(&self.log).unwrap_or_default();
+        let lines: Vec<&str> = text.lines().collect();
+        lines[lines.len().saturating_sub(n)..].join("\n")
+    }
+
     pub fn pid(&self) -> u32 {
         self.child.as_ref().unwrap().id()
     }

@@ -52,18 +52,6 @@ impl Drop for DropTables {
     }
 }
 
-fn metrics(port: u16) -> BTreeMap<String, f64> {
-    prom(
-        &http_get(port, "/metrics")
-            .map(|(_, b)| b)
-            .unwrap_or_default(),
-    )
-}
-
-fn readyz(port: u16) -> Option<u16> {
-    http_get(port, "/readyz").map(|(s, _)| s)
-}
-
 /// Runs gen with the usual mess and returns the truth.
 fn run_gen(env: &Env, count: u64, seed: u64, extra: &[&str]) -> (Value, std::path::PathBuf) {
     let truth = scratch(&env.prefix).join(format!("truth-{seed}.json"));

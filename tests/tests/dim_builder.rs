@@ -35,10 +35,6 @@ const TTLS: Ttls = Ttls {
     profile_ms: 10 * DAY_MS,
 };
 
-fn redis_url() -> String {
-    std::env::var("VIDPULSE_REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".into())
-}
-
 fn redis(url: &str) -> redis::Connection {
     redis::Client::open(url).unwrap().get_connection().unwrap()
 }
@@ -49,18 +45,6 @@ fn hgetall(con: &mut redis::Connection, key: &str) -> BTreeMap<String, String> {
 
 fn pttl(con: &mut redis::Connection, key: &str) -> i64 {
     redis::cmd("PTTL").arg(key).query(con).unwrap()
-}
-
-fn metrics(port: u16) -> BTreeMap<String, f64> {
-    prom(
-        &http_get(port, "/metrics")
-            .map(|(_, b)| b)
-            .unwrap_or_default(),
-    )
-}
-
-fn ready(port: u16) -> Option<u16> {
-    http_get(port, "/readyz").map(|(s, _)| s)
 }
 
 /// A small deterministic generator (xorshift), so failures reproduce.
@@ -373,7 +357,7 @@ fn stage_keeps_room_hashes_with_ttls_replay_and_order_safe() {
         "dim-builder.log",
     );
     let m_after = wait_handled(port, total, Duration::from_secs(120));
-    assert_eq!(ready(port), Some(200));
+    assert_eq!(readyz(port), Some(200));
 
     let mut con = redis(&redis_url());
     let live = hgetall(&mut con, &format!("{rp}r-live"));
@@ -748,7 +732,7 @@ fn redis_outage_mid_run_loses_nothing() {
     wait_for(
         "/readyz 503 while Redis is down",
         Duration::from_secs(60),
-        || (ready(port) == Some(503)).then_some(()),
+        || (readyz(port) == Some(503)).then_some(()),
     );
     wait_for("phase 2 events", Duration::from_secs(120), || {
         (env.count(EVENTS) == n2).then_some(())
@@ -761,7 +745,7 @@ fn redis_outage_mid_run_loses_nothing() {
         "nothing written while down"
     );
     assert!(prom_sum(&down, "vidpulse_sink_errors_total", &[]) >= 1.0);
-    assert_eq!(ready(port), Some(503));
+    assert_eq!(readyz(port), Some(503));
     assert!(stage.is_running());
 
     // Redis back (with what it had: AOF): the stage resumes by itself.
@@ -769,7 +753,7 @@ fn redis_outage_mid_run_loses_nothing() {
     wait_for(
         "/readyz 200 after Redis is back",
         Duration::from_secs(60),
-        || (ready(port) == Some(200)).then_some(()),
+        || (readyz(port) == Some(200)).then_some(()),
     );
     wait_handled(port, n2 as f64, Duration::from_secs(180));
     let total = n2;
@@ -849,14 +833,14 @@ fn redis_outage_mid_run_loses_nothing() {
     wait_for(
         "/readyz 503 while Redis is slow",
         Duration::from_secs(30),
-        || (ready(port) == Some(503)).then_some(()),
+        || (readyz(port) == Some(503)).then_some(()),
     );
     wait_handled(port, (n2 + 2) as f64, Duration::from_secs(60));
     assert_eq!(
         hgetall(&mut con, &format!("{rp}r-after-pause"))["status"],
         "live"
     );
-    assert_eq!(ready(port), Some(200));
+    assert_eq!(readyz(port), Some(200));
     assert!(stage.terminate(), "the stage drains and exits 0");
 }
 

@@ -15,14 +15,6 @@ fn admin(port: u16) -> String {
     format!("127.0.0.1:{port}")
 }
 
-fn metrics(port: u16) -> BTreeMap<String, f64> {
-    prom(
-        &http_get(port, "/metrics")
-            .map(|(_, b)| b)
-            .unwrap_or_default(),
-    )
-}
-
 fn header<'a>(rec: &'a Value, name: &str) -> &'a str {
     rec["headers"][name].as_str().unwrap_or("")
 }

@@ -22,18 +22,6 @@ const MONITORED: &str = "vp.monitored.v1";
 const EVENTS: &str = "vp.events.v1";
 const PARTITIONS: i32 = 8;
 
-fn redis_url() -> String {
-    std::env::var("VIDPULSE_REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".into())
-}
-
-fn metrics(port: u16) -> BTreeMap<String, f64> {
-    prom(
-        &http_get(port, "/metrics")
-            .map(|(_, b)| b)
-            .unwrap_or_default(),
-    )
-}
-
 /// A video play by `user` of `video` (by `author`), keyed like ingest keys it.
 fn play(id: &str, video: &str, author: &str, user: &str) -> (String, Vec<u8>) {
     let e = Event {

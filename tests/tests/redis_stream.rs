@@ -4,7 +4,7 @@
 //! consumer restarted under its own name re-reads its pending entries.
 #![allow(clippy::unwrap_used)]
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::HashSet;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
@@ -15,25 +15,6 @@ use vidpulse_e2e::*;
 const EVENTS: &str = "vp.events.v1";
 const DLQ: &str = "vp.dlq.v1";
 const GROUP: &str = "vidpulse-ingest";
-
-fn redis_url() -> String {
-    std::env::var("VIDPULSE_REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".into())
-}
-
-fn redis() -> redis::Connection {
-    redis::Client::open(redis_url())
-        .unwrap()
-        .get_connection()
-        .unwrap()
-}
-
-fn metrics(port: u16) -> BTreeMap<String, f64> {
-    prom(
-        &http_get(port, "/metrics")
-            .map(|(_, b)| b)
-            .unwrap_or_default(),
-    )
-}
 
 /// Pending entries of the group, in all or of one consumer.
 fn pending(con: &mut redis::Connection, stream: &str, consumer: Option<&str>) -> usize {
@@ -79,7 +60,7 @@ fn writer(
     stop: Arc<AtomicBool>,
 ) -> std::thread::JoinHandle<(Vec<String>, Vec<String>)> {
     std::thread::spawn(move || {
-        let mut con = redis();
+        let mut con = redis_conn();
         let (mut good, mut bad) = (Vec::new(), Vec::new());
         let started = Instant::now();
         let batch = 100;
@@ -186,7 +167,7 @@ fn redis_stream_kill_9_loses_nothing_and_pending_entries_are_reclaimed() {
     let env = Env::new("rstream");
     env.create_topics();
     let stream = format!("{}user_actions", env.prefix);
-    let mut con = redis();
+    let mut con = redis_conn();
     let _: () = redis::cmd("DEL").arg(&stream).query(&mut con).unwrap();
     // A backlog (so a kill lands mid-batch), then live traffic meanwhile.
     let never = Arc::new(AtomicBool::new(false));
@@ -297,7 +278,7 @@ fn a_new_group_reads_the_stream_from_its_start_and_bad_urls_fail_clearly() {
     let env = Env::new("rstart");
     env.create_topics();
     let stream = format!("{}user_actions", env.prefix);
-    let mut con = redis();
+    let mut con = redis_conn();
     // Entries written before ingest ever ran are not skipped.
     let id: String = redis::cmd("XADD")
         .arg(&stream)

@@ -13,7 +13,8 @@
 
 use std::collections::HashMap;
 
-use redis::Commands;
+use redis::AsyncCommands;
+use redis::aio::ConnectionManager;
 
 use crate::engine::CheckpointDelta;
 
@@ -35,23 +36,23 @@ pub struct Loaded {
     pub fields: HashMap<String, Vec<u8>>,
 }
 
-/// Takes ownership (new epoch) and reads the checkpoint; blocking, for the
-/// rebalance callback.
-pub fn load(con: &mut redis::Connection, key: &str) -> redis::RedisResult<Loaded> {
-    let epoch: i64 = con.incr(epoch_key(key), 1)?;
-    let fields: HashMap<String, Vec<u8>> = con.hgetall(key)?;
+/// Takes ownership (new epoch) and reads the checkpoint.
+pub async fn load(con: &mut ConnectionManager, key: &str) -> redis::RedisResult<Loaded> {
+    let epoch: i64 = con.incr(epoch_key(key), 1).await?;
+    let fields: HashMap<String, Vec<u8>> = con.hgetall(key).await?;
     Ok(Loaded { epoch, fields })
 }
 
 /// Deletes a checkpoint that cannot be used (other spec, `--reset-state`),
 /// so the deltas written from now on start from an empty hash. Refused when
 /// another owner took over meanwhile.
-pub fn clear(con: &mut redis::Connection, key: &str, epoch: i64) -> redis::RedisResult<bool> {
+pub async fn clear(con: &mut ConnectionManager, key: &str, epoch: i64) -> redis::RedisResult<bool> {
     let done: i64 = redis::Script::new(CLEAR)
         .key(key)
         .key(epoch_key(key))
         .arg(epoch)
-        .invoke(con)?;
+        .invoke_async(con)
+        .await?;
     Ok(done == 1)
 }
 
@@ -83,7 +84,7 @@ pub fn write_script() -> redis::Script {
 /// Writes a delta atomically. `Ok(false)`: fenced, another owner has the
 /// partition; drop its state.
 pub async fn write(
-    con: &mut redis::aio::ConnectionManager,
+    con: &mut ConnectionManager,
     script: &redis::Script,
     key: &str,
     epoch: i64,

@@ -28,7 +28,10 @@ use std::time::Duration;
 
 use clap::Parser;
 use vidpulse_core::CancellationToken;
-use vidpulse_core::config::{AdminArgs, ConfigError, KafkaArgs, RedisArgs};
+use vidpulse_core::config::{
+    ConfigError, KafkaArgs, LogArgs, LoopArgs, LoopDefaults, LoopSettings, RedisArgs,
+};
+use vidpulse_core::runtime::RuntimeError;
 use vidpulse_core::topics;
 
 pub use vidpulse_query::{
@@ -36,10 +39,23 @@ pub use vidpulse_query::{
     spec::{Spec, SpecError},
 };
 
-/// Default admin address of the aggregator.
-pub const DEFAULT_ADMIN_ADDR: &str = "0.0.0.0:9104";
 /// Default consumer group (also names the checkpoints).
 pub const DEFAULT_GROUP: &str = "vidpulse-aggregator";
+
+/// The aggregator's defaults for the loop flags (`VIDPULSE_AGGREGATOR_*`).
+/// The group also names the checkpoints: a new group starts from the
+/// earliest offsets with empty state (a full replay).
+pub const LOOP_DEFAULTS: LoopDefaults = LoopDefaults {
+    env_prefix: "VIDPULSE_AGGREGATOR",
+    group: DEFAULT_GROUP,
+    admin_addr: "0.0.0.0:9104",
+    max_batch: 1000,
+    max_wait: "0s",
+    max_in_flight: 100_000,
+    min_backoff: "200ms",
+    max_backoff: "5s",
+    drain_timeout: "30s",
+};
 
 /// Maintain windowed metrics in ClickHouse and leaderboards in Redis.
 #[derive(Parser, Debug, Clone)]
@@ -55,11 +71,6 @@ pub struct Args {
     /// Print the ClickHouse tables the spec needs and exit.
     #[arg(long)]
     pub print_ddl: bool,
-
-    /// Consumer group; also names the checkpoints. A new group starts from
-    /// the earliest offsets with empty state (a full replay).
-    #[arg(long, env = "VIDPULSE_AGGREGATOR_GROUP", default_value = DEFAULT_GROUP)]
-    pub group: String,
 
     /// Grace period of metrics and leaderboards whose spec sets none: how
     /// long after its end a window still takes late events.
@@ -108,14 +119,6 @@ pub struct Args {
     )]
     pub sink_max_retries: u32,
 
-    /// First retry delay of a failed sink write; doubles up to --max-backoff.
-    #[arg(long, env = "VIDPULSE_AGGREGATOR_MIN_BACKOFF", default_value = "200ms", value_parser = humantime::parse_duration)]
-    pub min_backoff: Duration,
-
-    /// Longest retry delay.
-    #[arg(long, env = "VIDPULSE_AGGREGATOR_MAX_BACKOFF", default_value = "5s", value_parser = humantime::parse_duration)]
-    pub max_backoff: Duration,
-
     /// Ignore (and delete) this group's checkpoints once at start: re-read
     /// every input from the earliest offset with empty state.
     #[arg(long, env = "VIDPULSE_AGGREGATOR_RESET_STATE")]
@@ -124,10 +127,6 @@ pub struct Args {
     /// Topic late events are written to.
     #[arg(long, env = "VIDPULSE_AGGREGATOR_LATE_TOPIC", default_value = topics::LATE)]
     pub late_topic: String,
-
-    /// Dead-letter topic for records that are not valid protobuf.
-    #[arg(long, env = "VIDPULSE_AGGREGATOR_DLQ_TOPIC", default_value = topics::DLQ)]
-    pub dlq_topic: String,
 
     #[command(flatten)]
     pub kafka: KafkaArgs,
@@ -139,7 +138,14 @@ pub struct Args {
     pub redis: RedisArgs,
 
     #[command(flatten)]
-    pub admin: AdminArgs,
+    pub loop_: LoopArgs,
+
+    #[command(flatten)]
+    pub log: LogArgs,
+}
+
+impl vidpulse_core::config::StageArgs for Args {
+    const LOOP_DEFAULTS: LoopDefaults = LOOP_DEFAULTS;
 }
 
 /// Validated settings, built once at start.
@@ -153,8 +159,7 @@ pub struct Settings {
     pub flush_max_rows: usize,
     pub flush_interval: Duration,
     pub sink_max_retries: u32,
-    pub min_backoff: Duration,
-    pub max_backoff: Duration,
+    pub loop_: LoopSettings,
     pub reset_state: bool,
     pub late_topic: String,
     pub dlq_topic: String,
@@ -167,15 +172,6 @@ fn ms(d: Duration) -> i64 {
 
 impl Settings {
     pub fn from_args(args: &Args) -> Result<Settings, AggError> {
-        let admin_addr = match args.admin.admin_addr {
-            Some(a) => a,
-            None => DEFAULT_ADMIN_ADDR
-                .parse()
-                .map_err(|_| ConfigError::Invalid {
-                    field: "--admin-addr".into(),
-                    message: "bad default".into(),
-                })?,
-        };
         if args.flush_max_rows == 0 {
             return Err(ConfigError::Invalid {
                 field: "--flush-max-rows".into(),
@@ -191,7 +187,7 @@ impl Settings {
             .into());
         }
         Ok(Settings {
-            group: args.group.clone(),
+            group: args.loop_.group.clone(),
             default_grace_ms: ms(args.grace),
             out_of_orderness_ms: ms(args.out_of_orderness),
             idle_timeout: args.idle_timeout,
@@ -199,12 +195,11 @@ impl Settings {
             flush_max_rows: args.flush_max_rows,
             flush_interval: args.flush_interval,
             sink_max_retries: args.sink_max_retries,
-            min_backoff: args.min_backoff.max(Duration::from_millis(10)),
-            max_backoff: args.max_backoff.max(args.min_backoff),
+            loop_: args.loop_.settings()?,
             reset_state: args.reset_state,
             late_topic: args.kafka.topic(&args.late_topic),
-            dlq_topic: args.kafka.topic(&args.dlq_topic),
-            admin_addr,
+            dlq_topic: args.kafka.topic(&args.loop_.dlq_topic),
+            admin_addr: args.loop_.admin_addr,
         })
     }
 }
@@ -216,24 +211,16 @@ pub enum AggError {
     Config(#[from] ConfigError),
     #[error(transparent)]
     Spec(#[from] SpecError),
-    #[error("kafka: {0}")]
-    Kafka(#[from] rdkafka::error::KafkaError),
-    #[error("input topic {0} does not exist; create it with `vidpulse topics create`")]
-    MissingTopic(String),
+    #[error(transparent)]
+    Runtime(#[from] RuntimeError),
     #[error(transparent)]
     ClickHouse(#[from] vidpulse_query::ChError),
-    #[error("redis: {0}")]
+    #[error("redis")]
     Redis(#[from] redis::RedisError),
     #[error(
-        "{what} failed {attempts} times in a row (--sink-max-retries); stopping before the checkpoint, so a restart re-reads: {last}"
+        "a flush failed {attempts} times in a row (--sink-max-retries); stopping before the checkpoint, so a restart re-reads: {last}"
     )]
-    GaveUp {
-        what: &'static str,
-        attempts: u32,
-        last: String,
-    },
-    #[error("produce to {topic} failed for good, stopping before the checkpoint: {message}")]
-    Produce { topic: String, message: String },
+    GaveUp { attempts: u32, last: String },
     #[error("admin server: {0}")]
     Admin(std::io::Error),
 }

@@ -1,20 +1,17 @@
 //! `vidpulse-aggregator`: see the library docs (exact windowed metrics into
-//! ClickHouse, replay-safe leaderboards in Redis).
+//! ClickHouse, replay-safe leaderboards in Redis). Exit codes: 0 after a
+//! clean drain, 1 on a fatal error, 2 on bad flags (clap).
 #![forbid(unsafe_code)]
 
-use clap::Parser;
+use vidpulse_core::config::StageArgs;
 
 #[tokio::main]
 async fn main() -> std::process::ExitCode {
-    let args = vidpulse_aggregator::Args::parse();
-    vidpulse_core::telemetry::init(args.admin.log_format);
+    let args = vidpulse_aggregator::Args::parse_args();
+    vidpulse_core::telemetry::init(args.log.log_format);
     let shutdown = vidpulse_core::shutdown::on_signal();
-    match vidpulse_aggregator::run(args, shutdown).await {
-        Ok(()) => std::process::ExitCode::SUCCESS,
-        Err(error) => {
-            tracing::error!(%error, "vidpulse-aggregator failed.");
-            eprintln!("vidpulse-aggregator: {error}");
-            std::process::ExitCode::from(1)
-        }
-    }
+    vidpulse_core::exit_code(
+        "vidpulse-aggregator",
+        vidpulse_aggregator::run(args, shutdown).await,
+    )
 }

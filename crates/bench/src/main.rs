@@ -18,7 +18,10 @@ use rdkafka::message::Message;
 use rdkafka::{Offset, TopicPartitionList};
 use vidpulse_core::admin::Health;
 use vidpulse_core::config::KafkaArgs;
-use vidpulse_core::pipeline::{self, Input, Output, Processor};
+use vidpulse_core::config::LoopSettings;
+use vidpulse_core::runtime::{
+    self, Commit, Output, Outputs, Record, Stage, StageError, StageSettings,
+};
 use vidpulse_core::{kafka, shutdown};
 
 #[derive(Parser)]
@@ -31,7 +34,7 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Cmd {
-    /// Copy records from input topics to an output topic through the shared loop.
+    /// Copy records from input topics to an output topic through the stage runtime.
     Passthrough {
         /// Input topics (without prefix).
         #[arg(long, value_delimiter = ',', required = true)]
@@ -61,14 +64,20 @@ enum Cmd {
 
 struct Copy(String);
 
-impl Processor for Copy {
-    fn process(&mut self, input: &Input<'_>, out: &mut Vec<Output>) {
-        out.push(Output {
-            topic: self.0.clone(),
-            key: input.key.map(<[u8]>::to_vec),
-            payload: input.payload.map(<[u8]>::to_vec),
-            headers: Vec::new(),
-        });
+impl Stage for Copy {
+    async fn process(&mut self, batch: &[Record<'_>], out: &mut Outputs) -> Result<(), StageError> {
+        for (i, r) in batch.iter().enumerate() {
+            out.push(
+                i,
+                Output {
+                    topic: self.0.clone(),
+                    key: r.key.map(<[u8]>::to_vec),
+                    payload: r.payload.map(<[u8]>::to_vec),
+                    headers: Vec::new(),
+                },
+            );
+        }
+        Ok(())
     }
 }
 
@@ -87,14 +96,23 @@ async fn main() -> anyhow::Result<()> {
                 kafka::base_config(&cli.kafka)?.create()?;
             let out = cli.kafka.topic(&output);
             kafka::ensure_topic(&admin, &out, partitions, &[]).await?;
-            let settings = pipeline::Settings {
+            // The same loop settings as ingest's defaults.
+            let settings = StageSettings {
                 stage: "passthrough",
                 group,
                 inputs: input.iter().map(|t| cli.kafka.topic(t)).collect(),
-                max_in_flight: 100_000,
-                drain_timeout: Duration::from_secs(30),
+                loop_: LoopSettings {
+                    max_batch: 1000,
+                    max_wait: Duration::ZERO,
+                    max_in_flight: 100_000,
+                    min_backoff: Duration::from_millis(200),
+                    max_backoff: Duration::from_secs(5),
+                    drain_timeout: Duration::from_secs(30),
+                },
+                commit: Commit::AfterOutputs,
+                tick: Duration::from_millis(200),
             };
-            pipeline::run(
+            runtime::run(
                 &cli.kafka,
                 settings,
                 Copy(out),

@@ -3,7 +3,6 @@
 //! and `/metrics` (Prometheus text).
 
 use std::net::SocketAddr;
-use std::sync::{Arc, Mutex};
 
 use axum::Router;
 use axum::extract::State;
@@ -12,46 +11,7 @@ use axum::routing::get;
 use metrics_exporter_prometheus::PrometheusHandle;
 use tokio_util::sync::CancellationToken;
 
-/// Readiness shared between a stage and its admin server.
-#[derive(Clone, Debug)]
-pub struct Health {
-    inner: Arc<Mutex<Option<String>>>,
-}
-
-impl Default for Health {
-    fn default() -> Self {
-        Self::new()
-    }
-}
-
-impl Health {
-    /// Starts not ready ("starting").
-    pub fn new() -> Self {
-        Self {
-            inner: Arc::new(Mutex::new(Some("starting".into()))),
-        }
-    }
-
-    pub fn set_ready(&self) {
-        if let Ok(mut g) = self.inner.lock() {
-            *g = None;
-        }
-    }
-
-    pub fn set_not_ready(&self, reason: impl Into<String>) {
-        if let Ok(mut g) = self.inner.lock() {
-            *g = Some(reason.into());
-        }
-    }
-
-    /// `None` when ready, else why not.
-    pub fn not_ready_reason(&self) -> Option<String> {
-        self.inner
-            .lock()
-            .map(|g| g.clone())
-            .unwrap_or_else(|_| Some("poisoned".into()))
-    }
-}
+pub use crate::health::Health;
 
 #[derive(Clone)]
 struct AppState {
@@ -88,13 +48,13 @@ pub async fn serve(
 }
 
 async fn readyz(State(s): State<AppState>) -> (StatusCode, String) {
-    match s.health.not_ready_reason() {
-        None => (StatusCode::OK, "ready\n".into()),
-        Some(reason) => (
-            StatusCode::SERVICE_UNAVAILABLE,
-            format!("not ready: {reason}\n"),
-        ),
-    }
+    let (ready, text) = s.health.report();
+    let status = if ready {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    };
+    (status, text)
 }
 
 async fn metrics(State(s): State<AppState>) -> String {

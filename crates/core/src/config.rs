@@ -2,10 +2,12 @@
 //! Every flag has a `VIDPULSE_…` environment twin. Values that may hold
 //! secrets (librdkafka properties) can come from a file and are never logged.
 
+use std::ffi::OsString;
 use std::net::SocketAddr;
 use std::path::PathBuf;
+use std::time::Duration;
 
-use clap::Args;
+use clap::{Args, Command, CommandFactory, FromArgMatches};
 
 use crate::telemetry::LogFormat;
 
@@ -121,16 +123,193 @@ pub fn parse_kv(s: &str) -> Result<(String, String), String> {
     }
 }
 
-/// The admin HTTP port and logging.
+/// How a stage logs.
 #[derive(Args, Clone, Debug)]
-pub struct AdminArgs {
-    /// Address of the admin HTTP server (`/healthz`, `/readyz`, `/metrics`).
-    #[arg(long, env = "VIDPULSE_ADMIN_ADDR")]
-    pub admin_addr: Option<SocketAddr>,
-
+pub struct LogArgs {
     /// Log format.
     #[arg(long, env = "VIDPULSE_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
     pub log_format: LogFormat,
+}
+
+/// The flags every stage's Kafka loop takes. Their defaults and
+/// environment names are set per binary with [`LoopDefaults`] (say
+/// `VIDPULSE_INGEST_GROUP`, default `vidpulse-ingest`); parse a stage's
+/// flags with [`parse_stage_args`].
+#[derive(Args, Clone, Debug)]
+pub struct LoopArgs {
+    /// Consumer group (the topic prefix is added).
+    #[arg(long)]
+    pub group: String,
+
+    /// Most records handed to the stage at once.
+    #[arg(long)]
+    pub max_batch: usize,
+
+    /// Longest a batch waits to fill after its first record (0s: take what
+    /// has arrived).
+    #[arg(long, value_parser = humantime::parse_duration)]
+    pub max_wait: Duration,
+
+    /// Most records produced but not yet acknowledged by the broker; past
+    /// it nothing more is read (back-pressure).
+    #[arg(long)]
+    pub max_in_flight: usize,
+
+    /// First retry delay after a failed call to Redis, ClickHouse or Kafka;
+    /// doubles up to --max-backoff.
+    #[arg(long, value_parser = humantime::parse_duration)]
+    pub min_backoff: Duration,
+
+    /// Longest retry delay.
+    #[arg(long, value_parser = humantime::parse_duration)]
+    pub max_backoff: Duration,
+
+    /// How long shutdown waits for in-flight work (acknowledgements, the
+    /// last flush) before exiting; what is not done is re-read on restart.
+    #[arg(long, value_parser = humantime::parse_duration)]
+    pub drain_timeout: Duration,
+
+    /// Dead-letter topic for records the stage cannot handle.
+    #[arg(long)]
+    pub dlq_topic: String,
+
+    /// Address of the admin HTTP server (`/healthz`, `/readyz`, `/metrics`).
+    #[arg(long)]
+    pub admin_addr: SocketAddr,
+}
+
+/// A binary's defaults for [`LoopArgs`].
+#[derive(Clone, Debug)]
+pub struct LoopDefaults {
+    /// Prefix of the environment twins, e.g. `VIDPULSE_INGEST`.
+    pub env_prefix: &'static str,
+    pub group: &'static str,
+    pub admin_addr: &'static str,
+    pub max_batch: usize,
+    pub max_wait: &'static str,
+    pub max_in_flight: usize,
+    pub min_backoff: &'static str,
+    pub max_backoff: &'static str,
+    pub drain_timeout: &'static str,
+}
+
+impl LoopDefaults {
+    /// Sets the defaults and environment names of the loop flags of `cmd`.
+    pub fn apply(&self, cmd: Command) -> Command {
+        let p = self.env_prefix;
+        let flags: [(&str, String, String); 9] = [
+            ("group", format!("{p}_GROUP"), self.group.into()),
+            (
+                "max_batch",
+                format!("{p}_MAX_BATCH"),
+                self.max_batch.to_string(),
+            ),
+            ("max_wait", format!("{p}_MAX_WAIT"), self.max_wait.into()),
+            (
+                "max_in_flight",
+                format!("{p}_MAX_IN_FLIGHT"),
+                self.max_in_flight.to_string(),
+            ),
+            (
+                "min_backoff",
+                format!("{p}_MIN_BACKOFF"),
+                self.min_backoff.into(),
+            ),
+            (
+                "max_backoff",
+                format!("{p}_MAX_BACKOFF"),
+                self.max_backoff.into(),
+            ),
+            (
+                "drain_timeout",
+                format!("{p}_DRAIN_TIMEOUT"),
+                self.drain_timeout.into(),
+            ),
+            (
+                "dlq_topic",
+                format!("{p}_DLQ_TOPIC"),
+                crate::topics::DLQ.into(),
+            ),
+            // One name for every stage: a pod sets its own.
+            (
+                "admin_addr",
+                "VIDPULSE_ADMIN_ADDR".into(),
+                self.admin_addr.into(),
+            ),
+        ];
+        flags.into_iter().fold(cmd, |cmd, (id, env, default)| {
+            cmd.mut_arg(id, |a| a.env(env).default_value(default).required(false))
+        })
+    }
+}
+
+/// The flags of a stage binary: its own, with a flattened [`LoopArgs`]
+/// whose defaults are [`Self::LOOP_DEFAULTS`].
+pub trait StageArgs: CommandFactory + FromArgMatches + Sized {
+    const LOOP_DEFAULTS: LoopDefaults;
+
+    /// The command with the loop flags' defaults and environment names set.
+    fn stage_command() -> Command {
+        Self::LOOP_DEFAULTS.apply(Self::command())
+    }
+
+    /// Parses the command line (exits with clap's message on a bad flag).
+    fn parse_args() -> Self {
+        let mut cmd = Self::stage_command();
+        let matches = cmd.get_matches_mut();
+        Self::from_arg_matches(&matches).unwrap_or_else(|e| e.format(&mut cmd).exit())
+    }
+
+    /// Parses `args` (the first is the program name).
+    fn try_parse_args<I, S>(args: I) -> Result<Self, clap::Error>
+    where
+        I: IntoIterator<Item = S>,
+        S: Into<OsString> + Clone,
+    {
+        let matches = Self::stage_command().try_get_matches_from(args)?;
+        Self::from_arg_matches(&matches)
+    }
+}
+
+impl LoopArgs {
+    /// Checks the values and turns them into the runtime's settings.
+    pub fn settings(&self) -> Result<LoopSettings, ConfigError> {
+        let invalid = |field: &str, message: &str| ConfigError::Invalid {
+            field: field.into(),
+            message: message.into(),
+        };
+        if self.max_batch == 0 {
+            return Err(invalid("--max-batch", "must be at least 1"));
+        }
+        if self.max_in_flight < self.max_batch {
+            return Err(invalid(
+                "--max-in-flight",
+                "must be at least --max-batch (a batch's outputs are in flight together)",
+            ));
+        }
+        if self.group.trim().is_empty() {
+            return Err(invalid("--group", "must not be empty"));
+        }
+        Ok(LoopSettings {
+            max_batch: self.max_batch,
+            max_wait: self.max_wait,
+            max_in_flight: self.max_in_flight,
+            min_backoff: self.min_backoff.max(Duration::from_millis(1)),
+            max_backoff: self.max_backoff.max(self.min_backoff),
+            drain_timeout: self.drain_timeout,
+        })
+    }
+}
+
+/// The loop's validated numbers (see [`LoopArgs`]).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct LoopSettings {
+    pub max_batch: usize,
+    pub max_wait: Duration,
+    pub max_in_flight: usize,
+    pub min_backoff: Duration,
+    pub max_backoff: Duration,
+    pub drain_timeout: Duration,
 }
 
 /// A flag or config file value that makes no sense; the message names the
@@ -164,6 +343,54 @@ mod tests {
         let shown = format!("{args:?}");
         assert!(shown.contains("sasl.password"));
         assert!(!shown.contains("hunter2"));
+    }
+
+    #[derive(clap::Parser, Debug)]
+    struct Demo {
+        #[command(flatten)]
+        lp: LoopArgs,
+    }
+
+    impl StageArgs for Demo {
+        const LOOP_DEFAULTS: LoopDefaults = D;
+    }
+
+    const D: LoopDefaults = LoopDefaults {
+        env_prefix: "VIDPULSE_DEMO_TEST",
+        group: "vidpulse-demo",
+        admin_addr: "127.0.0.1:9199",
+        max_batch: 500,
+        max_wait: "20ms",
+        max_in_flight: 1000,
+        min_backoff: "100ms",
+        max_backoff: "5s",
+        drain_timeout: "30s",
+    };
+
+    #[test]
+    fn loop_flags_take_per_binary_defaults_and_env_names() {
+        let d = Demo::try_parse_args(["demo"]).unwrap();
+        assert_eq!(d.lp.group, "vidpulse-demo");
+        assert_eq!(d.lp.max_batch, 500);
+        assert_eq!(d.lp.max_wait, Duration::from_millis(20));
+        assert_eq!(d.lp.dlq_topic, "vp.dlq.v1");
+        let d = Demo::try_parse_args(["demo", "--max-batch", "7", "--group", "g"]).unwrap();
+        assert_eq!((d.lp.max_batch, d.lp.group.as_str()), (7, "g"));
+        let help = Demo::stage_command().render_long_help().to_string();
+        assert!(help.contains("VIDPULSE_DEMO_TEST_MAX_BATCH"), "{help}");
+        assert!(help.contains("[default: vidpulse-demo]"), "{help}");
+        let e = Demo::try_parse_args(["demo", "--max-batch", "x"]).unwrap_err();
+        assert!(e.to_string().contains("--max-batch"), "{e}");
+        let bad = LoopArgs {
+            max_in_flight: 1,
+            ..d.lp.clone()
+        };
+        assert!(
+            bad.settings()
+                .unwrap_err()
+                .to_string()
+                .contains("--max-in-flight")
+        );
     }
 
     #[test]

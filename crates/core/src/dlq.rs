@@ -2,7 +2,7 @@
 //! why, from where and which stage. Header values are UTF-8 so standard Kafka
 //! console tools show them as they are.
 
-use crate::pipeline::{Input, Output};
+use crate::runtime::{Output, Record};
 
 pub const H_REASON: &str = "vp.reason";
 pub const H_DETAIL: &str = "vp.detail";
@@ -18,7 +18,7 @@ pub const H_OFFSET: &str = "vp.source.offset";
 pub fn record(
     dlq_topic: &str,
     stage: &str,
-    input: &Input<'_>,
+    input: &Record<'_>,
     reason: &str,
     detail: &str,
 ) -> Output {

@@ -2,12 +2,17 @@
 //! `murmur2_random` (Kafka's Java default) so topics with equal partition
 //! counts are co-partitioned, and are idempotent with `acks=all`.
 
+use std::collections::HashMap;
+use std::time::Duration;
+
+use metrics::gauge;
 use rdkafka::ClientConfig;
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
 use rdkafka::client::DefaultClientContext;
-use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::config::RDKafkaLogLevel;
+use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext};
+use rdkafka::statistics::Statistics;
 use rdkafka::types::RDKafkaErrorCode;
-use std::time::Duration;
 
 use crate::config::{ConfigError, KafkaArgs};
 
@@ -116,4 +121,60 @@ pub fn partition_count(
                 Some(t.partitions().len() as i32)
             }
         }))
+}
+
+/// Fails when an input topic does not exist (`Err(Some(topic))`), naming it.
+pub fn missing_topic<C: ConsumerContext>(
+    consumer: &impl Consumer<C>,
+    topics: &[String],
+) -> Result<Option<String>, rdkafka::error::KafkaError> {
+    for topic in topics {
+        let md = consumer.fetch_metadata(Some(topic), Duration::from_secs(10))?;
+        let exists = md
+            .topics()
+            .iter()
+            .any(|t| t.name() == topic && t.error().is_none() && !t.partitions().is_empty());
+        if !exists {
+            return Ok(Some(topic.clone()));
+        }
+    }
+    Ok(None)
+}
+
+/// librdkafka's log lines as `tracing` events (target `librdkafka`).
+pub fn log_rdkafka(level: RDKafkaLogLevel, fac: &str, msg: &str) {
+    match level {
+        RDKafkaLogLevel::Emerg
+        | RDKafkaLogLevel::Alert
+        | RDKafkaLogLevel::Critical
+        | RDKafkaLogLevel::Error => {
+            tracing::error!(target: "librdkafka", fac, "{msg}")
+        }
+        RDKafkaLogLevel::Warning => tracing::warn!(target: "librdkafka", fac, "{msg}"),
+        RDKafkaLogLevel::Notice | RDKafkaLogLevel::Info => {
+            tracing::info!(target: "librdkafka", fac, "{msg}")
+        }
+        RDKafkaLogLevel::Debug => tracing::debug!(target: "librdkafka", fac, "{msg}"),
+    }
+}
+
+/// Sets the consumer-lag gauge of every partition in `stats`.
+pub fn record_lag(
+    stage: &'static str,
+    stats: &Statistics,
+    gauges: &mut HashMap<(String, i32), metrics::Gauge>,
+) {
+    for (name, topic) in &stats.topics {
+        for (p, part) in &topic.partitions {
+            if *p < 0 || part.consumer_lag < 0 {
+                continue;
+            }
+            gauges
+                .entry((name.clone(), *p))
+                .or_insert_with(|| {
+                    gauge!(crate::metrics::CONSUMER_LAG, "stage" => stage, "topic" => name.clone(), "partition" => p.to_string())
+                })
+                .set(part.consumer_lag as f64);
+        }
+    }
 }

@@ -22,6 +22,13 @@ pub const IN_FLIGHT: &str = "vidpulse_records_in_flight";
 pub const CONSUMER_LAG: &str = "vidpulse_consumer_lag";
 /// Offset commits that failed. Labels: `stage`.
 pub const COMMIT_FAILED: &str = "vidpulse_commit_failed_total";
+/// Failed calls to a dependency that were retried. Labels: `component`
+/// (kafka, redis, clickhouse, checkpoints).
+pub const RETRIES: &str = "vidpulse_retries_total";
+/// Sink write failures (each retry counts). Labels: `stage`, `sink`.
+pub const SINK_ERRORS: &str = "vidpulse_sink_errors_total";
+/// Sink write latency in seconds. Labels: `stage`.
+pub const SINK_LATENCY: &str = "vidpulse_sink_write_seconds";
 
 static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
 

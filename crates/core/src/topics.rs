@@ -14,7 +14,7 @@ pub fn pool(name: &str) -> String {
     format!("vp.pool.{name}.v1")
 }
 
-/// The raw topics of the built-in presets (DESIGN.md "Raw formats").
+/// The raw topics of the built-in presets (docs/mapping.md, "Presets").
 pub const RAW: [&str; 9] = [
     "video_events",
     "video_messages",

@@ -6,7 +6,9 @@
 //! (`vidpulse dims load`) shares this crate's scripts (see `load.rs`).
 //!
 //! Delivery guarantee: at-least-once into idempotent, order-safe Redis
-//! writes. Offsets are stored only after a batch's pipeline succeeded; each
+//! writes, on the stage runtime (`vidpulse_core::runtime`). Offsets are
+//! stored only after a batch's pipeline succeeded (and its dead letters were
+//! acknowledged); each
 //! write is an atomic compare-and-write Lua script on event times, so
 //! replays and out-of-order events never overwrite newer data, never revive
 //! an ended room and never shorten a live room's TTL. See docs/dims.md.
@@ -23,19 +25,33 @@ use std::time::Duration;
 
 use clap::{ArgAction, Parser};
 use vidpulse_core::admin::{self, Health};
-use vidpulse_core::config::{AdminArgs, ConfigError, KafkaArgs, RedisArgs};
-use vidpulse_core::pipeline::PipelineError;
-use vidpulse_core::{CancellationToken, kafka, topics};
+use vidpulse_core::config::{
+    ConfigError, KafkaArgs, LogArgs, LoopArgs, LoopDefaults, LoopSettings, RedisArgs,
+};
+use vidpulse_core::runtime::{self, Commit, RuntimeError, StageSettings};
+use vidpulse_core::{CancellationToken, topics};
 
 use model::Ttls;
 use plan::Planner;
-use sink::{DimSink, Dlq};
+use sink::DimSink;
 use store::Store;
 
 /// Stage name in metrics and DLQ headers.
 pub const STAGE: &str = "dim-builder";
-/// Default admin address of the dim-builder.
-pub const DEFAULT_ADMIN_ADDR: &str = "0.0.0.0:9102";
+
+/// The dim-builder's defaults for the loop flags (`VIDPULSE_DIM_*`): a
+/// batch is one Redis pipeline (one round trip).
+pub const LOOP_DEFAULTS: LoopDefaults = LoopDefaults {
+    env_prefix: "VIDPULSE_DIM",
+    group: "vidpulse-dim-builder",
+    admin_addr: "0.0.0.0:9102",
+    max_batch: 1000,
+    max_wait: "50ms",
+    max_in_flight: 100_000,
+    min_backoff: "200ms",
+    max_backoff: "5s",
+    drain_timeout: "30s",
+};
 
 /// Metric: events by outcome. Labels: `stage`, `outcome` (`applied`,
 /// `stale` — older than what Redis holds, or a replay —, `other_kind`,
@@ -94,40 +110,18 @@ pub struct Args {
     #[arg(long, env = "VIDPULSE_DIM_EVENTS_TOPIC", default_value = topics::EVENTS)]
     pub events_topic: String,
 
-    /// Dead-letter topic for records that are not events or that Redis
-    /// rejects for good.
-    #[arg(long, env = "VIDPULSE_DIM_DLQ_TOPIC", default_value = topics::DLQ)]
-    pub dlq_topic: String,
-
-    /// Consumer group.
-    #[arg(
-        long,
-        env = "VIDPULSE_DIM_GROUP",
-        default_value = "vidpulse-dim-builder"
-    )]
-    pub group: String,
-
-    /// Most events per Redis pipeline (one round trip).
-    #[arg(long, env = "VIDPULSE_DIM_MAX_BATCH", default_value_t = 1000)]
-    pub max_batch: usize,
-
-    /// Longest wait for a batch to fill after its first event.
-    #[arg(long, env = "VIDPULSE_DIM_MAX_WAIT", default_value = "50ms", value_parser = humantime::parse_duration)]
-    pub max_wait: Duration,
-
-    /// First retry delay while Redis fails; doubles up to --max-backoff.
-    #[arg(long, env = "VIDPULSE_DIM_MIN_BACKOFF", default_value = "100ms", value_parser = humantime::parse_duration)]
-    pub min_backoff: Duration,
-
-    /// Longest retry delay while Redis fails.
-    #[arg(long, env = "VIDPULSE_DIM_MAX_BACKOFF", default_value = "5s", value_parser = humantime::parse_duration)]
-    pub max_backoff: Duration,
-
     #[command(flatten)]
     pub kafka: KafkaArgs,
 
     #[command(flatten)]
-    pub admin: AdminArgs,
+    pub loop_: LoopArgs,
+
+    #[command(flatten)]
+    pub log: LogArgs,
+}
+
+impl vidpulse_core::config::StageArgs for Args {
+    const LOOP_DEFAULTS: LoopDefaults = LOOP_DEFAULTS;
 }
 
 /// Validated settings, built once at start.
@@ -138,7 +132,9 @@ pub struct Settings {
     pub planner: Planner,
     pub ttls: Ttls,
     pub admin_addr: SocketAddr,
-    pub loop_settings: vidpulse_core::sink::Settings,
+    pub group: String,
+    pub events_topic: String,
+    pub loop_: LoopSettings,
     pub dlq_topic: String,
 }
 
@@ -147,7 +143,7 @@ pub enum DimError {
     #[error(transparent)]
     Config(#[from] ConfigError),
     #[error(transparent)]
-    Pipeline(#[from] PipelineError),
+    Runtime(#[from] RuntimeError),
     #[error(transparent)]
     Store(#[from] store::StoreError),
     #[error("kafka: {0}")]
@@ -195,15 +191,6 @@ impl Settings {
         if args.viewer_profiles && args.key_prefix == args.viewer_key_prefix {
             return Err(invalid("--viewer-key-prefix", "must differ from --key-prefix").into());
         }
-        if args.max_batch == 0 {
-            return Err(invalid("--max-batch", "must be at least 1").into());
-        }
-        let admin_addr = match args.admin.admin_addr {
-            Some(a) => a,
-            None => DEFAULT_ADMIN_ADDR
-                .parse()
-                .map_err(|_| invalid("--admin-addr", "bad default"))?,
-        };
         Ok(Settings {
             redis_url: args.redis.redis_url.clone(),
             redis_timeout: args.redis_timeout,
@@ -212,17 +199,11 @@ impl Settings {
                 viewer_prefix: args.viewer_profiles.then(|| args.viewer_key_prefix.clone()),
             },
             ttls,
-            admin_addr,
-            loop_settings: vidpulse_core::sink::Settings {
-                stage: STAGE,
-                group: args.group.clone(),
-                inputs: vec![args.kafka.topic(&args.events_topic)],
-                max_batch: args.max_batch,
-                max_wait: args.max_wait,
-                min_backoff: args.min_backoff,
-                max_backoff: args.max_backoff.max(args.min_backoff),
-            },
-            dlq_topic: args.kafka.topic(&args.dlq_topic),
+            admin_addr: args.loop_.admin_addr,
+            group: args.loop_.group.clone(),
+            events_topic: args.kafka.topic(&args.events_topic),
+            loop_: args.loop_.settings()?,
+            dlq_topic: args.kafka.topic(&args.loop_.dlq_topic),
         })
     }
 }
@@ -237,7 +218,6 @@ pub async fn run(args: Args, shutdown: CancellationToken) -> Result<(), DimError
     // Connecting is left to the first batch, so the stage starts (not
     // ready) while Redis is down and catches up when it comes back.
     let store = Store::open(&settings.redis_url, settings.redis_timeout)?;
-    let producer = kafka::producer_config(&args.kafka)?.create()?;
     tracing::info!(
         room_prefix = %settings.planner.room_prefix,
         viewer_prefix = ?settings.planner.viewer_prefix,
@@ -249,12 +229,17 @@ pub async fn run(args: Args, shutdown: CancellationToken) -> Result<(), DimError
         store,
         planner: settings.planner,
         ttls: settings.ttls,
-        dlq: Dlq {
-            producer,
-            topic: settings.dlq_topic,
-        },
+        dlq_topic: settings.dlq_topic,
     };
-    vidpulse_core::sink::run(&args.kafka, settings.loop_settings, sink, health, shutdown).await?;
+    let stage = StageSettings {
+        stage: STAGE,
+        group: settings.group,
+        inputs: vec![settings.events_topic],
+        loop_: settings.loop_,
+        commit: Commit::AfterOutputs,
+        tick: Duration::from_secs(1),
+    };
+    runtime::run(&args.kafka, stage, sink, health, shutdown).await?;
     Ok(())
 }
 
@@ -262,11 +247,12 @@ pub async fn run(args: Args, shutdown: CancellationToken) -> Result<(), DimError
 mod tests {
     #![allow(clippy::unwrap_used)]
     use super::*;
+    use vidpulse_core::config::StageArgs;
 
     fn args(extra: &[&str]) -> Args {
         let mut v = vec!["vidpulse-dim-builder"];
         v.extend_from_slice(extra);
-        Args::try_parse_from(v).unwrap()
+        Args::try_parse_args(v).unwrap()
     }
 
     #[test]
@@ -276,8 +262,10 @@ mod tests {
         assert_eq!(s.ttls.ended_ms, 2 * 86_400_000);
         assert_eq!(s.planner.room_prefix, "room:");
         assert_eq!(s.planner.viewer_prefix.as_deref(), Some("viewer:"));
-        assert_eq!(s.loop_settings.inputs, vec!["vp.events.v1".to_owned()]);
-        assert_eq!(s.loop_settings.group, "vidpulse-dim-builder");
+        assert_eq!(s.events_topic, "vp.events.v1");
+        assert_eq!(s.group, "vidpulse-dim-builder");
+        assert_eq!(s.loop_.max_batch, 1000);
+        assert_eq!(s.admin_addr.port(), 9102);
     }
 
     #[test]
@@ -293,7 +281,7 @@ mod tests {
         .unwrap();
         assert_eq!(s.planner.room_prefix, "t1.room:");
         assert_eq!(s.planner.viewer_prefix, None);
-        assert_eq!(s.loop_settings.inputs, vec!["x.vp.events.v1".to_owned()]);
+        assert_eq!(s.events_topic, "x.vp.events.v1");
         assert_eq!(s.dlq_topic, "x.vp.dlq.v1");
         assert!(Settings::from_args(&args(&["--ended-ttl", "40d"])).is_err());
         assert!(Settings::from_args(&args(&["--live-ttl", "10ms"])).is_err());

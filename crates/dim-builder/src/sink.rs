@@ -1,26 +1,24 @@
-//! The stage's sink: a batch of `vp.events.v1` records becomes one Redis
+//! The stage's job: a batch of `vp.events.v1` records becomes one Redis
 //! pipeline of script calls (one per room or viewer event), sent in one
 //! round trip.
 //!
-//! Delivery guarantee: `write` returns Ok only when every event of the
-//! batch is applied in Redis (or found stale, or dead-lettered and
-//! acknowledged by the broker), so the core loop stores offsets only after
-//! that. Redis down, slow or overloaded gives a retriable error: the loop
-//! backs off, stops consuming, reports not ready, and resends the whole
-//! batch later, which is safe because every script is idempotent. A record
-//! that is not an event, or that Redis rejects for good (say the key holds
-//! another type), goes to the DLQ with the reason.
+//! Delivery guarantee: `process` returns Ok only when every event of the
+//! batch is applied in Redis (or found stale, or emitted as a dead letter,
+//! which the runtime has acknowledged before storing the offset). Redis
+//! down, slow or overloaded gives a retriable error: the runtime backs off,
+//! stops consuming, reports not ready, and hands the whole batch over again
+//! later, which is safe because every script is idempotent. A record that is
+//! not an event, or that Redis rejects for good (say the key holds another
+//! type), goes to the DLQ with the reason.
 
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use metrics::{counter, histogram};
-use rdkafka::message::{Header, OwnedHeaders};
-use rdkafka::producer::{FutureProducer, FutureRecord};
 use redis::Value;
 use vidpulse_core::dlq;
+use vidpulse_core::health::Component;
 use vidpulse_core::metrics as m;
-use vidpulse_core::pipeline::Input;
-use vidpulse_core::sink::{Record, Sink, SinkError};
+use vidpulse_core::runtime::{Outputs, Record, Stage, StageError};
 use vidpulse_proto::{Event, Message};
 
 use crate::model::Ttls;
@@ -28,19 +26,18 @@ use crate::plan::{Op, Planner};
 use crate::store::{self, Store};
 use crate::{EVENTS, REDIS_SECONDS, STAGE};
 
-/// Where dead letters go.
-pub struct Dlq {
-    pub producer: FutureProducer,
-    pub topic: String,
-}
-
 /// Writes event batches to Redis.
 pub struct DimSink {
     pub store: Store,
     pub planner: Planner,
     pub ttls: Ttls,
-    pub dlq: Dlq,
+    pub dlq_topic: String,
 }
+
+/// A failure Redis may recover from (connection, timeout, loading, busy).
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct RedisDown(pub String);
 
 /// What happened to one record.
 enum Outcome {
@@ -53,12 +50,12 @@ enum Outcome {
     },
 }
 
-impl Sink for DimSink {
-    async fn write(&mut self, batch: &[Record]) -> Result<(), SinkError> {
+impl Stage for DimSink {
+    async fn process(&mut self, batch: &[Record<'_>], out: &mut Outputs) -> Result<(), StageError> {
         let mut outcomes: Vec<Option<Outcome>> = Vec::with_capacity(batch.len());
         let mut ops: Vec<(usize, Op)> = Vec::new();
         for (i, r) in batch.iter().enumerate() {
-            match Event::decode(r.payload.as_deref().unwrap_or_default()) {
+            match Event::decode(r.payload.unwrap_or_default()) {
                 Err(e) => outcomes.push(Some(Outcome::Rejected {
                     reason: "undecodable",
                     detail: format!("not a vidpulse.v1.Event: {e}"),
@@ -79,30 +76,35 @@ impl Sink for DimSink {
                 store::push_op(&mut pipe, op, &self.ttls);
             }
             let started = Instant::now();
-            let replies = self
-                .store
-                .run(&pipe)
-                .await
-                .map_err(|e| to_sink_error(e.message, e.retriable))?;
-            histogram!(REDIS_SECONDS, "stage" => STAGE, "op" => "events")
-                .record(started.elapsed().as_secs_f64());
+            let replies = self.store.run(&pipe).await.map_err(|e| {
+                if e.retriable {
+                    StageError::retriable(Component::Redis, RedisDown(e.message))
+                } else {
+                    StageError::fatal(RedisDown(e.message))
+                }
+            })?;
+            let took = started.elapsed().as_secs_f64();
+            histogram!(REDIS_SECONDS, "stage" => STAGE, "op" => "events").record(took);
+            histogram!(m::SINK_LATENCY, "stage" => STAGE).record(took);
             if replies.len() != ops.len() {
-                return Err(SinkError::retriable(format!(
-                    "redis answered {} replies to {} commands",
-                    replies.len(),
-                    ops.len()
-                )));
+                return Err(StageError::retriable(
+                    Component::Redis,
+                    RedisDown(format!(
+                        "redis answered {} replies to {} commands",
+                        replies.len(),
+                        ops.len()
+                    )),
+                ));
             }
             for ((i, op), reply) in ops.iter().zip(replies) {
                 outcomes[*i] = Some(match reply {
                     Value::Int(0) => Outcome::Stale(op.target()),
                     Value::Int(_) => Outcome::Applied(op.target()),
                     Value::ServerError(e) if store::retriable_code(e.code()) => {
-                        return Err(SinkError::retriable(format!(
-                            "redis: {} {}",
-                            e.code(),
-                            e.details().unwrap_or("")
-                        )));
+                        return Err(StageError::retriable(
+                            Component::Redis,
+                            RedisDown(format!("{} {}", e.code(), e.details().unwrap_or(""))),
+                        ));
                     }
                     Value::ServerError(e) => Outcome::Rejected {
                         reason: "redis_rejected",
@@ -121,9 +123,8 @@ impl Sink for DimSink {
             }
         }
 
-        // Dead letters are acknowledged before the batch counts as written.
-        let mut sends = Vec::new();
-        for (r, o) in batch.iter().zip(&outcomes) {
+        // Dead letters are acknowledged before the offsets move.
+        for (i, (r, o)) in batch.iter().zip(&outcomes).enumerate() {
             if let Some(Outcome::Rejected { reason, detail }) = o {
                 tracing::warn!(
                     partition = r.partition,
@@ -132,11 +133,8 @@ impl Sink for DimSink {
                     detail,
                     "Event dead-lettered."
                 );
-                sends.push(self.dead_letter(r, reason, detail));
+                out.push(i, dlq::record(&self.dlq_topic, STAGE, r, reason, detail));
             }
-        }
-        for result in futures::future::join_all(sends).await {
-            result?;
         }
 
         // Count only once the batch is done, so retries do not double count.
@@ -164,56 +162,5 @@ impl Sink for DimSink {
             }
         }
         Ok(())
-    }
-}
-
-fn to_sink_error(message: String, retriable: bool) -> SinkError {
-    if retriable {
-        SinkError::retriable(message)
-    } else {
-        SinkError::fatal(message)
-    }
-}
-
-impl DimSink {
-    fn dead_letter(
-        &self,
-        r: &Record,
-        reason: &str,
-        detail: &str,
-    ) -> impl Future<Output = Result<(), SinkError>> + Send + 'static {
-        let input = Input {
-            topic: &r.topic,
-            partition: r.partition,
-            offset: r.offset,
-            key: r.key.as_deref(),
-            payload: r.payload.as_deref(),
-            timestamp_ms: r.timestamp_ms,
-            headers: &[],
-        };
-        let out = dlq::record(&self.dlq.topic, STAGE, &input, reason, detail);
-        let producer = self.dlq.producer.clone();
-        async move {
-            let mut headers = OwnedHeaders::new();
-            for (k, v) in &out.headers {
-                headers = headers.insert(Header {
-                    key: k,
-                    value: Some(v),
-                });
-            }
-            let mut rec: FutureRecord<'_, [u8], [u8]> =
-                FutureRecord::to(&out.topic).headers(headers);
-            if let Some(k) = &out.key {
-                rec = rec.key(k.as_slice());
-            }
-            if let Some(p) = &out.payload {
-                rec = rec.payload(p.as_slice());
-            }
-            producer
-                .send(rec, Duration::from_secs(30))
-                .await
-                .map(|_| ())
-                .map_err(|(e, _)| SinkError::retriable(format!("dead-letter produce failed: {e}")))
-        }
     }
 }

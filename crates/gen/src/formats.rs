@@ -1,4 +1,4 @@
-//! The seeds' raw JSON formats (DESIGN.md "Raw formats"), built field by
+//! The seeds' raw JSON formats (docs/mapping.md, "Presets"), built field by
 //! field in the seeds' order, and the per-format facts the malformed-record
 //! builder needs (which fields are ids, times, event types).
 //!

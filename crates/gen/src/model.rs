@@ -4,7 +4,7 @@
 
 use std::fmt;
 
-/// One raw topic format of DESIGN.md "Raw formats".
+/// One raw topic format of docs/mapping.md, "Presets".
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub enum Format {
     VideoEvents,
@@ -155,7 +155,7 @@ pub struct RawRecord {
     pub seq: u64,
     /// The unprefixed raw topic.
     pub topic: &'static str,
-    /// The subject id as text (see DESIGN.md); `None` for some unparseable
+    /// The subject id as text (see docs/mapping.md, "The canonical event"); `None` for some unparseable
     /// records.
     pub key: Option<String>,
     pub payload: Vec<u8>,

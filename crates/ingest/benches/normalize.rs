@@ -7,7 +7,7 @@ use std::collections::HashMap;
 use std::sync::Arc;
 
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
-use vidpulse_core::pipeline::{Input, Output, Processor};
+use vidpulse_core::runtime::Record;
 use vidpulse_ingest::normalize::Normalizer;
 use vidpulse_ingest::presets;
 
@@ -26,23 +26,18 @@ fn bench(c: &mut Criterion) {
     }
     let mut normalizer =
         Normalizer::new(mappings, "vp.events.v1".into(), "vp.dlq.v1".into(), 1 << 20);
-    let mut out: Vec<Output> = Vec::with_capacity(1);
+    let mut out = Vec::with_capacity(1);
     let mut g = c.benchmark_group("ingest");
     g.throughput(Throughput::Elements(records.len() as u64));
     g.bench_function("normalize_mixed_formats", |b| {
         b.iter(|| {
             for (i, r) in records.iter().enumerate() {
                 out.clear();
-                let input = Input {
-                    topic: r.topic,
-                    partition: 0,
-                    offset: i as i64,
+                let input = Record {
                     key: r.key.as_deref().map(str::as_bytes),
-                    payload: Some(&r.payload),
-                    timestamp_ms: None,
-                    headers: &[],
+                    ..Record::detached(r.topic, 0, i as i64, Some(&r.payload))
                 };
-                normalizer.process(&input, &mut out);
+                out.push(normalizer.normalize_record(&input));
             }
         })
     });

@@ -5,7 +5,7 @@
 use std::collections::HashMap;
 use std::sync::Arc;
 
-use vidpulse_core::pipeline::{Input, Processor};
+use vidpulse_core::runtime::Record;
 use vidpulse_ingest::{normalize::Normalizer, presets};
 
 fn main() {
@@ -29,16 +29,11 @@ fn main() {
     let mut out = Vec::new();
     let start = std::time::Instant::now();
     for (i, r) in records.iter().enumerate() {
-        let input = Input {
-            topic: r.topic,
-            partition: 0,
-            offset: i as i64,
+        let input = Record {
             key: r.key.as_deref().map(str::as_bytes),
-            payload: Some(&r.payload),
-            timestamp_ms: None,
-            headers: &[],
+            ..Record::detached(r.topic, 0, i as i64, Some(&r.payload))
         };
-        n.process(&input, &mut out);
+        out.push(n.normalize_record(&input));
     }
     eprintln!("{} outputs in {:?}", out.len(), start.elapsed());
 }

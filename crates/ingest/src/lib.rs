@@ -3,10 +3,12 @@
 //! protobuf event and produces it to `vp.events.v1`, keyed by its subject
 //! id; rejects go to `vp.dlq.v1` with their original bytes and a reason.
 //!
-//! Delivery: at-least-once through the shared pipeline loop; event ids are
-//! deterministic, so a re-read record yields the same event. Redis streams
-//! (`--redis-stream`, seed 004) are read by `redis_stream` with the same
-//! guarantee: an entry is acknowledged only after Kafka acknowledged it.
+//! Delivery: at-least-once through the stage runtime (`vidpulse_core::runtime`):
+//! a raw record's offset is committed only after its event (or dead letter)
+//! was acknowledged; event ids are deterministic, so a re-read record yields
+//! the same event. Redis streams (`--redis-stream`, seed 004) are read by
+//! `redis_stream` with the same guarantee: an entry is acknowledged only
+//! after Kafka acknowledged it.
 #![forbid(unsafe_code)]
 
 pub mod mapping;
@@ -24,8 +26,11 @@ use std::time::Duration;
 use chrono_tz::Tz;
 use clap::Parser;
 use vidpulse_core::admin::{self, Health};
-use vidpulse_core::config::{AdminArgs, ConfigError, KafkaArgs};
-use vidpulse_core::{CancellationToken, pipeline, topics};
+use vidpulse_core::config::{
+    ConfigError, KafkaArgs, LogArgs, LoopArgs, LoopDefaults, LoopSettings,
+};
+use vidpulse_core::runtime::{self, Commit, StageSettings};
+use vidpulse_core::{CancellationToken, topics};
 
 use mapping::Mapping;
 use normalize::Normalizer;
@@ -69,25 +74,9 @@ pub struct Args {
     #[arg(long, env = "VIDPULSE_INGEST_EVENTS_TOPIC", default_value = topics::EVENTS)]
     pub events_topic: String,
 
-    /// Dead-letter topic for records that cannot be normalized.
-    #[arg(long, env = "VIDPULSE_INGEST_DLQ_TOPIC", default_value = topics::DLQ)]
-    pub dlq_topic: String,
-
-    /// Consumer group.
-    #[arg(long, env = "VIDPULSE_INGEST_GROUP", default_value = "vidpulse-ingest")]
-    pub group: String,
-
     /// Raw records larger than this go to the DLQ as `payload_too_large`.
     #[arg(long, env = "VIDPULSE_INGEST_MAX_PAYLOAD_BYTES", default_value_t = 1024 * 1024)]
     pub max_payload_bytes: usize,
-
-    /// Most records produced but not yet acknowledged.
-    #[arg(long, env = "VIDPULSE_INGEST_MAX_IN_FLIGHT", default_value_t = 100_000)]
-    pub max_in_flight: usize,
-
-    /// How long shutdown waits for in-flight records.
-    #[arg(long, env = "VIDPULSE_INGEST_DRAIN_TIMEOUT", default_value = "30s", value_parser = humantime::parse_duration)]
-    pub drain_timeout: Duration,
 
     /// Print the built-in presets (name and TOML) and exit.
     #[arg(long)]
@@ -100,11 +89,28 @@ pub struct Args {
     pub redis: redis_stream::RedisStreamArgs,
 
     #[command(flatten)]
-    pub admin: AdminArgs,
+    pub loop_: LoopArgs,
+
+    #[command(flatten)]
+    pub log: LogArgs,
 }
 
-/// Default admin address of ingest.
-pub const DEFAULT_ADMIN_ADDR: &str = "0.0.0.0:9101";
+/// Ingest's defaults for the loop flags (`VIDPULSE_INGEST_*`).
+pub const LOOP_DEFAULTS: LoopDefaults = LoopDefaults {
+    env_prefix: "VIDPULSE_INGEST",
+    group: "vidpulse-ingest",
+    admin_addr: "0.0.0.0:9101",
+    max_batch: 1000,
+    max_wait: "0s",
+    max_in_flight: 100_000,
+    min_backoff: "200ms",
+    max_backoff: "5s",
+    drain_timeout: "30s",
+};
+
+impl vidpulse_core::config::StageArgs for Args {
+    const LOOP_DEFAULTS: LoopDefaults = LOOP_DEFAULTS;
+}
 
 /// Validated settings, built once at start.
 pub struct Settings {
@@ -113,6 +119,7 @@ pub struct Settings {
     pub events_topic: String,
     pub dlq_topic: String,
     pub admin_addr: SocketAddr,
+    pub loop_: LoopSettings,
     /// Redis streams to read (empty: none).
     pub streams: Vec<redis_stream::StreamSpec>,
 }
@@ -124,7 +131,7 @@ pub enum IngestError {
     #[error(transparent)]
     Mapping(#[from] mapping::MappingError),
     #[error(transparent)]
-    Pipeline(#[from] pipeline::PipelineError),
+    Runtime(#[from] runtime::RuntimeError),
     #[error(transparent)]
     RedisStream(#[from] redis_stream::StreamError),
     #[error("admin server: {0}")]
@@ -215,17 +222,12 @@ impl Settings {
                 .into());
             }
         }
-        let admin_addr = match args.admin.admin_addr {
-            Some(a) => a,
-            None => DEFAULT_ADMIN_ADDR
-                .parse()
-                .map_err(|_| invalid("--admin-addr", "bad default".into()))?,
-        };
         Ok(Settings {
             mappings,
             events_topic: args.kafka.topic(&args.events_topic),
-            dlq_topic: args.kafka.topic(&args.dlq_topic),
-            admin_addr,
+            dlq_topic: args.kafka.topic(&args.loop_.dlq_topic),
+            admin_addr: args.loop_.admin_addr,
+            loop_: args.loop_.settings()?,
             streams,
         })
     }
@@ -260,8 +262,10 @@ pub async fn run(args: Args, shutdown: CancellationToken) -> Result<(), IngestEr
         events_topic: settings.events_topic.clone(),
         dlq_topic: settings.dlq_topic.clone(),
         max_payload_bytes: args.max_payload_bytes,
-        max_in_flight: args.max_in_flight.max(1),
-        drain_timeout: args.drain_timeout,
+        max_in_flight: settings.loop_.max_in_flight,
+        drain_timeout: settings.loop_.drain_timeout,
+        min_backoff: settings.loop_.min_backoff,
+        max_backoff: settings.loop_.max_backoff,
     });
     let kafka = async {
         if inputs.is_empty() {
@@ -273,14 +277,15 @@ pub async fn run(args: Args, shutdown: CancellationToken) -> Result<(), IngestEr
             settings.dlq_topic.clone(),
             args.max_payload_bytes,
         );
-        let pl = pipeline::Settings {
+        let stage = StageSettings {
             stage: "ingest",
-            group: args.group.clone(),
+            group: args.loop_.group.clone(),
             inputs,
-            max_in_flight: args.max_in_flight,
-            drain_timeout: args.drain_timeout,
+            loop_: settings.loop_.clone(),
+            commit: Commit::AfterOutputs,
+            tick: Duration::from_millis(200),
         };
-        let r = pipeline::run(&args.kafka, pl, processor, health.clone(), stop.clone()).await;
+        let r = runtime::run(&args.kafka, stage, processor, health.clone(), stop.clone()).await;
         if r.is_err() {
             stop.cancel();
         }

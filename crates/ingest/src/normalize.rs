@@ -13,7 +13,7 @@ use std::sync::Arc;
 use metrics::{Counter, counter};
 use serde_json::Value;
 use serde_json::error::Category;
-use vidpulse_core::pipeline::{Input, Output, Processor};
+use vidpulse_core::runtime::{Output, Outputs, Record, Stage, StageError};
 use vidpulse_core::{dlq, metrics as m};
 use vidpulse_proto::{Event, Message};
 
@@ -143,7 +143,8 @@ pub fn normalize_with_id(
     Ok(event)
 }
 
-/// The ingest stage's `Processor`.
+/// The ingest stage: every raw record becomes exactly one output, its
+/// event or its dead letter.
 pub struct Normalizer {
     /// Full (prefixed) raw topic → mapping.
     mappings: HashMap<String, Arc<Mapping>>,
@@ -180,37 +181,33 @@ impl Normalizer {
 }
 
 impl Normalizer {
-    /// Processes a record: one replayed from the DLQ (`vp.original.*`
-    /// headers) keeps its original source-derived id.
-    fn process_record(&mut self, input: &Input<'_>, out: &mut Vec<Output>) {
+    /// Normalizes one raw record: its event, or its dead letter. A record
+    /// replayed from the DLQ (`vp.original.*` headers) keeps its original
+    /// source-derived id.
+    pub fn normalize_record(&mut self, input: &Record<'_>) -> Output {
         let headers = input.headers;
         let original = if headers.is_empty() {
             None
         } else {
-            original_id(headers.iter().copied())
+            original_id(headers.iter())
         };
-        let before = out.len();
-        self.process_as(input, original.as_deref(), out);
+        let mut out = self.normalize_as(input, original.as_deref());
         // Rejected again: the dead letter keeps pointing at the first read,
         // so a later replay still gets the original id.
-        if original.is_some() {
-            for o in out[before..]
-                .iter_mut()
-                .filter(|o| o.topic == self.dlq_topic)
-            {
-                for (k, v) in headers {
-                    if let Some(name) = [H_ORIGINAL_TOPIC, H_ORIGINAL_PARTITION, H_ORIGINAL_OFFSET]
-                        .into_iter()
-                        .find(|n| n == k)
-                    {
-                        o.headers.push((name, v.to_vec()));
-                    }
+        if original.is_some() && out.topic == self.dlq_topic {
+            for (k, v) in headers.iter() {
+                if let Some(name) = [H_ORIGINAL_TOPIC, H_ORIGINAL_PARTITION, H_ORIGINAL_OFFSET]
+                    .into_iter()
+                    .find(|n| *n == k)
+                {
+                    out.headers.push((name, v.to_vec()));
                 }
             }
         }
+        out
     }
 
-    fn process_as(&mut self, input: &Input<'_>, fallback_id: Option<&str>, out: &mut Vec<Output>) {
+    fn normalize_as(&mut self, input: &Record<'_>, fallback_id: Option<&str>) -> Output {
         let src = SourceRef {
             topic: input.topic,
             partition: input.partition,
@@ -236,33 +233,36 @@ impl Normalizer {
                 // Encoding into a Vec cannot fail (it grows as needed).
                 let _ = event.encode(&mut buf);
                 let kind = event.kind().map(|k| k.as_str()).unwrap_or("");
-                out.push(Output {
+                Output {
                     topic: self.events_topic.clone(),
                     key: Some(event.subject_key().as_bytes().to_vec()),
                     payload: Some(buf),
                     headers: vec![(H_KIND, kind.as_bytes().to_vec())],
-                });
+                }
             }
             Err(reject) => {
                 if let Some(c) = self.dlq_counters.get(&reject.reason) {
                     c.increment(1);
                 }
                 tracing::debug!(topic = input.topic, partition = input.partition, offset = input.offset, %reject, "Rejected.");
-                out.push(dlq::record(
+                dlq::record(
                     &self.dlq_topic,
                     "ingest",
                     input,
                     reject.reason.code(),
                     &reject.detail,
-                ));
+                )
             }
         }
     }
 }
 
-impl Processor for Normalizer {
-    fn process(&mut self, input: &Input<'_>, out: &mut Vec<Output>) {
-        self.process_record(input, out);
+impl Stage for Normalizer {
+    async fn process(&mut self, batch: &[Record<'_>], out: &mut Outputs) -> Result<(), StageError> {
+        for (i, r) in batch.iter().enumerate() {
+            out.push(i, self.normalize_record(r));
+        }
+        Ok(())
     }
 }
 
@@ -278,6 +278,7 @@ pub(crate) fn now_ms() -> i64 {
 mod tests {
     use super::*;
     use crate::presets::preset;
+    use vidpulse_core::runtime::Headers;
 
     const LIKE: &[u8] = br#"{"type":"like","timestamp":"1732200000.5","user_id":"u-5"}"#;
 
@@ -297,22 +298,16 @@ mod tests {
         )
     }
 
-    fn input(payload: &[u8], offset: i64) -> Input<'_> {
-        Input {
-            topic: "p.user_actions",
-            partition: 3,
-            offset,
+    fn input(payload: &[u8], offset: i64) -> Record<'_> {
+        Record {
             key: Some(b"k"),
-            payload: Some(payload),
-            timestamp_ms: None,
-            headers: &[],
+            ..Record::detached("p.user_actions", 3, offset, Some(payload))
         }
     }
 
-    fn event_id(out: &[Output]) -> String {
-        assert_eq!(out.len(), 1);
-        assert_eq!(out[0].topic, "p.vp.events.v1", "{out:?}");
-        Event::decode(out[0].payload.as_deref().unwrap())
+    fn event_id(out: &Output) -> String {
+        assert_eq!(out.topic, "p.vp.events.v1", "{out:?}");
+        Event::decode(out.payload.as_deref().unwrap())
             .unwrap()
             .event_id
     }
@@ -337,8 +332,7 @@ mod tests {
     #[test]
     fn a_replayed_record_keeps_its_original_source_derived_id() {
         let mut n = normalizer();
-        let mut out = Vec::new();
-        n.process(&input(LIKE, 40), &mut out);
+        let out = n.normalize_record(&input(LIKE, 40));
         assert_eq!(event_id(&out), "p.user_actions/3/40");
 
         // The same bytes re-driven to offset 90 with replay headers.
@@ -348,16 +342,12 @@ mod tests {
             (H_ORIGINAL_PARTITION, b"1"),
             (H_ORIGINAL_OFFSET, b"12"),
         ];
-        out.clear();
-        n.process(
-            &Input {
-                headers: &headers,
-                ..input(LIKE, 90)
-            },
-            &mut out,
-        );
+        let out = n.normalize_record(&Record {
+            headers: Headers::Pairs(&headers),
+            ..input(LIKE, 90)
+        });
         assert_eq!(event_id(&out), "p.user_actions/1/12");
-        let ev = Event::decode(out[0].payload.as_deref().unwrap()).unwrap();
+        let ev = Event::decode(out.payload.as_deref().unwrap()).unwrap();
         assert_eq!(
             ev.source.unwrap().offset,
             90,
@@ -365,51 +355,41 @@ mod tests {
         );
 
         // Without the headers it is a new record.
-        out.clear();
-        n.process(&input(LIKE, 90), &mut out);
+        let out = n.normalize_record(&input(LIKE, 90));
         assert_eq!(event_id(&out), "p.user_actions/3/90");
     }
 
     #[test]
     fn an_id_in_the_payload_wins_over_replay_headers() {
         let mut n = normalizer();
-        let mut out = Vec::new();
         let own = br#"{"type":"like","timestamp":1732200000,"event_id":"e-1"}"#;
         let headers: Vec<(&str, &[u8])> = vec![
             (H_ORIGINAL_TOPIC, b"p.user_actions"),
             (H_ORIGINAL_PARTITION, b"1"),
             (H_ORIGINAL_OFFSET, b"12"),
         ];
-        n.process(
-            &Input {
-                headers: &headers,
-                ..input(own, 90)
-            },
-            &mut out,
-        );
+        let out = n.normalize_record(&Record {
+            headers: Headers::Pairs(&headers),
+            ..input(own, 90)
+        });
         assert_eq!(event_id(&out), "e-1");
     }
 
     #[test]
     fn a_rejected_replay_goes_to_the_dlq_with_its_new_coordinates() {
         let mut n = normalizer();
-        let mut out = Vec::new();
         let headers: Vec<(&str, &[u8])> = vec![
             (H_ORIGINAL_TOPIC, b"p.user_actions"),
             (H_ORIGINAL_PARTITION, b"1"),
             (H_ORIGINAL_OFFSET, b"12"),
         ];
-        n.process(
-            &Input {
-                headers: &headers,
-                ..input(b"{}", 90)
-            },
-            &mut out,
-        );
-        assert_eq!(out[0].topic, "p.vp.dlq.v1");
+        let out = n.normalize_record(&Record {
+            headers: Headers::Pairs(&headers),
+            ..input(b"{}", 90)
+        });
+        assert_eq!(out.topic, "p.vp.dlq.v1");
         let h = |name: &str| {
-            out[0]
-                .headers
+            out.headers
                 .iter()
                 .find(|(k, _)| *k == name)
                 .map(|(_, v)| v.clone())

@@ -1,4 +1,4 @@
-//! Every sample event printed in the seed documents (and the DESIGN.md
+//! Every sample event printed in the seed documents (and the docs/mapping.md
 //! formats fixed for seed 001 metadata and seed 003) normalizes to the
 //! expected canonical event; bad input gets the expected reason.
 

@@ -31,7 +31,8 @@ use rdkafka::admin::AdminClient;
 use rdkafka::client::DefaultClientContext;
 use rdkafka::consumer::BaseConsumer;
 use vidpulse_core::admin::{self, Health};
-use vidpulse_core::config::{AdminArgs, ConfigError, KafkaArgs, RedisArgs};
+use vidpulse_core::config::{ConfigError, KafkaArgs, LogArgs, LoopArgs, LoopDefaults, RedisArgs};
+use vidpulse_core::runtime::{self, Commit, RuntimeError, StageSettings};
 use vidpulse_core::{CancellationToken, kafka, topics};
 
 use enrich::{EnrichSettings, KeyPatterns, MissPolicy};
@@ -56,18 +57,6 @@ pub struct Args {
     /// Topic matched, enriched events are written to.
     #[arg(long, env = "VIDPULSE_MONITOR_OUTPUT_TOPIC", default_value = topics::MONITORED)]
     pub output_topic: String,
-
-    /// Dead-letter topic for records that are not canonical events.
-    #[arg(long, env = "VIDPULSE_MONITOR_DLQ_TOPIC", default_value = topics::DLQ)]
-    pub dlq_topic: String,
-
-    /// Consumer group.
-    #[arg(
-        long,
-        env = "VIDPULSE_MONITOR_GROUP",
-        default_value = "vidpulse-monitor"
-    )]
-    pub group: String,
 
     #[command(flatten)]
     pub redis: RedisArgs,
@@ -134,43 +123,33 @@ pub struct Args {
     #[arg(long, env = "VIDPULSE_MONITOR_REDIS_TIMEOUT", default_value = "2s", value_parser = humantime::parse_duration)]
     pub redis_timeout: Duration,
 
-    /// Most events per batch (one Redis round trip per batch).
-    #[arg(long, env = "VIDPULSE_MONITOR_MAX_BATCH", default_value_t = 2000)]
-    pub max_batch: usize,
-
-    /// Longest a batch waits to fill after its first event.
-    #[arg(long, env = "VIDPULSE_MONITOR_MAX_WAIT", default_value = "20ms", value_parser = humantime::parse_duration)]
-    pub max_wait: Duration,
-
-    /// Most records produced but not yet acknowledged.
-    #[arg(
-        long,
-        env = "VIDPULSE_MONITOR_MAX_IN_FLIGHT",
-        default_value_t = 100_000
-    )]
-    pub max_in_flight: usize,
-
-    /// First retry delay after a Redis failure; doubles up to --max-backoff.
-    #[arg(long, env = "VIDPULSE_MONITOR_MIN_BACKOFF", default_value = "100ms", value_parser = humantime::parse_duration)]
-    pub min_backoff: Duration,
-
-    /// Longest retry delay after Redis failures.
-    #[arg(long, env = "VIDPULSE_MONITOR_MAX_BACKOFF", default_value = "10s", value_parser = humantime::parse_duration)]
-    pub max_backoff: Duration,
-
-    /// How long shutdown (and a revoke) waits for in-flight records.
-    #[arg(long, env = "VIDPULSE_MONITOR_DRAIN_TIMEOUT", default_value = "30s", value_parser = humantime::parse_duration)]
-    pub drain_timeout: Duration,
-
     #[command(flatten)]
     pub kafka: KafkaArgs,
 
     #[command(flatten)]
-    pub admin: AdminArgs,
+    pub loop_: LoopArgs,
+
+    #[command(flatten)]
+    pub log: LogArgs,
 }
 
-/// Default admin address of the monitor.
-pub const DEFAULT_ADMIN_ADDR: &str = "0.0.0.0:9103";
+/// The monitor's defaults for the loop flags (`VIDPULSE_MONITOR_*`): a batch
+/// is enriched in one Redis round trip.
+pub const LOOP_DEFAULTS: LoopDefaults = LoopDefaults {
+    env_prefix: "VIDPULSE_MONITOR",
+    group: "vidpulse-monitor",
+    admin_addr: "0.0.0.0:9103",
+    max_batch: 2000,
+    max_wait: "20ms",
+    max_in_flight: 100_000,
+    min_backoff: "200ms",
+    max_backoff: "5s",
+    drain_timeout: "30s",
+};
+
+impl vidpulse_core::config::StageArgs for Args {
+    const LOOP_DEFAULTS: LoopDefaults = LOOP_DEFAULTS;
+}
 
 #[derive(Debug, thiserror::Error)]
 pub enum MonitorError {
@@ -184,33 +163,12 @@ pub enum MonitorError {
     /// co-partitioned with the events); not retriable.
     #[error("{0}")]
     Fatal(String),
-    #[error("produce failed for good, stopping before its offset is stored: {0}")]
-    Produce(String),
-    #[error(
-        "shutdown drain timed out with {0} records unacknowledged; they will be re-read on restart"
-    )]
-    DrainTimeout(usize),
+    #[error(transparent)]
+    Runtime(#[from] RuntimeError),
     #[error("admin server: {0}")]
     Admin(std::io::Error),
     #[error(transparent)]
     Enrich(#[from] enrich::EnrichError),
-}
-
-/// Validated settings of the Kafka loop.
-#[derive(Clone, Debug)]
-pub(crate) struct LoopSettings {
-    pub events_topic: String,
-    pub output_topic: String,
-    pub dlq_topic: String,
-    pub group: String,
-    pub enrich: bool,
-    pub miss_policy: MissPolicy,
-    pub max_batch: usize,
-    pub max_wait: Duration,
-    pub max_in_flight: usize,
-    pub min_backoff: Duration,
-    pub max_backoff: Duration,
-    pub drain_timeout: Duration,
 }
 
 fn invalid(field: &str, message: impl Into<String>) -> ConfigError {
@@ -222,9 +180,7 @@ fn invalid(field: &str, message: impl Into<String>) -> ConfigError {
 
 /// Runs the monitor until `shutdown` is cancelled (then drains) or it fails.
 pub async fn run(args: Args, shutdown: CancellationToken) -> Result<(), MonitorError> {
-    if args.max_batch == 0 {
-        return Err(invalid("--max-batch", "must be at least 1").into());
-    }
+    let loop_ = args.loop_.settings()?;
     for (flag, p) in [
         ("--room-key", &args.room_key),
         ("--anchor-key", &args.anchor_key),
@@ -239,12 +195,7 @@ pub async fn run(args: Args, shutdown: CancellationToken) -> Result<(), MonitorE
             return Err(invalid("--pool", format!("{name:?} is not a pool name")).into());
         }
     }
-    let admin_addr: SocketAddr = match args.admin.admin_addr {
-        Some(a) => a,
-        None => DEFAULT_ADMIN_ADDR
-            .parse()
-            .map_err(|_| invalid("--admin-addr", "bad default"))?,
-    };
+    let admin_addr: SocketAddr = args.loop_.admin_addr;
     let health = Health::new();
     admin::serve(admin_addr, health.clone(), shutdown.clone())
         .await
@@ -282,7 +233,7 @@ pub async fn run(args: Args, shutdown: CancellationToken) -> Result<(), MonitorE
 
     // Refuse to start with a pool that cannot work (checked by the loader
     // once the registry is read), before joining the group.
-    health.set_not_ready("reading the pool registry");
+    health.set_phase("reading the pool registry");
     let started = Instant::now();
     loop {
         if let Some(msg) = gate.fatal() {
@@ -335,30 +286,28 @@ pub async fn run(args: Args, shutdown: CancellationToken) -> Result<(), MonitorE
             redis_timeout: args.redis_timeout,
         })?)
     };
-    let settings = LoopSettings {
-        events_topic,
-        output_topic,
-        dlq_topic: args.kafka.topic(&args.dlq_topic),
-        group: args.group.clone(),
-        enrich: enricher.is_some(),
-        miss_policy: args.miss_policy,
-        max_batch: args.max_batch,
-        max_wait: args.max_wait,
-        max_in_flight: args.max_in_flight.max(args.max_batch),
-        min_backoff: args.min_backoff,
-        max_backoff: args.max_backoff.max(args.min_backoff),
-        drain_timeout: args.drain_timeout,
-    };
-    let result = stage::run(
-        &args.kafka,
-        settings,
+    tracing::info!(topic = %events_topic, output = %output_topic, enrich = enricher.is_some(), "Monitoring.");
+    let monitor = stage::Monitor::new(
+        stage::Topics {
+            output: output_topic,
+            dlq: args.kafka.topic(&args.loop_.dlq_topic),
+        },
         gate,
         pools,
         enricher,
-        health,
-        shutdown,
-    )
-    .await;
+        args.miss_policy,
+    );
+    let settings = StageSettings {
+        stage: stage::STAGE,
+        group: args.loop_.group.clone(),
+        inputs: vec![events_topic],
+        loop_,
+        commit: Commit::AfterOutputs,
+        tick: Duration::from_millis(100),
+    };
+    let result = runtime::run(&args.kafka, settings, monitor, health, shutdown)
+        .await
+        .map_err(MonitorError::from);
     stop_loader();
     let _ = tokio::task::spawn_blocking(move || registry.join()).await;
     result

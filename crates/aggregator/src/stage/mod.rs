@@ -1,0 +1,513 @@
+//! The aggregator on the stage runtime: partition ownership with checkpoint
+//! restore on assignment ([`restore`]), record decoding into the per-
+//! partition state machines (`process`), and flushes on a tick ([`flush`]):
+//! emit → write ClickHouse and Redis → await the late records and dead
+//! letters → checkpoint → report the durable offset.
+//!
+//! Delivery guarantee: a partition's checkpoint is written only after every
+//! row, leaderboard partial and side record its state emitted was
+//! acknowledged, and its offset is committed only after the checkpoint
+//! ([`Commit::WhenDurable`]). While a sink fails, the runtime retries the
+//! same flush with backoff, reads nothing (back-pressure) and reports
+//! not-ready. On assignment a partition's state comes from its checkpoint (or
+//! is empty, reading from the earliest offset) and reading starts at the
+//! checkpoint's offset, whatever the group committed. On revoke the state
+//! since the last checkpoint is dropped: the next owner re-reads that suffix
+//! and, the state machine being deterministic, emits the same rows again,
+//! which the idempotent sinks absorb.
+
+mod flush;
+mod metrics;
+mod restore;
+
+use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use ::metrics::{Counter, Gauge, counter, gauge, histogram};
+use vidpulse_core::admin::{self, Health};
+use vidpulse_core::health::Component;
+use vidpulse_core::retry::{Backoff, retry};
+use vidpulse_core::runtime::{
+    self, Commit, InputPartition, Output, Outputs, Record, Stage, StageError, StageSettings,
+    StartAt, Tick,
+};
+use vidpulse_core::{CancellationToken, dlq, metrics as m};
+use vidpulse_proto::{Event, Message as _, MonitoredEvent};
+use vidpulse_query::schema::{self, Tables};
+use vidpulse_query::spec::{Input, Spec};
+
+use crate::engine::{Outcome, PartitionState, Plan};
+use crate::record::Rec;
+use crate::{AggError, Args, Settings, checkpoint, leaderboard};
+use flush::Pending;
+pub use metrics::*;
+
+pub(crate) const STAGE: &str = "aggregator";
+
+/// A partition this instance owns.
+struct Owned {
+    epoch: i64,
+    key: String,
+    state: PartitionState,
+    last_record: Instant,
+    watermark: Gauge,
+}
+
+/// Where results go.
+pub(crate) struct Sinks {
+    ch: clickhouse::Client,
+    tables: Tables,
+    redis: redis::aio::ConnectionManager,
+    board_script: redis::Script,
+    ckpt_script: redis::Script,
+    prefix: String,
+}
+
+struct Aggregator {
+    plan: Arc<Plan>,
+    settings: Settings,
+    /// Input topics (full names) and what they carry, in the runtime's order.
+    topics: Vec<(String, Input)>,
+    /// Consumer group, full name (it names the checkpoints).
+    group: String,
+    parts: HashMap<InputPartition, Owned>,
+    sinks: Sinks,
+    /// A flush that is not acknowledged yet; nothing new is flushed (or
+    /// read: the runtime retries) before it is.
+    pending: Option<Pending>,
+    /// Checkpoints `--reset-state` already dropped (once per process).
+    reset_done: HashSet<String>,
+    since_flush: usize,
+    last_flush: Instant,
+    last_early: Instant,
+    duplicates: Counter,
+    owned_gauge: Gauge,
+    unflushed: Gauge,
+}
+
+fn wall_ms() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
+        .unwrap_or(0)
+}
+
+/// Starts the aggregator: tables, Redis, then the runtime.
+pub(crate) async fn run(
+    args: Args,
+    spec: Spec,
+    settings: Settings,
+    shutdown: CancellationToken,
+) -> Result<(), AggError> {
+    let tables = Tables::new(
+        &args.clickhouse.clickhouse_database,
+        &args.kafka.topic_prefix,
+    );
+    if args.print_spec {
+        print!("{}", crate::spec::DEFAULT_SPEC);
+        return Ok(());
+    }
+    if args.print_ddl {
+        print!("{}", schema::describe_schema(&tables, &spec));
+        return Ok(());
+    }
+    let health = Health::new();
+    admin::serve(settings.admin_addr, health.clone(), shutdown.clone())
+        .await
+        .map_err(AggError::Admin)?;
+    vidpulse_core::metrics::install();
+
+    let plan = Arc::new(Plan::new(
+        spec,
+        settings.default_grace_ms,
+        settings.out_of_orderness_ms,
+    ));
+    let client = args.clickhouse.client();
+    let mut backoff = Backoff::new(settings.loop_.min_backoff, settings.loop_.max_backoff);
+
+    // Tables first: retried while ClickHouse is unreachable.
+    let created = retry(
+        &mut backoff,
+        &health,
+        Component::ClickHouse,
+        &shutdown,
+        |e: &vidpulse_query::ChError| e.retriable,
+        || schema::ensure_schema(&client, &tables, &plan.spec),
+    )
+    .await;
+    match created {
+        None => return Ok(()),
+        Some(r) => r?,
+    }
+    tracing::info!(database = %tables.database, metrics = plan.spec.metrics.len(), logs = plan.spec.logs.len(), "ClickHouse tables and views ready.");
+
+    let redis_client = redis::Client::open(args.redis.redis_url.as_str())?;
+    let redis = retry(
+        &mut backoff,
+        &health,
+        Component::Redis,
+        &shutdown,
+        |_: &redis::RedisError| true,
+        || redis::aio::ConnectionManager::new(redis_client.clone()),
+    )
+    .await;
+    let redis = match redis {
+        None => return Ok(()),
+        Some(r) => r?,
+    };
+
+    let topics: Vec<(String, Input)> = plan
+        .spec
+        .inputs()
+        .into_iter()
+        .map(|i| (args.kafka.topic(i.topic()), i))
+        .collect();
+    let stage_settings = StageSettings {
+        stage: STAGE,
+        group: settings.group.clone(),
+        inputs: topics.iter().map(|(t, _)| t.clone()).collect(),
+        loop_: settings.loop_.clone(),
+        commit: Commit::WhenDurable,
+        tick: Duration::from_millis(100),
+    };
+    let aggregator = Aggregator {
+        plan,
+        group: args.kafka.topic(&settings.group),
+        topics,
+        parts: HashMap::new(),
+        sinks: Sinks {
+            ch: client,
+            tables,
+            redis,
+            board_script: leaderboard::script(),
+            ckpt_script: checkpoint::write_script(),
+            prefix: args.kafka.topic_prefix.clone(),
+        },
+        pending: None,
+        reset_done: HashSet::new(),
+        since_flush: 0,
+        last_flush: Instant::now(),
+        last_early: Instant::now(),
+        duplicates: counter!(DUPLICATES, "stage" => STAGE),
+        owned_gauge: gauge!(PARTITIONS_OWNED, "stage" => STAGE),
+        unflushed: gauge!(UNFLUSHED, "stage" => STAGE),
+        settings,
+    };
+    runtime::run(&args.kafka, stage_settings, aggregator, health, shutdown).await?;
+    Ok(())
+}
+
+impl Stage for Aggregator {
+    async fn process(&mut self, batch: &[Record<'_>], out: &mut Outputs) -> Result<(), StageError> {
+        for (i, r) in batch.iter().enumerate() {
+            self.handle(i, r, out);
+        }
+        self.unflushed.set(self.since_flush as f64);
+        Ok(())
+    }
+
+    async fn on_assign(
+        &mut self,
+        parts: &[InputPartition],
+    ) -> Result<Vec<(InputPartition, StartAt)>, StageError> {
+        let mut starts = Vec::with_capacity(parts.len());
+        for p in parts {
+            let (topic, input) = &self.topics[p.topic as usize];
+            let key = checkpoint::key(&self.group, topic, p.partition);
+            let reset = self.settings.reset_state && !self.reset_done.contains(&key);
+            let (epoch, state) =
+                restore::restore(&mut self.sinks.redis, &self.plan, &key, *input, reset)
+                    .await
+                    .map_err(|e| StageError::retriable(Component::Checkpoints, e))?;
+            if reset {
+                self.reset_done.insert(key.clone());
+            }
+            starts.push((
+                *p,
+                if state.next_offset >= 0 {
+                    StartAt::Offset(state.next_offset)
+                } else {
+                    StartAt::Beginning
+                },
+            ));
+            let watermark =
+                gauge!(WATERMARK, "topic" => topic.clone(), "partition" => p.partition.to_string());
+            self.parts.insert(
+                *p,
+                Owned {
+                    epoch,
+                    key,
+                    state,
+                    last_record: Instant::now(),
+                    watermark,
+                },
+            );
+        }
+        self.owned_gauge.set(self.parts.len() as f64);
+        tracing::info!(
+            partitions = parts.len(),
+            "Partitions assigned; state restored from checkpoints."
+        );
+        Ok(starts)
+    }
+
+    fn tick_due(&self) -> bool {
+        self.since_flush >= self.settings.flush_max_rows
+    }
+
+    async fn on_tick(&mut self, tick: &mut Tick<'_>) -> Result<(), StageError> {
+        if self.pending.is_none() {
+            let due = self.flush_due() || (tick.last && !self.parts.is_empty());
+            if !due {
+                return Ok(());
+            }
+            self.pending = Some(self.prepare_flush());
+        }
+        self.write_pending(tick).await
+    }
+
+    async fn on_revoke(&mut self, parts: &[InputPartition]) {
+        for p in parts {
+            self.parts.remove(p);
+        }
+        if let Some(pending) = &mut self.pending {
+            pending.forget(parts);
+        }
+        self.owned_gauge.set(self.parts.len() as f64);
+        tracing::info!(
+            partitions = parts.len(),
+            "Partitions revoked; their unflushed state is dropped (the next owner re-reads it)."
+        );
+    }
+}
+
+impl Aggregator {
+    fn flush_due(&self) -> bool {
+        if self.since_flush >= self.settings.flush_max_rows {
+            return true;
+        }
+        if self.last_flush.elapsed() < self.settings.flush_interval {
+            return false;
+        }
+        if self.since_flush > 0 {
+            return true;
+        }
+        if self
+            .settings
+            .early_emit
+            .is_some_and(|e| self.last_early.elapsed() >= e)
+            && self.parts.values().any(|p| p.state.open_panes() > 0)
+        {
+            return true;
+        }
+        // Idle partitions whose watermark may close something.
+        self.parts.values().any(|p| {
+            p.last_record.elapsed() >= self.settings.idle_timeout && p.state.has_open_state()
+        })
+    }
+
+    /// One record into its partition's state machine; late records and
+    /// dead letters go out tied to it.
+    fn handle(&mut self, i: usize, r: &Record<'_>, out: &mut Outputs) {
+        let Some(owned) = self.parts.get_mut(&r.part) else {
+            // Not restored: not ours to count.
+            return;
+        };
+        owned.last_record = Instant::now();
+        let offset = r.offset;
+        if offset < owned.state.next_offset {
+            return;
+        }
+        self.since_flush += 1;
+        let input = self.topics[r.part.topic as usize].1;
+        let payload = r.payload.unwrap_or_default();
+        let decoded = match input {
+            Input::Events => Event::decode(payload)
+                .map(|e| Decoded {
+                    event: e,
+                    pools: Vec::new(),
+                    enrichment: None,
+                })
+                .map_err(|e| e.to_string()),
+            Input::Monitored => MonitoredEvent::decode(payload)
+                .map_err(|e| e.to_string())
+                .and_then(|me| match me.event {
+                    Some(event) => Ok(Decoded {
+                        event,
+                        pools: me.pools,
+                        enrichment: Some(me.enrichment),
+                    }),
+                    None => Err("monitored record without an event".into()),
+                }),
+        };
+        let Decoded {
+            event,
+            pools,
+            enrichment,
+        } = match decoded {
+            Ok(d) => d,
+            Err(detail) => {
+                owned.state.skip(offset);
+                counter!(m::RECORDS_DLQ, "stage" => STAGE, "reason" => "invalid_protobuf")
+                    .increment(1);
+                out.push(
+                    i,
+                    dlq::record(
+                        &self.settings.dlq_topic,
+                        STAGE,
+                        r,
+                        "invalid_protobuf",
+                        &format!("not a {}: {detail}", input_kind(&input)),
+                    ),
+                );
+                return;
+            }
+        };
+        let Some(rec) = Rec::new(&event, &pools, enrichment.as_ref()) else {
+            owned.state.skip(offset);
+            counter!(m::RECORDS_DROPPED, "stage" => STAGE, "reason" => "unknown_kind").increment(1);
+            return;
+        };
+        match owned.state.process(&self.plan, &rec, offset) {
+            Outcome::Stale | Outcome::Ignored => {}
+            Outcome::Duplicate => self.duplicates.increment(1),
+            Outcome::Counted { late } => {
+                if !late.is_empty() {
+                    for name in &late {
+                        counter!(LATE_EVENTS, "metric" => name.clone()).increment(1);
+                    }
+                    let watermark = owned.state.watermark();
+                    out.push(
+                        i,
+                        Output {
+                            topic: self.settings.late_topic.clone(),
+                            key: r.key.map(<[u8]>::to_vec),
+                            payload: r.payload.map(<[u8]>::to_vec),
+                            headers: vec![
+                                ("vp.late.for", late.join(",").into_bytes()),
+                                ("vp.watermark", watermark.to_string().into_bytes()),
+                                ("vp.kind", rec.kind.as_str().as_bytes().to_vec()),
+                                (dlq::H_STAGE, STAGE.as_bytes().to_vec()),
+                                (dlq::H_TOPIC, r.topic.as_bytes().to_vec()),
+                                (dlq::H_PARTITION, r.partition.to_string().into_bytes()),
+                                (dlq::H_OFFSET, offset.to_string().into_bytes()),
+                            ],
+                        },
+                    );
+                }
+            }
+        }
+    }
+
+    /// Idle advance, emission and checkpoint deltas of every owned
+    /// partition: the next flush, to be written until acknowledged.
+    fn prepare_flush(&mut self) -> Pending {
+        let early = self
+            .settings
+            .early_emit
+            .is_some_and(|e| self.last_early.elapsed() >= e);
+        if early {
+            self.last_early = Instant::now();
+        }
+        let wall = wall_ms();
+        let idle_timeout_ms =
+            i64::try_from(self.settings.idle_timeout.as_millis()).unwrap_or(i64::MAX);
+        let mut emitted = Vec::with_capacity(self.parts.len());
+        let mut checkpoints = Vec::new();
+        for (p, owned) in self.parts.iter_mut() {
+            let idle_for =
+                i64::try_from(owned.last_record.elapsed().as_millis()).unwrap_or(i64::MAX);
+            if owned.state.has_open_state() {
+                owned
+                    .state
+                    .advance_idle(&self.plan, idle_for, idle_timeout_ms, wall);
+            }
+            let e = owned.state.emit(&self.plan, early);
+            owned.watermark.set(owned.state.watermark().max(0) as f64);
+            if !e.is_empty() {
+                emitted.push((*p, self.topics[p.topic as usize].1.name(), e));
+            }
+            if owned.state.dirty() {
+                checkpoints.push(flush::Checkpoint {
+                    part: *p,
+                    key: owned.key.clone(),
+                    epoch: owned.epoch,
+                    next_offset: owned.state.next_offset,
+                    delta: owned.state.checkpoint_delta(&self.plan),
+                    done: false,
+                });
+            }
+        }
+        self.since_flush = 0;
+        self.unflushed.set(0.0);
+        Pending::new(&self.plan, &self.sinks.prefix, &emitted, checkpoints)
+    }
+
+    /// Writes the pending flush; on success reports the checkpointed
+    /// positions as durable. A retriable failure keeps it for the next try.
+    async fn write_pending(&mut self, tick: &mut Tick<'_>) -> Result<(), StageError> {
+        let Some(pending) = self.pending.as_mut() else {
+            return Ok(());
+        };
+        let result = async {
+            pending.write_results(&self.sinks).await?;
+            // Late records and dead letters of the batches it covers.
+            tick.outputs_acked().await?;
+            pending.write_checkpoints(&self.sinks).await
+        }
+        .await;
+        if let Err(e) = result {
+            pending.attempts += 1;
+            let max = self.settings.sink_max_retries;
+            if max > 0 && pending.attempts >= max && matches!(e, StageError::Retriable { .. }) {
+                return Err(StageError::fatal(AggError::GaveUp {
+                    attempts: pending.attempts,
+                    last: vidpulse_core::error_chain(&e),
+                }));
+            }
+            return Err(e);
+        }
+        let Some(done) = self.pending.take() else {
+            return Ok(());
+        };
+        for c in &done.checkpoints {
+            if c.next_offset >= 0 && !done.fenced.contains(&c.part) {
+                tick.durable(c.part, c.next_offset);
+            }
+        }
+        for p in &done.fenced {
+            counter!(FENCED, "stage" => STAGE).increment(1);
+            tracing::warn!(topic = %self.topics[p.topic as usize].0, partition = p.partition, "Checkpoint fenced: another instance owns this partition now; dropping it here.");
+            self.parts.remove(p);
+        }
+        self.owned_gauge.set(self.parts.len() as f64);
+        // Time spent flushing does not count as idleness.
+        let took = done.started.elapsed();
+        for owned in self.parts.values_mut() {
+            owned.last_record += took;
+        }
+        histogram!(FLUSH_SECONDS).record(took.as_secs_f64());
+        tracing::debug!(
+            ms = took.as_millis(),
+            checkpoint_fields = done.checkpoint_fields(),
+            "Flushed."
+        );
+        self.last_flush = Instant::now();
+        Ok(())
+    }
+}
+
+fn input_kind(i: &Input) -> &'static str {
+    match i {
+        Input::Events => "vidpulse.v1.Event",
+        Input::Monitored => "vidpulse.v1.MonitoredEvent",
+    }
+}
+
+/// An input record's event, with what the monitor added.
+struct Decoded {
+    event: Event,
+    pools: Vec<String>,
+    enrichment: Option<HashMap<String, String>>,
+}
