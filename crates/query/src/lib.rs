@@ -16,6 +16,7 @@ pub mod read;
 pub mod schema;
 pub mod spec;
 pub mod sql;
+pub mod zone;
 
 use std::path::PathBuf;
 
