@@ -13,6 +13,7 @@ pub mod boards;
 pub mod clickhouse;
 pub mod field;
 pub mod read;
+pub mod rollup;
 pub mod schema;
 pub mod spec;
 pub mod sql;
