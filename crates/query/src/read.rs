@@ -148,8 +148,15 @@ pub async fn run(
     }
     let q = final_sql(tables, target, f)?;
     let raw = fetch_json(ch, &q.sql).await?;
-    // A whole-range rollup without `from` or `to` spans the windows found.
-    let mut span = (f.from_ms, f.to_ms);
+    // A whole-range rollup covers the windows starting in [from, to): it
+    // starts at the first window boundary at or after `from`, and without
+    // `from` or `to` it spans the windows found.
+    let mut span = (
+        f.from_ms
+            .zip(q.rollup.as_ref())
+            .map(|(fr, plan)| align_up(&plan.pane, fr)),
+        f.to_ms,
+    );
     if let Some(plan) = &q.rollup
         && plan.rollup == Rollup::All
         && (span.0.is_none() || span.1.is_none())
@@ -210,6 +217,12 @@ pub async fn run(
         }
     }
     Ok(out)
+}
+
+/// The first window boundary at or after `t`.
+fn align_up(pane: &crate::spec::Window, t: i64) -> i64 {
+    let s = pane.start_of(t);
+    if s == t { t } else { pane.end_of(s) }
 }
 
 async fn board_rows(
@@ -310,7 +323,10 @@ async fn board_rows(
         let mut members: Vec<(String, i64)> = members.into_iter().collect();
         members.sort_by(|a, b| b.1.cmp(&a.1).then_with(|| a.0.cmp(&b.0)));
         let (ws, we) = if f.rollup == Some(Rollup::All) {
-            (f.from_ms.unwrap_or(first), f.to_ms.unwrap_or(last_end))
+            (
+                f.from_ms.map_or(first, |fr| align_up(&b.window(), fr)),
+                f.to_ms.unwrap_or(last_end),
+            )
         } else {
             (ws, we)
         };

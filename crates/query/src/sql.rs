@@ -200,15 +200,17 @@ fn metric_sql(t: &Tables, m: &Metric, f: &Filters) -> Result<FinalQuery, QueryEr
 
     let mut base_conds = conds.clone();
     if !level {
+        // A hopping window starting at W holds the panes W ..= W + span:
+        // windows starting in [from, to) need the panes in [from, to + span).
         let span_s = (m.window.size_ms - m.window.slide_ms) / 1000;
         if let Some(fr) = from_s {
-            base_conds.push(format!(
-                "window_start >= toDateTime({})",
-                (fr - span_s).max(0)
-            ));
+            base_conds.push(format!("window_start >= toDateTime({})", fr.max(0)));
         }
         if let Some(to) = to_s {
-            base_conds.push(format!("window_start < toDateTime({})", to.max(0)));
+            base_conds.push(format!(
+                "window_start < toDateTime({})",
+                (to + span_s).max(0)
+            ));
         }
     }
     let where_base = if base_conds.is_empty() {
@@ -576,6 +578,32 @@ mod tests {
             ..Filters::default()
         };
         final_sql(&t, &Target::find(&spec, name).unwrap(), &f).unwrap()
+    }
+
+    #[test]
+    fn a_hopping_window_near_the_range_end_keeps_all_its_panes() {
+        // gifts_6h windows starting in [10:00, 10:00:01): the one window of
+        // 10:00 to 16:00 needs its panes up to 15:59, not only 10:00's.
+        let spec = Spec::default_spec();
+        let t = Tables::new("vidpulse", "");
+        let from = 1_629_108_000_000; // 2021-08-16T10:00:00Z
+        let f = Filters {
+            from_ms: Some(from),
+            to_ms: Some(from + 1_000),
+            ..Filters::default()
+        };
+        let q = final_sql(&t, &Target::find(&spec, "gifts_6h").unwrap(), &f).unwrap();
+        let (fr, to) = (from / 1000, from / 1000 + 1);
+        assert!(
+            q.sql.contains(&format!("window_start >= toDateTime({fr})"))
+                && q.sql.contains(&format!(
+                    "window_start < toDateTime({})",
+                    to + 6 * 3600 - 60
+                ))
+                && q.sql.contains(&format!("_ws >= {fr} AND _ws < {to}")),
+            "{}",
+            q.sql
+        );
     }
 
     #[test]
