@@ -75,6 +75,7 @@ fn section<'a>(out: &'a str, header: &str) -> (&'a str, Vec<&'a str>) {
     let body = lines[i + 1..]
         .iter()
         .take_while(|l| !l.starts_with("== ") && !l.starts_with("-- "))
+        .filter(|l| !l.trim().is_empty())
         .copied()
         .collect();
     (lines[i], body)
@@ -250,6 +251,7 @@ fn shape(out: &str) -> Vec<String> {
         let body = lines[i + 1..]
             .iter()
             .take_while(|l| !l.starts_with("== ") && !l.starts_with("-- "))
+            .filter(|l| !l.trim().is_empty())
             .count();
         // Room hashes and tailed records vary in length with the data.
         let sized = !(l.starts_with("== dim-builder") || l.starts_with("== last"));

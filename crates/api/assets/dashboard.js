@@ -65,11 +65,22 @@
     c.update('none');
   }
 
-  // "today" panels: the day and its zone; the rows are totals since 00:00.
+  // A time as HH:MM on the clock of `zone` (the dashboard's day zone).
+  function hhmmIn(iso, zone) {
+    try {
+      return new Intl.DateTimeFormat('en-GB', { hour: '2-digit', minute: '2-digit', hour12: false, timeZone: zone })
+        .format(new Date(iso));
+    } catch (e) {
+      return hhmm(iso);
+    }
+  }
+
+  // "today" panels: totals since 00:00 in the day zone; the header says
+  // which day and zone.
   function todayLabel(p) {
     if (!p || !p.day) { return ''; }
-    return p.day + ' since 00:00 ' + (p.zone === 'UTC' ? 'UTC' : p.zone) +
-      (p.window_end ? ', to ' + hhmm(p.window_end) : '');
+    el('day').textContent = 'today: ' + p.day + ' · ' + p.zone;
+    return '00:00–' + (p.window_end ? hhmmIn(p.window_end, p.zone) : 'now');
   }
 
   // A small per-minute line under a "today" chart.
