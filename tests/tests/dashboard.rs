@@ -6,8 +6,9 @@
 //! "today" panels (seed 002's running totals: gifts by type, members per
 //! grade, viewers by province × grade, top 10 gifters) must equal gen's
 //! ground truth, in the snapshot and in the charts the page draws. The
-//! dashboard's day is set (`--day-zone`) to a zone where it is about noon,
-//! so the run never crosses its midnight and "today" holds all of it.
+//! dashboard's day is set (`--day-zone`) to Asia/Shanghai, or to a zone
+//! where it is about noon when China's midnight is near, so the run never
+//! crosses midnight and "today" holds all of it.
 //! The page is then saved as a screenshot (scratch dir; also to
 //! `$VIDPULSE_DASHBOARD_PNG` when set, which `scripts/dashboard-screenshot`
 //! uses to refresh docs/dashboard.png).
@@ -428,8 +429,10 @@ fn dashboard_fills_every_chart_from_the_live_stream() {
     drop_clickhouse_tables(&env.prefix);
 }
 
-/// A fixed-offset zone where it is about noon now, so a run of a few
-/// minutes stays inside one day there (`Etc/GMT-3` is UTC+3).
+/// Seed 002's zone, Asia/Shanghai, unless its midnight is less than an
+/// hour away; then a fixed-offset zone where it is about noon now. Either
+/// way a run of a few minutes stays inside one day there (`Etc/GMT-3` is
+/// UTC+3).
 fn noon_zone() -> String {
     let hour = (std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
@@ -437,6 +440,9 @@ fn noon_zone() -> String {
         .as_secs()
         / 3600
         % 24) as i64;
+    if (1..23).contains(&((hour + 8) % 24)) {
+        return "Asia/Shanghai".into();
+    }
     match 12 - hour {
         0 => "UTC".into(),
         o if o > 0 => format!("Etc/GMT-{o}"),
