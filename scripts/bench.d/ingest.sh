@@ -88,7 +88,9 @@ _private_broker() {
 _broker_pid() {
     local port="${VIDPULSE_KAFKA_BROKERS##*:}" p
     for p in $(pgrep -f 'nisshi broker' || true); do
-        if tr '\0' ' ' <"/proc/$p/cmdline" | grep -q "tcp://[^ ]*:$port "; then
+        local cmd
+        cmd="$(tr '\0' ' ' <"/proc/$p/cmdline" 2>/dev/null || true)"
+        if [[ "$cmd" =~ tcp://[^\ ]*:$port\  ]]; then
             echo "$p"
             return
         fi

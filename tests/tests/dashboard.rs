@@ -2,7 +2,13 @@
 //! rate with event times at the wall clock → ingest → monitor with two pools
 //! → aggregator with early emission) feeds vidpulse-api; headless Chromium
 //! (the Debian package) opens the page, which must fill every chart and
-//! table from the server-sent events on /api/live and keep refreshing.
+//! table from the server-sent events on /api/live and keep refreshing. Its
+//! "today" panels (seed 002's running totals: gifts by type, members per
+//! grade, viewers by province × grade, top 10 gifters) must equal gen's
+//! ground truth, in the snapshot and in the charts the page draws. The
+//! dashboard's day is set (`--day-zone`) to Asia/Shanghai, or to a zone
+//! where it is about noon when China's midnight is near, so the run never
+//! crosses midnight and "today" holds all of it.
 //! The page is then saved as a screenshot (scratch dir; also to
 //! `$VIDPULSE_DASHBOARD_PNG` when set, which `scripts/dashboard-screenshot`
 //! uses to refresh docs/dashboard.png).
@@ -12,6 +18,7 @@
 //! and each Chart.js chart's data) instead of guessing with timeouts.
 #![allow(clippy::unwrap_used)]
 
+use std::collections::BTreeMap;
 use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::path::PathBuf;
@@ -200,16 +207,13 @@ fn dashboard_fills_every_chart_from_the_live_stream() {
         .unwrap_or(0);
     let duration = format!("{}s", (settle + 60).max(120));
     let truth = scratch(&env.prefix).join("truth.json");
-    let _gen = env.spawn(
+    let mut gen_proc = env.spawn(
         "vidpulse-gen",
         &[
-            "--start",
-            "now",
+            "--wall-clock",
             "--rate",
             "150",
             "--duration",
-            &duration,
-            "--span",
             &duration,
             "--seed",
             "3",
@@ -221,9 +225,18 @@ fn dashboard_fills_every_chart_from_the_live_stream() {
 
     let api_port = free_port();
     let listen = format!("127.0.0.1:{api_port}");
+    let zone = noon_zone();
+    println!("dashboard day zone: {zone}");
     let mut api = env.spawn(
         "vidpulse-api",
-        &["--listen", &listen, "--live-interval", "1s"],
+        &[
+            "--listen",
+            &listen,
+            "--live-interval",
+            "1s",
+            "--day-zone",
+            &zone,
+        ],
         "api.log",
     );
     wait_for("vidpulse-api /healthz", Duration::from_secs(30), || {
@@ -277,6 +290,46 @@ fn dashboard_fills_every_chart_from_the_live_stream() {
         std::thread::sleep(Duration::from_secs(settle));
     }
 
+    // ---- today so far = gen's truth ----
+    wait_for("vidpulse-gen to finish", Duration::from_secs(400), || {
+        (!gen_proc.is_running()).then_some(())
+    });
+    let truth = read_json(&truth);
+    let want = today_truth(&truth);
+    let t = Instant::now();
+    let snap = loop {
+        let snap = http_json(api_port, "/api/live/snapshot")
+            .filter(|(s, _)| *s == 200)
+            .map(|(_, v)| v)
+            .unwrap_or(Value::Null);
+        let got = today_panels(&snap);
+        if got == want {
+            break snap;
+        }
+        assert!(
+            t.elapsed() < Duration::from_secs(180),
+            "today panels still differ from the truth: {}",
+            first_difference(&want, &got)
+        );
+        std::thread::sleep(Duration::from_millis(500));
+    };
+    println!(
+        "today panels equal the truth {:?} after gen ended ({} gift types, {} grades, {} province × grade cells, top {})",
+        t.elapsed(),
+        want["gifts_by_type"].len(),
+        want["members_by_grade"].len(),
+        want["viewers_by_province_grade"].len(),
+        want["top_gifters"].len()
+    );
+    for id in ["gifts_by_type", "members_by_grade"] {
+        let trend = snap["panels"][id]["trend"].as_array().unwrap();
+        assert!(
+            trend.iter().any(|p| p["value"].as_i64().unwrap_or(0) > 0),
+            "{id}: no per-minute trend: {trend:?}"
+        );
+    }
+    assert_eq!(snap["panels"]["gifts_by_type"]["zone"], json!(zone));
+
     // ---- the browser ----
     let devtools = free_port();
     let profile = scratch(&env.prefix).join("chromium-profile");
@@ -319,7 +372,7 @@ fn dashboard_fills_every_chart_from_the_live_stream() {
         let charts = page["charts"].as_array().cloned().unwrap_or_default();
         let ok = page["updates"].as_u64().unwrap_or(0) >= 2
             && panels.len() == 12
-            && charts.len() == 6
+            && charts.len() == 8
             && panels
                 .iter()
                 .all(|p| p[1].as_u64().unwrap_or(0) > 0 && p[2] == json!("ok"))
@@ -341,10 +394,14 @@ fn dashboard_fills_every_chart_from_the_live_stream() {
             "panel without data: {p} in {page}"
         );
     }
-    assert_eq!(page["charts"].as_array().unwrap().len(), 6, "{page}");
+    assert_eq!(page["charts"].as_array().unwrap().len(), 8, "{page}");
     for c in page["charts"].as_array().unwrap() {
         assert!(c[1].as_i64().unwrap_or(0) > 0, "chart without data: {c}");
     }
+    // What the page draws for today is the truth too.
+    let drawn = cdp.eval_json(DRAWN);
+    check_drawn(&drawn, &want);
+    println!("the page draws today's truth: {}", drawn["kpi"]);
 
     // ---- the screenshot ----
     let shot = cdp.call("Page.captureScreenshot", json!({"format": "png"}));
@@ -370,4 +427,218 @@ fn dashboard_fills_every_chart_from_the_live_stream() {
         "vidpulse-api did not exit cleanly with a browser attached"
     );
     drop_clickhouse_tables(&env.prefix);
+}
+
+/// Seed 002's zone, Asia/Shanghai, unless its midnight is less than an
+/// hour away; then a fixed-offset zone where it is about noon now. Either
+/// way a run of a few minutes stays inside one day there (`Etc/GMT-3` is
+/// UTC+3).
+fn noon_zone() -> String {
+    let hour = (std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs()
+        / 3600
+        % 24) as i64;
+    if (1..23).contains(&((hour + 8) % 24)) {
+        return "Asia/Shanghai".into();
+    }
+    match 12 - hour {
+        0 => "UTC".into(),
+        o if o > 0 => format!("Etc/GMT-{o}"),
+        o => format!("Etc/GMT+{}", -o),
+    }
+}
+
+/// Rows without the range columns, as sorted JSON texts.
+fn rows_of(rows: &Value, keep: &[&str]) -> Vec<String> {
+    let mut v: Vec<String> = rows
+        .as_array()
+        .map(|a| {
+            a.iter()
+                .map(|r| {
+                    let o: serde_json::Map<String, Value> = keep
+                        .iter()
+                        .map(|k| ((*k).to_owned(), r[*k].clone()))
+                        .collect();
+                    Value::Object(o).to_string()
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    v.sort();
+    v
+}
+
+const TODAY: [(&str, &str, &[&str]); 4] = [
+    (
+        "gifts_by_type",
+        "gifts_by_type_1m",
+        &["gift_type", "amount", "gifts", "givers"],
+    ),
+    (
+        "members_by_grade",
+        "members_by_grade_1m",
+        &["grade", "members"],
+    ),
+    (
+        "viewers_by_province_grade",
+        "viewers_by_province_grade_1m",
+        &["province", "grade", "arrivals", "viewers"],
+    ),
+    (
+        "top_gifters",
+        "top_gifters_1h",
+        &["rank", "user_id", "amount"],
+    ),
+];
+
+/// The truth's whole-run rollups, by panel (the run is all "today").
+fn today_truth(truth: &Value) -> BTreeMap<String, Vec<String>> {
+    TODAY
+        .iter()
+        .map(|(panel, metric, keep)| {
+            (
+                (*panel).to_owned(),
+                rows_of(&truth["rollups"][*metric], keep),
+            )
+        })
+        .collect()
+}
+
+/// The snapshot's "today" panels, shaped like [`today_truth`].
+fn today_panels(snap: &Value) -> BTreeMap<String, Vec<String>> {
+    TODAY
+        .iter()
+        .map(|(panel, _, keep)| {
+            (
+                (*panel).to_owned(),
+                rows_of(&snap["panels"][*panel]["rows"], keep),
+            )
+        })
+        .collect()
+}
+
+fn first_difference(
+    want: &BTreeMap<String, Vec<String>>,
+    got: &BTreeMap<String, Vec<String>>,
+) -> String {
+    for (k, w) in want {
+        let g = got.get(k).cloned().unwrap_or_default();
+        if *w != g {
+            let missing: Vec<&String> = w.iter().filter(|r| !g.contains(r)).take(2).collect();
+            let extra: Vec<&String> = g.iter().filter(|r| !w.contains(r)).take(2).collect();
+            return format!(
+                "{k}: want {} rows, got {}; missing {missing:?}; unexpected {extra:?}",
+                w.len(),
+                g.len()
+            );
+        }
+    }
+    String::new()
+}
+
+/// The data of the "today" charts as Chart.js holds it, and the KPI.
+const DRAWN: &str = r"(() => {
+  const get = id => {
+    const c = window.Chart && Chart.getChart(document.getElementById(id));
+    return c ? { labels: c.data.labels, sets: c.data.datasets.map(d => ({ label: d.label, data: d.data })) } : null;
+  };
+  return JSON.stringify({
+    gifts: get('c-gifts_by_type'), members: get('c-members_by_grade'),
+    viewers: get('c-viewers_by_province_grade'), top: get('c-top_gifters'),
+    kpi: document.getElementById('kpi-gifts-today').textContent
+  });
+})()";
+
+/// Compares what the page draws with the truth rows of `want`.
+fn check_drawn(drawn: &Value, want: &BTreeMap<String, Vec<String>>) {
+    let rows = |panel: &str| -> Vec<Value> {
+        want[panel]
+            .iter()
+            .map(|r| serde_json::from_str(r).unwrap())
+            .collect()
+    };
+    let bars = |chart: &Value| -> Vec<(String, i64)> {
+        let labels = chart["labels"].as_array().unwrap();
+        let data = chart["sets"][0]["data"].as_array().unwrap();
+        labels
+            .iter()
+            .zip(data)
+            .map(|(l, d)| (l.as_str().unwrap().to_owned(), d.as_i64().unwrap()))
+            .collect()
+    };
+    let text = |v: &Value| match v {
+        Value::String(s) => s.clone(),
+        other => other.to_string(),
+    };
+    let mut gifts: Vec<(String, i64)> = rows("gifts_by_type")
+        .iter()
+        .map(|r| {
+            (
+                format!("type {}", text(&r["gift_type"])),
+                r["amount"].as_i64().unwrap(),
+            )
+        })
+        .collect();
+    let mut drawn_gifts = bars(&drawn["gifts"]);
+    gifts.sort();
+    drawn_gifts.sort();
+    assert_eq!(drawn_gifts, gifts, "gift totals by type drawn");
+    let total: i64 = gifts.iter().map(|(_, a)| a).sum();
+    let kpi: i64 = drawn["kpi"]
+        .as_str()
+        .unwrap()
+        .chars()
+        .filter(char::is_ascii_digit)
+        .collect::<String>()
+        .parse()
+        .unwrap();
+    assert_eq!(kpi, total, "gifts today KPI");
+    let mut members: Vec<(String, i64)> = rows("members_by_grade")
+        .iter()
+        .map(|r| {
+            (
+                format!("grade {}", r["grade"]),
+                r["members"].as_i64().unwrap(),
+            )
+        })
+        .collect();
+    let mut drawn_members = bars(&drawn["members"]);
+    members.sort();
+    drawn_members.sort();
+    assert_eq!(drawn_members, members, "members per grade drawn");
+    let top: Vec<(String, i64)> = rows("top_gifters")
+        .iter()
+        .map(|r| (text(&r["user_id"]), r["amount"].as_i64().unwrap()))
+        .collect();
+    let mut top_sorted = top.clone();
+    top_sorted.sort_by(|a, b| b.1.cmp(&a.1).then_with(|| a.0.cmp(&b.0)));
+    assert_eq!(
+        bars(&drawn["top"]),
+        top_sorted,
+        "top 10 gifters drawn, in rank order"
+    );
+    // Viewers: the page shows the 16 busiest provinces, one bar per grade.
+    let cells: BTreeMap<(String, String), i64> = rows("viewers_by_province_grade")
+        .iter()
+        .map(|r| {
+            (
+                (text(&r["province"]), format!("grade {}", r["grade"])),
+                r["viewers"].as_i64().unwrap(),
+            )
+        })
+        .collect();
+    let provinces = drawn["viewers"]["labels"].as_array().unwrap();
+    assert!(!provinces.is_empty());
+    for set in drawn["viewers"]["sets"].as_array().unwrap() {
+        let grade = set["label"].as_str().unwrap().to_owned();
+        for (p, v) in provinces.iter().zip(set["data"].as_array().unwrap()) {
+            let want = cells
+                .get(&(p.as_str().unwrap().to_owned(), grade.clone()))
+                .copied()
+                .unwrap_or(0);
+            assert_eq!(v.as_i64().unwrap(), want, "viewers {p} {grade}");
+        }
+    }
 }

@@ -29,7 +29,7 @@ use serde::{Deserialize, Serialize};
 use vidpulse_proto::Kind;
 
 use crate::record::{Field, FieldRef, FieldType, Rec, RoomInfo, RoomTable, Val, ValRef};
-use crate::spec::{AggFn, GroupBy, Input, Score, Spec};
+use crate::spec::{AggFn, GroupBy, Input, Score, Spec, Window};
 use crate::window::{Watermark, pane_start};
 
 /// Remembered ids are bucketed by event-time second, so a checkpoint
@@ -53,9 +53,9 @@ struct Targets {
     metrics: Vec<usize>,
     logs: Vec<usize>,
     lbs: Vec<usize>,
-    /// Latest close time of any pane an event of this kind at time 0 goes
-    /// to, relative to the event's pane: see [`Plan::keep_until`].
-    closes: Vec<(i64, i64)>,
+    /// The window of each pane an event of this kind goes to, with its
+    /// grace: see [`Plan::keep_until`].
+    closes: Vec<(Window, i64)>,
 }
 
 impl Plan {
@@ -75,8 +75,7 @@ impl Plan {
             for k in &m.kinds {
                 let t = targets.entry((m.input, *k)).or_default();
                 t.metrics.push(i);
-                t.closes
-                    .push((m.window.pane_ms(), m.window.pane_ms() + metric_grace[i]));
+                t.closes.push((m.window, metric_grace[i]));
             }
         }
         for (i, l) in spec.logs.iter().enumerate() {
@@ -88,7 +87,7 @@ impl Plan {
             for k in &l.kinds {
                 let t = targets.entry((l.input, *k)).or_default();
                 t.lbs.push(i);
-                t.closes.push((l.window_ms, l.window_ms + lb_grace[i]));
+                t.closes.push((l.window(), lb_grace[i]));
             }
         }
         let fingerprint = spec.fingerprint(default_grace_ms, out_of_orderness_ms);
@@ -109,7 +108,7 @@ impl Plan {
         self.targets.get(&(input, kind)).map_or(i64::MIN, |tg| {
             tg.closes
                 .iter()
-                .map(|(pane, close)| pane_start(t, *pane) + close)
+                .map(|(w, grace)| w.end_of(w.start_of(t)) + grace)
                 .max()
                 .unwrap_or(i64::MIN)
         })
@@ -445,9 +444,8 @@ impl PartitionState {
             if !cond_ok(metric.when.as_ref(), rec, &self.rooms) {
                 continue;
             }
-            let pane_ms = metric.window.pane_ms();
-            let pane = pane_start(t, pane_ms);
-            if wm >= pane + pane_ms + plan.metric_grace[m] {
+            let pane = metric.window.start_of(t);
+            if wm >= metric.window.end_of(pane) + plan.metric_grace[m] {
                 late.push(metric.name.clone());
                 continue;
             }
@@ -459,8 +457,8 @@ impl PartitionState {
             if !cond_ok(board.when.as_ref(), rec, &self.rooms) {
                 continue;
             }
-            let start = pane_start(t, board.window_ms);
-            if wm >= start + board.window_ms + plan.lb_grace[b] {
+            let start = board.start_of(t);
+            if wm >= board.end_of(start) + plan.lb_grace[b] {
                 late.push(board.name.clone());
                 continue;
             }
@@ -660,11 +658,11 @@ impl PartitionState {
             ..Emission::default()
         };
         for (m, panes) in self.metrics.iter_mut().enumerate() {
-            let pane_ms = plan.spec.metrics[m].window.pane_ms();
+            let window = plan.spec.metrics[m].window;
             let grace = plan.metric_grace[m];
             let mut closed = Vec::new();
             for (start, pane) in panes.iter_mut() {
-                let end = start + pane_ms;
+                let end = window.end_of(*start);
                 if wm >= end && !pane.fired {
                     pane.fired = true;
                     self.changed.panes.insert((m, *start));
@@ -722,7 +720,7 @@ impl PartitionState {
                 if any {
                     self.changed.days.insert((b, *start));
                 }
-                if wm >= (start + board.window_ms).saturating_add(plan.lb_grace[b]) {
+                if wm >= board.end_of(*start).saturating_add(plan.lb_grace[b]) {
                     closed.push(*start);
                 }
             }

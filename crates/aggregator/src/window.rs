@@ -113,6 +113,7 @@ mod tests {
         let w = Window {
             size_ms: 6 * 3_600_000,
             slide_ms: MIN,
+            zone: None,
         };
         let t = 10 * 3_600_000 + 30_500;
         let starts: Vec<i64> = windows_of(t, &w).collect();
@@ -127,6 +128,7 @@ mod tests {
         let small = Window {
             size_ms: 3 * MIN,
             slide_ms: MIN,
+            zone: None,
         };
         assert_eq!(
             windows_of_pane(2 * MIN, &small).collect::<Vec<_>>(),

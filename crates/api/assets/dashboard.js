@@ -65,10 +65,37 @@
     c.update('none');
   }
 
-  function windowLabel(p) {
-    if (!p || !p.window_start) { return ''; }
-    var s = hhmm(p.window_start) + '–' + hhmm(p.window_end);
-    return p.complete === false ? s + ' (so far)' : s;
+  // A time as HH:MM on the clock of `zone` (the dashboard's day zone).
+  function hhmmIn(iso, zone) {
+    try {
+      return new Intl.DateTimeFormat('en-GB', { hour: '2-digit', minute: '2-digit', hour12: false, timeZone: zone })
+        .format(new Date(iso));
+    } catch (e) {
+      return hhmm(iso);
+    }
+  }
+
+  // "today" panels: totals since 00:00 in the day zone; the header says
+  // which day and zone.
+  function todayLabel(p) {
+    if (!p || !p.day) { return ''; }
+    el('day').textContent = 'today: ' + p.day + ' · ' + p.zone;
+    return '00:00–' + (p.window_end ? hhmmIn(p.window_end, p.zone) : 'now');
+  }
+
+  // A small per-minute line under a "today" chart.
+  function trend(id, p, color) {
+    var pts = p.trend || [];
+    var c = chart(id + '-trend', 'line', {
+      plugins: { legend: { display: false }, tooltip: { enabled: true } },
+      scales: { x: { display: false }, y: { display: false, beginAtZero: true } },
+      elements: { point: { radius: 0 } }
+    });
+    setData(c, pts.map(function (r) { return hhmm(r.window_start); }), [{
+      label: (p.value_name || 'value') + ' per minute',
+      data: pts.map(function (r) { return r.value; }),
+      borderColor: color, borderWidth: 2, tension: 0.25, fill: false
+    }]);
   }
 
   var noLegend = { plugins: { legend: { display: false } } };
@@ -98,7 +125,9 @@
         label: 'amount', data: rows.map(function (r) { return r.amount; }),
         backgroundColor: rows.map(function (r, i) { return PALETTE[i % PALETTE.length]; })
       }]);
-      return [rows.length, windowLabel(p)];
+      trend('gifts_by_type', p, PALETTE[0]);
+      el('kpi-gifts-today').textContent = fmt.format(p.total || 0);
+      return [rows.length, todayLabel(p)];
     },
     members_by_grade: function (p) {
       var rows = (p.rows || []).slice().sort(function (a, b) { return a.grade - b.grade; });
@@ -107,7 +136,8 @@
         label: 'members', data: rows.map(function (r) { return r.members; }),
         backgroundColor: rows.map(function (r, i) { return PALETTE[(i + 2) % PALETTE.length]; })
       }]);
-      return [rows.length, windowLabel(p)];
+      trend('members_by_grade', p, PALETTE[4]);
+      return [rows.length, todayLabel(p)];
     },
     viewers_by_province_grade: function (p) {
       var rows = p.rows || [];
@@ -134,7 +164,7 @@
           backgroundColor: PALETTE[i % PALETTE.length]
         };
       }));
-      return [rows.length, windowLabel(p)];
+      return [rows.length, todayLabel(p)];
     },
     top_gifters: function (p) {
       var rows = (p.rows || []).slice().sort(function (a, b) { return a.rank - b.rank; });
@@ -146,7 +176,7 @@
         label: 'amount', data: rows.map(function (r) { return r.amount; }),
         backgroundColor: PALETTE[1]
       }]);
-      return [rows.length, windowLabel(p)];
+      return [rows.length, todayLabel(p)];
     },
     online_users: function (p) {
       var rows = (p.rows || []).slice(0, 15);
@@ -187,7 +217,8 @@
       panel.querySelector('[data-score]').textContent = p.score_name;
     }
     table(id, rows.map(function (r) { return [r.rank, r.member, n(r.score)]; }), [0, 2]);
-    return [rows.length, p.window_start ? p.window_start.slice(0, 10) + ' UTC' : ''];
+    if (p.day) { el('boards-day').textContent = 'today, ' + p.day + ' (' + p.zone + ')'; }
+    return [rows.length, p.day ? p.day + ' ' + p.zone : ''];
   }
 
   function table(id, rows, numeric) {

@@ -96,6 +96,13 @@ pub struct Args {
     #[arg(long, env = "VIDPULSE_API_LIVE_AT")]
     pub live_at: Option<String>,
 
+    /// Where the dashboard's day starts: its "today" panels (gift totals by
+    /// type, members per grade, viewers by province × grade, top gifters)
+    /// count from 00:00 in this zone (IANA name, e.g. Asia/Shanghai for
+    /// seed 002's platform). Leaderboards keep the zone of their spec.
+    #[arg(long, env = "VIDPULSE_API_DAY_ZONE", default_value = "UTC")]
+    pub day_zone: String,
+
     /// Most /api/live streams open at once; more are answered 503.
     #[arg(long, env = "VIDPULSE_API_MAX_LIVE_CLIENTS", default_value_t = 256)]
     pub max_live_clients: usize,
@@ -192,6 +199,8 @@ impl Settings {
         if args.live_interval < Duration::from_millis(200) {
             return Err(invalid("--live-interval", "must be at least 200ms"));
         }
+        let day_zone = vidpulse_query::zone::parse_zone(&args.day_zone)
+            .map_err(|e| invalid("--day-zone", e))?;
         let at = match &args.live_at {
             None => None,
             Some(s) if s.trim() == "now" => None,
@@ -213,6 +222,7 @@ impl Settings {
                 interval: args.live_interval,
                 at_ms: at,
                 max_clients: args.max_live_clients,
+                day_zone: (!vidpulse_query::zone::is_utc(day_zone)).then_some(day_zone),
             },
             pools: args.pools,
         })
@@ -274,6 +284,7 @@ pub fn clickhouse_client(args: &ClickHouseArgs, timeout: Duration) -> clickhouse
 pub fn state(args: &Args, shutdown: &CancellationToken) -> Result<AppState, StartError> {
     let spec = args.spec.load()?;
     let settings = Settings::from_args(args)?;
+    live::check_day_zone(&spec, settings.live.day_zone).map_err(|e| invalid("--day-zone", e))?;
     let pools = settings
         .pools
         .then(|| pools::PoolWatch::start(args.kafka.clone(), shutdown.clone()));
@@ -321,6 +332,7 @@ pub async fn serve(
         prefix = %state.tables.prefix,
         pools = state.pools.is_some(),
         pinned_at = state.settings.live.at_ms.map(|t| query::rfc3339(t, false)),
+        day_zone = state.settings.live.day_zone.map_or("UTC", |z| z.name()),
         "vidpulse-api listening; dashboard at http://{bound}/"
     );
     let app = routes::router(state);

@@ -1,8 +1,11 @@
-//! The live snapshot behind `/api/live` and the dashboard: the latest window
-//! values of the dashboard metrics (seed 002's five charts, online users per
-//! room, seed 003's monitored pools, seed 004's leaderboards) and the pools,
-//! rebuilt from ClickHouse and Redis every `--live-interval` while anyone
-//! watches, and pushed to every open stream.
+//! The live snapshot behind `/api/live` and the dashboard: seed 002's five
+//! charts as the seed defines them — running totals for *today so far*
+//! (gift totals by type, members per grade, viewers by province × grade,
+//! the top 10 gifters; the day starts at 00:00 in `--day-zone`), each with
+//! a small per-minute trend where it helps, and the gifts of the last 6
+//! hours — plus online users per room, seed 003's monitored pools and seed
+//! 004's leaderboards, rebuilt from ClickHouse and Redis every
+//! `--live-interval` while anyone watches, and pushed to every open stream.
 //!
 //! One poller builds each snapshot once for all viewers, so the load on
 //! ClickHouse does not grow with the number of screens; a `watch` channel
@@ -26,7 +29,9 @@ use serde_json::{Map, Value, json};
 use tokio::sync::{Notify, watch};
 use vidpulse_core::CancellationToken;
 use vidpulse_query::read::{self as query, Filters, Row, Target};
-use vidpulse_query::spec::AggFn;
+use vidpulse_query::rollup::{self, Rollup};
+use vidpulse_query::spec::{AggFn, Spec};
+use vidpulse_query::zone::{self, Zone};
 
 use crate::error::deadline;
 use crate::metrics as m;
@@ -42,6 +47,8 @@ pub struct LiveConfig {
     /// Pinned "now" (epoch ms); `None` = the wall clock.
     pub at_ms: Option<i64>,
     pub max_clients: usize,
+    /// Where "today" starts (`None`: 00:00 UTC).
+    pub day_zone: Option<Zone>,
 }
 
 /// One built snapshot, serialized once for every viewer.
@@ -244,6 +251,11 @@ pub enum How {
     SumTop { windows: i64, n: usize },
     /// The first `n` members of the leaderboard window holding "now".
     Board { n: usize },
+    /// Today so far: the windows since 00:00 (in the dashboard's zone)
+    /// rolled up, one row per group (exact: see `vidpulse_query::rollup`),
+    /// and the first aggregate summed over groups for each of the last
+    /// `trend` windows of today (0: no trend).
+    Today { trend: i64 },
 }
 
 /// One dashboard panel.
@@ -265,34 +277,22 @@ pub const PANELS: [Panel; 11] = [
     Panel {
         id: "gifts_by_type",
         metric: "gifts_by_type_1m",
-        how: How::Latest {
-            windows: 10,
-            complete: true,
-        },
+        how: How::Today { trend: 60 },
     },
     Panel {
         id: "members_by_grade",
         metric: "members_by_grade_1m",
-        how: How::Latest {
-            windows: 10,
-            complete: true,
-        },
+        how: How::Today { trend: 60 },
     },
     Panel {
         id: "viewers_by_province_grade",
         metric: "viewers_by_province_grade_1m",
-        how: How::Latest {
-            windows: 10,
-            complete: true,
-        },
+        how: How::Today { trend: 0 },
     },
     Panel {
         id: "top_gifters",
         metric: "top_gifters_1h",
-        how: How::Latest {
-            windows: 2,
-            complete: false,
-        },
+        how: How::Today { trend: 0 },
     },
     Panel {
         id: "online_users",
@@ -325,6 +325,33 @@ pub const PANELS: [Panel; 11] = [
         how: How::Board { n: 10 },
     },
 ];
+
+/// Checks that a day in `zone` is made of whole windows of every "today"
+/// panel's metric, so its totals are exact (a UTC+05:30 day cannot be
+/// summed from UTC hours); the message says which metric and why.
+pub fn check_day_zone(spec: &Spec, zone: Option<Zone>) -> Result<(), String> {
+    for p in PANELS.iter().filter(|p| matches!(p.how, How::Today { .. })) {
+        if let Some(t) = Target::find(spec, p.metric) {
+            rollup::check(&t, Rollup::Day, zone, None, None).map_err(|e| {
+                format!(
+                    "the dashboard's \"today\" panel {} reads {}: {}",
+                    p.id,
+                    p.metric,
+                    e.to_string().replace("--zone ", "")
+                )
+            })?;
+        }
+    }
+    Ok(())
+}
+
+/// Start of "today" (epoch ms) at `anchor` in `zone` (`None`: UTC).
+pub fn day_start(zone: Option<Zone>, anchor: i64) -> i64 {
+    match zone {
+        Some(z) => zone::start_of_day(z, anchor),
+        None => anchor - anchor.rem_euclid(86_400_000),
+    }
+}
 
 /// Builds one snapshot (every panel at once).
 pub async fn build(st: &Inner, anchor: i64) -> Value {
@@ -389,19 +416,7 @@ fn object(row: &Row) -> Value {
     Value::Object(row.iter().cloned().collect())
 }
 
-async fn fetch(
-    st: &Inner,
-    t: &Target<'_>,
-    from_ms: i64,
-    to_ms: i64,
-    limit: Option<usize>,
-) -> Result<Vec<Row>, ApiError> {
-    let f = Filters {
-        from_ms: Some(from_ms),
-        to_ms: Some(to_ms),
-        wheres: Vec::new(),
-        limit,
-    };
+async fn fetch(st: &Inner, t: &Target<'_>, f: Filters) -> Result<Vec<Row>, ApiError> {
     let ch = st
         .ch
         .clone()
@@ -427,12 +442,25 @@ fn window_of(t: &Target<'_>) -> Result<(i64, i64), ApiError> {
     }
 }
 
+/// Start of the pane (window, or hopping slide) holding `anchor`.
+fn pane_start(t: &Target<'_>, anchor: i64) -> i64 {
+    rollup::pane_of(t).map_or(anchor, |w| w.start_of(anchor))
+}
+
+/// Start of the first trend window of today: `trend` windows back from the
+/// current one, not before the day's start.
+fn trend_from(t: &Target<'_>, slide: i64, trend: i64, day: i64, anchor: i64) -> i64 {
+    (pane_start(t, anchor) - (trend - 1).max(0) * slide).max(day)
+}
+
 /// What a panel queries: windows starting in `[from, to)`, and for
 /// leaderboards how many members per window.
 pub fn panel_range(how: How, size: i64, slide: i64, anchor: i64) -> (i64, i64, Option<usize>) {
     // Start of the window (pane) holding "now".
     let cur = anchor.div_euclid(slide) * slide;
     match how {
+        // The day's range is the caller's (see `day_start`).
+        How::Today { .. } => (anchor, anchor + 1, None),
         // Windows starting before the end of the current pane: the panes up
         // to "now" are read; windows after the last plotted one are dropped
         // by `shape`.
@@ -449,9 +477,95 @@ pub fn panel_range(how: How, size: i64, slide: i64, anchor: i64) -> (i64, i64, O
 
 async fn run_panel(st: &Inner, p: &Panel, t: &Target<'_>, anchor: i64) -> Result<Value, ApiError> {
     let (size, slide) = window_of(t)?;
+    if let How::Today { trend } = p.how {
+        let zone = st.live.cfg.day_zone;
+        let day = day_start(zone, anchor);
+        let totals = Filters {
+            from_ms: Some(day),
+            to_ms: Some(anchor + 1),
+            rollup: Some(Rollup::All),
+            zone,
+            ..Filters::default()
+        };
+        let (rows, trend_rows) = if trend > 0 {
+            let f = Filters {
+                from_ms: Some(trend_from(t, slide, trend, day, anchor)),
+                to_ms: Some(anchor + 1),
+                ..Filters::default()
+            };
+            let (rows, trend_rows) =
+                futures::future::join(fetch(st, t, totals), fetch(st, t, f)).await;
+            (rows?, trend_rows?)
+        } else {
+            (fetch(st, t, totals).await?, Vec::new())
+        };
+        return shape_today(t, &rows, &trend_rows, trend, zone, anchor);
+    }
     let (from, to, limit) = panel_range(p.how, size, slide, anchor);
-    let rows = fetch(st, t, from, to, limit).await?;
+    let f = Filters {
+        from_ms: Some(from),
+        to_ms: Some(to),
+        limit,
+        ..Filters::default()
+    };
+    let rows = fetch(st, t, f).await?;
     shape(p.how, t, &rows, anchor)
+}
+
+/// Shapes a "today" panel: the rolled-up rows of the day so far, the total
+/// of the first aggregate over them, and its per-window trend.
+pub fn shape_today(
+    t: &Target<'_>,
+    rows: &[Row],
+    trend_rows: &[Row],
+    trend: i64,
+    zone: Option<Zone>,
+    anchor: i64,
+) -> Result<Value, ApiError> {
+    let Target::Metric(m) = t else {
+        return Err(ApiError::BadRequest("not a metric".into()));
+    };
+    let (_, slide) = window_of(t)?;
+    let stamp = |t: i64| query::rfc3339(t, false);
+    let day = day_start(zone, anchor);
+    let value = m
+        .aggregates
+        .first()
+        .map(|a| a.name.clone())
+        .unwrap_or_default();
+    let total: i64 = rows.iter().map(|r| number(cell(r, &value))).sum();
+    let mut points = Vec::new();
+    if trend > 0 {
+        let mut by_start: HashMap<i64, i64> = HashMap::new();
+        for r in trend_rows {
+            if let Some(w) = window_ms(r) {
+                *by_start.entry(w).or_default() += number(cell(r, &value));
+            }
+        }
+        let mut w = trend_from(t, slide, trend, day, anchor);
+        let cur = pane_start(t, anchor);
+        while w <= cur {
+            points.push(json!({
+                "window_start": stamp(w),
+                "value": by_start.get(&w).copied().unwrap_or(0),
+            }));
+            w = m.window.end_of(w);
+        }
+    }
+    let date = zone
+        .and_then(|z| zone::local_date(z, day))
+        .map_or_else(|| stamp(day)[..10].to_owned(), |d| d.to_string());
+    Ok(json!({
+        "day": date,
+        "zone": zone.map_or("UTC", |z| z.name()),
+        "window_start": stamp(day),
+        "window_end": query::rfc3339(anchor, true),
+        "complete": false,
+        "value_name": value,
+        "total": total,
+        "rows": rows.iter().map(object).collect::<Vec<_>>(),
+        "trend": points,
+    }))
 }
 
 /// Shapes a panel's rows for the page (see [`How`]).
@@ -462,8 +576,10 @@ pub fn shape(how: How, t: &Target<'_>, rows: &[Row], anchor: i64) -> Result<Valu
     };
     let (size, slide) = window_of(t)?;
     let stamp = |t: i64| query::rfc3339(t, false);
-    let cur = anchor.div_euclid(slide) * slide;
+    let cur = pane_start(t, anchor);
     match how {
+        // Rows already rolled up over today (UTC), without a trend.
+        How::Today { .. } => shape_today(t, rows, &[], 0, None, anchor),
         How::Series { points } => {
             let m = metric.ok_or_else(|| ApiError::BadRequest("not a metric".into()))?;
             let value = m
@@ -618,7 +734,9 @@ pub fn shape(how: How, t: &Target<'_>, rows: &[Row], anchor: i64) -> Result<Valu
                 "member_name": b.member.name,
                 "score_name": b.score_name,
                 "window_start": stamp(cur),
-                "window_end": stamp(cur + size),
+                "window_end": stamp(b.end_of(cur)),
+                "day": vidpulse_query::boards::window_stamp(b, cur),
+                "zone": b.zone.map_or("UTC", |z| z.name()),
                 "rows": entries,
             }))
         }
@@ -817,5 +935,99 @@ mod tests {
         let v = shape(How::Board { n: 10 }, &t, &rows, T0).unwrap();
         assert_eq!(v["rows"], json!([{"rank": 1, "member": "u1", "score": 9}]));
         assert_eq!(v["window_start"], json!("2021-08-16T00:00:00Z"));
+    }
+
+    #[test]
+    fn today_starts_at_midnight_in_the_day_zone_and_trends_by_minute() {
+        let spec = Spec::default_spec();
+        let t = Target::find(&spec, "gifts_by_type_1m").unwrap();
+        let cn = Some(zone::parse_zone("Asia/Shanghai").unwrap());
+        // 00:02:30 China time on the 16th: today began 2.5 minutes ago.
+        let anchor = 1_629_043_200_000 + 2 * MIN + 30_000;
+        assert_eq!(day_start(cn, anchor), 1_629_043_200_000);
+        assert_eq!(day_start(None, anchor), 1_628_985_600_000);
+        let totals = vec![
+            row(&[
+                ("window_start", json!("2021-08-15T16:00:00Z")),
+                ("window_end", json!("2021-08-15T16:02:30Z")),
+                ("gift_type", json!("1")),
+                ("amount", json!(30)),
+                ("gifts", json!(3)),
+                ("givers", json!(2)),
+            ]),
+            row(&[
+                ("window_start", json!("2021-08-15T16:00:00Z")),
+                ("window_end", json!("2021-08-15T16:02:30Z")),
+                ("gift_type", json!("2")),
+                ("amount", json!(12)),
+                ("gifts", json!(1)),
+                ("givers", json!(1)),
+            ]),
+        ];
+        let minutes = vec![
+            row(&[
+                ("window_start", ws(1_629_043_200_000)),
+                ("gift_type", json!("1")),
+                ("amount", json!(20)),
+            ]),
+            row(&[
+                ("window_start", ws(1_629_043_200_000)),
+                ("gift_type", json!("2")),
+                ("amount", json!(12)),
+            ]),
+            row(&[
+                ("window_start", ws(1_629_043_200_000 + 2 * MIN)),
+                ("gift_type", json!("1")),
+                ("amount", json!(10)),
+            ]),
+        ];
+        let v = shape_today(&t, &totals, &minutes, 60, cn, anchor).unwrap();
+        assert_eq!(v["day"], json!("2021-08-16"));
+        assert_eq!(v["zone"], json!("Asia/Shanghai"));
+        assert_eq!(v["window_start"], json!("2021-08-15T16:00:00Z"));
+        assert_eq!(v["total"], json!(42));
+        assert_eq!(v["rows"].as_array().unwrap().len(), 2);
+        // Only today's minutes, none from yesterday: 00:00, 00:01, 00:02.
+        let trend: Vec<i64> = v["trend"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|p| p["value"].as_i64().unwrap())
+            .collect();
+        assert_eq!(trend, vec![32, 0, 10]);
+        assert_eq!(
+            trend_from(&t, MIN, 60, day_start(cn, anchor), anchor),
+            1_629_043_200_000
+        );
+        // Later in the day the trend is the last hour.
+        let noon = 1_629_043_200_000 + 12 * 60 * MIN;
+        assert_eq!(
+            trend_from(&t, MIN, 60, day_start(cn, noon), noon),
+            noon - 59 * MIN
+        );
+    }
+
+    #[test]
+    fn a_day_zone_must_split_no_window_of_a_today_panel() {
+        let spec = Spec::default_spec();
+        check_day_zone(&spec, None).unwrap();
+        check_day_zone(&spec, Some(zone::parse_zone("Asia/Shanghai").unwrap())).unwrap();
+        // UTC+05:30: its midnight falls inside top_gifters_1h's UTC hours.
+        let e = check_day_zone(&spec, Some(zone::parse_zone("Asia/Kolkata").unwrap())).unwrap_err();
+        assert!(e.contains("top_gifters") && e.contains("+05:30"), "{e}");
+    }
+
+    #[test]
+    fn a_board_in_china_time_shows_the_china_day() {
+        let spec = Spec::default_spec();
+        let mut b = spec.leaderboard("user_gifts_daily").unwrap().clone();
+        b.zone = Some(zone::parse_zone("Asia/Shanghai").unwrap());
+        let t = Target::Board(&b);
+        // 2021-08-16T17:00:00Z is 01:00 on the 17th in China.
+        let anchor = 1_629_133_200_000;
+        let v = shape(How::Board { n: 10 }, &t, &[], anchor).unwrap();
+        assert_eq!(v["day"], json!("2021-08-17"));
+        assert_eq!(v["window_start"], json!("2021-08-16T16:00:00Z"));
+        assert_eq!(v["window_end"], json!("2021-08-17T16:00:00Z"));
     }
 }

@@ -10,7 +10,9 @@
 use std::collections::BTreeSet;
 
 use vidpulse_query::read::{self as query, Target};
+use vidpulse_query::rollup::{self, Rollup};
 use vidpulse_query::spec::Spec;
+use vidpulse_query::zone::{self, Zone};
 
 use crate::{ApiError, Limits};
 
@@ -20,7 +22,7 @@ pub const MAX_FILTER_VALUE: usize = 256;
 pub const MAX_FILTERS: usize = 16;
 
 /// Parameters of `/api/metrics/{metric}` other than column filters.
-pub const RESERVED: [&str; 3] = ["from", "to", "limit"];
+pub const RESERVED: [&str; 5] = ["from", "to", "limit", "rollup", "zone"];
 
 /// A validated `/api/metrics/{metric}` request.
 #[derive(Clone, Debug, PartialEq)]
@@ -35,6 +37,10 @@ pub struct MetricRequest {
     pub limit_capped: bool,
     /// `column = value` conditions.
     pub wheres: Vec<(String, String)>,
+    /// `rollup=` (empty or `all`, `1h`, `1d`): fold the windows.
+    pub rollup: Option<Rollup>,
+    /// `zone=`: buckets and `from`/`to` without an offset in this zone.
+    pub zone: Option<Zone>,
 }
 
 /// A validated `/api/rankings/{board}` request.
@@ -57,9 +63,22 @@ fn single<'a>(params: &'a [(String, String)], name: &str) -> Result<Option<&'a s
     Ok(first.map(String::as_str))
 }
 
-fn time(params: &[(String, String)], name: &str) -> Result<Option<i64>, ApiError> {
+fn time(
+    params: &[(String, String)],
+    name: &str,
+    zone: Option<Zone>,
+) -> Result<Option<i64>, ApiError> {
     single(params, name)?
-        .map(|s| query::parse_time(s).map_err(|e| ApiError::BadRequest(format!("`{name}`: {e}"))))
+        .map(|s| {
+            query::parse_time_in(s, zone)
+                .map_err(|e| ApiError::BadRequest(format!("`{name}`: {e}")))
+        })
+        .transpose()
+}
+
+fn zone_param(params: &[(String, String)]) -> Result<Option<Zone>, ApiError> {
+    single(params, "zone")?
+        .map(|s| zone::parse_zone(s).map_err(|e| ApiError::BadRequest(format!("`zone`: {e}"))))
         .transpose()
 }
 
@@ -142,8 +161,12 @@ pub fn metric_request(
     now_ms: i64,
     limits: &Limits,
 ) -> Result<MetricRequest, ApiError> {
-    let from = time(params, "from")?;
-    let to = time(params, "to")?;
+    let zone = zone_param(params)?;
+    let rollup = single(params, "rollup")?
+        .map(|s| Rollup::parse(s).map_err(|e| ApiError::BadRequest(format!("`rollup`: {e}"))))
+        .transpose()?;
+    let from = time(params, "from", zone)?;
+    let to = time(params, "to", zone)?;
     let (to_ms, from_ms) = match (from, to) {
         (Some(f), Some(t)) => (t, f),
         (Some(f), None) => (now_ms, f),
@@ -217,12 +240,23 @@ pub fn metric_request(
             wheres.len()
         )));
     }
+    if let Some(r) = rollup {
+        rollup::check(target, r, zone, Some(from_ms), Some(to_ms)).map_err(|e| {
+            ApiError::BadRequest(
+                e.to_string()
+                    .replace("--rollup", "`rollup`")
+                    .replace("--zone", "`zone`"),
+            )
+        })?;
+    }
     Ok(MetricRequest {
         from_ms,
         to_ms,
         limit,
         limit_capped,
         wheres,
+        rollup,
+        zone,
     })
 }
 
@@ -238,7 +272,7 @@ pub fn ranking_request(
             limits.max_ranking
         )));
     }
-    let at_ms = time(params, "at")?.unwrap_or(now_ms);
+    let at_ms = time(params, "at", None)?.unwrap_or(now_ms);
     let (limit, limit_capped) = limit(params, limits.default_ranking, limits.max_ranking)?;
     Ok(RankingRequest {
         at_ms,
@@ -386,6 +420,52 @@ mod tests {
         let t = target(&spec, "gifts_6h").unwrap();
         let e = err(metric_request(&p(&[("grade", "1")]), &t, NOW, &limits()));
         assert!(e.contains("no group-by columns"), "{e}");
+    }
+
+    #[test]
+    fn rollups_and_zones_are_checked() {
+        let spec = Spec::default_spec();
+        let t = target(&spec, "gifts_by_type_1m").unwrap();
+        let r = metric_request(
+            &p(&[
+                ("rollup", ""),
+                ("from", "2021-08-16"),
+                ("zone", "Asia/Shanghai"),
+            ]),
+            &t,
+            NOW,
+            &limits(),
+        )
+        .unwrap();
+        assert_eq!(r.rollup, Some(Rollup::All));
+        // The day in China time: 2021-08-15T16:00:00Z.
+        assert_eq!(r.from_ms, NOW - 9 * 3_600_000);
+        let r = metric_request(&p(&[("rollup", "1d")]), &t, NOW, &limits()).unwrap();
+        assert_eq!(r.rollup, Some(Rollup::Day));
+        let e = err(metric_request(&p(&[("rollup", "2h")]), &t, NOW, &limits()));
+        assert!(e.contains("`rollup`") && e.contains("1h or 1d"), "{e}");
+        let e = err(metric_request(
+            &p(&[("zone", "Mars/Base")]),
+            &t,
+            NOW,
+            &limits(),
+        ));
+        assert!(e.contains("`zone`") && e.contains("IANA"), "{e}");
+        let board = target(&spec, "user_gifts_daily").unwrap();
+        let e = err(metric_request(
+            &p(&[("rollup", "1h")]),
+            &board,
+            NOW,
+            &limits(),
+        ));
+        assert!(
+            e.contains("`rollup` 1h") && e.contains("does not divide"),
+            "{e}"
+        );
+        let log = target(&spec, "live_viewer_log").unwrap();
+        assert!(
+            err(metric_request(&p(&[("rollup", "")]), &log, NOW, &limits())).contains("is a log")
+        );
     }
 
     #[test]

@@ -89,6 +89,9 @@ struct MetricAnswer {
     #[serde(rename = "type")]
     kind: &'static str,
     columns: Vec<String>,
+    /// `all`, `1h` or `1d` when the windows were rolled up.
+    rollup: Option<&'static str>,
+    zone: Option<&'static str>,
     from: String,
     to: String,
     filters: Vec<(String, String)>,
@@ -121,7 +124,7 @@ async fn api_index() -> Json<Value> {
     Json(json!({
         "endpoints": {
             "GET /api/metrics": "the spec's metrics, logs and leaderboards",
-            "GET /api/metrics/{metric}?from=&to=&limit=&<column>=<value>": "final values (as `vidpulse query`)",
+            "GET /api/metrics/{metric}?from=&to=&limit=&rollup=&zone=&<column>=<value>": "final values (as `vidpulse query`); `rollup` (empty, 1h, 1d) folds the windows",
             "GET /api/rankings": "the leaderboards",
             "GET /api/rankings/{board}?limit=&at=": "a leaderboard's window holding `at` (default now)",
             "GET /api/live": "server-sent events: the dashboard snapshot, pushed on every refresh",
@@ -173,6 +176,8 @@ async fn get_metric(
         wheres: req.wheres.clone(),
         // Leaderboards: at most `limit` members of each window.
         limit: matches!(target, Target::Board(_)).then_some(req.limit),
+        rollup: req.rollup,
+        zone: req.zone,
     };
     // ClickHouse stops the result one row past the limit (to tell
     // `truncated`), give or take a block.
@@ -193,7 +198,13 @@ async fn get_metric(
     Ok(Json(MetricAnswer {
         metric: target.name().to_owned(),
         kind: kind(&target),
-        columns: target.columns(),
+        columns: if req.rollup.is_some() {
+            target.rollup_columns()
+        } else {
+            target.columns()
+        },
+        rollup: req.rollup.map(|r| r.name()),
+        zone: req.zone.map(|z| z.name()),
         from: query::rfc3339(req.from_ms, true),
         to: query::rfc3339(req.to_ms, true),
         filters: req.wheres,
@@ -233,6 +244,7 @@ async fn list_boards(State(st): State<AppState>) -> Json<Value> {
                 "member": b.member.name,
                 "score": b.score_name,
                 "window": vidpulse_query::spec::fmt_ms(b.window_ms),
+                "zone": b.zone.map_or("UTC", |z| z.name()),
             })
         })
         .collect();
@@ -255,6 +267,7 @@ async fn get_ranking(
         to_ms: Some(req.at_ms.saturating_add(1)),
         wheres: Vec::new(),
         limit: Some(req.limit),
+        ..Filters::default()
     };
     let _permit = permit(&st)?;
     let rows = deadline(
@@ -269,7 +282,7 @@ async fn get_ranking(
         ),
     )
     .await?;
-    let start = req.at_ms - req.at_ms.rem_euclid(b.window_ms);
+    let start = b.start_of(req.at_ms);
     let cell = |r: &Row, c: &str| {
         r.iter()
             .find(|(k, _)| k == c)
@@ -293,7 +306,7 @@ async fn get_ranking(
         "member": b.member.name,
         "score": b.score_name,
         "window_start": query::rfc3339(start, false),
-        "window_end": query::rfc3339(start + b.window_ms, false),
+        "window_end": query::rfc3339(b.end_of(start), false),
         "limit": req.limit,
         "limit_capped": req.limit_capped,
         "entries": entries,

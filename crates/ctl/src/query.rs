@@ -1,6 +1,7 @@
-//! `vidpulse query <metric> [--from --to] [--where k=v] [--format json|table]`
-//! and `vidpulse query --list`: the final values of the aggregator's
-//! metrics (ClickHouse), logs and leaderboards (Redis), without knowing the
+//! `vidpulse query <metric> [--from --to] [--where k=v] [--rollup [1h|1d]]
+//! [--zone Z] [--format json|table]` and `vidpulse query --list`: the final
+//! values of the aggregator's metrics (ClickHouse), logs and leaderboards
+//! (Redis), per window or rolled up over a range, without knowing the
 //! table layout. Read-only.
 
 use std::io::Write;
@@ -12,6 +13,7 @@ use vidpulse_core::config::RedisArgs;
 use vidpulse_core::config::{KafkaArgs, parse_kv};
 use vidpulse_query::SpecArgs;
 use vidpulse_query::read::{self as query, Filters, Row, Target};
+use vidpulse_query::rollup::Rollup;
 use vidpulse_query::{ClickHouseArgs, Tables};
 
 #[derive(Clone, Copy, Debug, ValueEnum)]
@@ -34,7 +36,8 @@ pub struct QueryArgs {
     list: bool,
 
     /// Only windows starting at or after this time (logs: events at or
-    /// after it): RFC 3339, "YYYY-MM-DD HH:MM:SS" (UTC), YYYY-MM-DD or epoch ms.
+    /// after it): RFC 3339, "YYYY-MM-DD HH:MM:SS" (UTC, or in --zone),
+    /// YYYY-MM-DD (its 00:00) or epoch ms.
     #[arg(long)]
     from: Option<String>,
 
@@ -49,6 +52,21 @@ pub struct QueryArgs {
     /// Leaderboards: only the first N members of each window.
     #[arg(long)]
     top: Option<usize>,
+
+    /// Fold the windows into one row per group over the whole range (no
+    /// value), or per hour (1h) or day (1d), exactly: sums and counts
+    /// summed, distinct counts as the size of the union, top-N ranked on
+    /// the totals, min/max over the range, a level at the bucket's end.
+    /// Rows gain `window_end`. Put it after the metric name
+    /// (`vidpulse query gifts_by_type_1m --rollup --from 2021-08-16`).
+    #[arg(long, num_args = 0..=1, default_missing_value = "all", value_name = "1h|1d")]
+    rollup: Option<String>,
+
+    /// Time zone of --rollup 1d/1h buckets and of --from/--to given without
+    /// an offset (IANA name, e.g. Asia/Shanghai); default: the metric's own
+    /// daily zone, else UTC.
+    #[arg(long, env = "VIDPULSE_QUERY_ZONE")]
+    zone: Option<String>,
 
     /// Output format.
     #[arg(long, value_enum, default_value = "table")]
@@ -86,11 +104,38 @@ pub async fn run(kafka: &KafkaArgs, args: QueryArgs) -> anyhow::Result<()> {
         names.extend(spec.leaderboards.iter().map(|l| l.name.as_str()));
         format!("no metric {name:?}; the spec has {}", names.join(", "))
     })?;
+    let zone = args
+        .zone
+        .as_deref()
+        .map(vidpulse_query::zone::parse_zone)
+        .transpose()
+        .map_err(|e| anyhow::anyhow!("--zone: {e}"))?;
+    let rollup = args
+        .rollup
+        .as_deref()
+        .map(|v| {
+            Rollup::parse(v).map_err(|e| {
+                let hint = if Target::find(&spec, v).is_some() {
+                    " (the metric name came right after --rollup: write the name first, `vidpulse query NAME --rollup`)"
+                } else {
+                    ""
+                };
+                anyhow::anyhow!("--rollup: {e}{hint}")
+            })
+        })
+        .transpose()?;
+    let time = |flag: &str, v: &Option<String>| -> anyhow::Result<Option<i64>> {
+        v.as_deref()
+            .map(|s| query::parse_time_in(s, zone).map_err(|e| anyhow::anyhow!("{flag}: {e}")))
+            .transpose()
+    };
     let filters = Filters {
-        from_ms: args.from.as_deref().map(query::parse_time).transpose()?,
-        to_ms: args.to.as_deref().map(query::parse_time).transpose()?,
+        from_ms: time("--from", &args.from)?,
+        to_ms: time("--to", &args.to)?,
         wheres: args.wheres.clone(),
         limit: args.top,
+        rollup,
+        zone,
     };
     let tables = Tables::new(&args.clickhouse.clickhouse_database, &kafka.topic_prefix);
     let rows = query::run(
@@ -101,7 +146,11 @@ pub async fn run(kafka: &KafkaArgs, args: QueryArgs) -> anyhow::Result<()> {
         &filters,
     )
     .await?;
-    let cols = target.columns();
+    let cols = if rollup.is_some() {
+        target.rollup_columns()
+    } else {
+        target.columns()
+    };
     let cols: Vec<&str> = cols.iter().map(String::as_str).collect();
     print(&mut out, &rows, args.format, &cols)
 }

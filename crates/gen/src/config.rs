@@ -17,6 +17,12 @@ pub struct GenConfig {
     pub start: DateTime<Utc>,
     /// Event times spread increasingly over `[start, start + span)`.
     pub span: Duration,
+    /// Stamp each record with the clock set by [`Generator::set_clock`]
+    /// (the wall clock as it is sent) instead of spreading times over the
+    /// span; `start` is then only the truth's nominal start.
+    ///
+    /// [`Generator::set_clock`]: crate::Generator::set_clock
+    pub wall_clock: bool,
     /// Raw formats to generate; empty means all.
     pub formats: Vec<Format>,
     /// Fraction of records that are malformed.
@@ -46,6 +52,7 @@ impl Default for GenConfig {
                 .single()
                 .unwrap_or_default(),
             span: Duration::from_secs(600),
+            wall_clock: false,
             formats: Format::ALL.to_vec(),
             bad_fraction: 0.0,
             late_fraction: 0.0,
@@ -210,12 +217,15 @@ pub fn parse_formats(list: &[String]) -> Result<Vec<Format>, GenError> {
     Ok(out)
 }
 
-/// Parses `--start`: `now` (rounded down to the minute) or RFC 3339, any
-/// offset, converted to UTC and truncated to whole seconds.
-pub fn parse_start(s: &str, now: DateTime<Utc>) -> Result<DateTime<Utc>, GenError> {
+/// Parses `--start`: `now` or RFC 3339 (any offset, converted to UTC and
+/// truncated to whole seconds). With `now`, the span ends at the current
+/// second: event times run through `[now − span, now)`, never after `now`.
+/// Only an explicit time in the future dates records in the future.
+pub fn parse_start(s: &str, now: DateTime<Utc>, span: Duration) -> Result<DateTime<Utc>, GenError> {
     let t = if s.trim().eq_ignore_ascii_case("now") {
-        let secs = now.timestamp();
-        secs - secs.rem_euclid(60)
+        let span_ms = i64::try_from(span.as_millis()).map_err(|_| invalid("--span", "too long"))?;
+        // Whole seconds at or before `now − span`, so start + span <= now.
+        (now.timestamp_millis() - span_ms).div_euclid(1000)
     } else {
         DateTime::parse_from_rfc3339(s.trim())
             .map_err(|e| invalid("--start", format!("{s:?} is not RFC 3339 or `now`: {e}")))?
@@ -299,15 +309,23 @@ mod tests {
 
     #[test]
     fn start_parses() {
-        let now = Utc.with_ymd_and_hms(2024, 5, 6, 7, 8, 9).unwrap();
+        let now = Utc.with_ymd_and_hms(2024, 5, 6, 7, 8, 9).unwrap()
+            + chrono::Duration::milliseconds(750);
+        let ten = Duration::from_secs(600);
+        // `now` ends the span at the current second: [06:58:09, 07:08:09).
         assert_eq!(
-            parse_start("now", now).unwrap(),
-            Utc.with_ymd_and_hms(2024, 5, 6, 7, 8, 0).unwrap()
+            parse_start("now", now, ten).unwrap(),
+            Utc.with_ymd_and_hms(2024, 5, 6, 6, 58, 9).unwrap()
         );
+        // A span with milliseconds still ends at or before now.
+        let odd = Duration::from_millis(600_250);
+        let s = parse_start("now", now, odd).unwrap();
+        assert!(s.timestamp_millis() + 600_250 <= now.timestamp_millis());
+        assert_eq!(s.timestamp_subsec_millis(), 0);
         assert_eq!(
-            parse_start("2021-08-16T09:00:00.750+08:00", now).unwrap(),
+            parse_start("2021-08-16T09:00:00.750+08:00", now, ten).unwrap(),
             Utc.with_ymd_and_hms(2021, 8, 16, 1, 0, 0).unwrap()
         );
-        assert!(parse_start("yesterday", now).is_err());
+        assert!(parse_start("yesterday", now, ten).is_err());
     }
 }

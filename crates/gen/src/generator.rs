@@ -3,7 +3,10 @@
 //!
 //! Record `i` of `n` gets a base event time `start + span·i/n` plus up to a
 //! second of jitter, so event times rise through the span and no in-order
-//! record is more than 2 s behind any record produced before it. Formats
+//! record is more than 2 s behind any record produced before it. With
+//! `wall_clock`, the base is instead the clock the caller sets before each
+//! record ([`Generator::set_clock`]), minus up to a second of jitter: no
+//! record is dated after the clock. Formats
 //! take turns by smooth weighted round-robin. Each slot is then malformed,
 //! a duplicate, late or plain valid, by the configured fractions.
 //!
@@ -53,6 +56,10 @@ pub struct Generator {
     count: u64,
     start_ms: i64,
     span_ms: i64,
+    /// Base event times come from `clock_ms` (set per record) instead of
+    /// the span.
+    wall_clock: bool,
+    clock_ms: i64,
     late_ms: i64,
     bad: f64,
     dup: f64,
@@ -127,6 +134,8 @@ impl Generator {
             count: cfg.count,
             start_ms: cfg.start.timestamp() * 1000,
             span_ms: (cfg.span.as_millis() as i64).max(1),
+            wall_clock: cfg.wall_clock,
+            clock_ms: cfg.start.timestamp() * 1000,
             late_ms: cfg.late_by.as_millis() as i64,
             bad: cfg.bad_fraction.clamp(0.0, 1.0),
             dup: if cfg.event_ids {
@@ -226,12 +235,32 @@ impl Generator {
 
     // ---- time -----------------------------------------------------------
 
+    /// With `wall_clock`: the time (epoch ms) the next records are stamped
+    /// with, e.g. the wall clock just before each is sent. Ignored otherwise.
+    pub fn set_clock(&mut self, now_ms: i64) {
+        self.clock_ms = now_ms;
+    }
+
+    /// The latest event time a record may carry now: the end of the span,
+    /// or the clock.
+    fn limit_ms(&self) -> i64 {
+        if self.wall_clock {
+            self.clock_ms
+        } else {
+            self.start_ms + self.span_ms - 1
+        }
+    }
+
     fn slot(&mut self, seq: u64) -> Slot {
-        let offset =
-            (self.span_ms as u128 * u128::from(seq) / u128::from(self.count.max(1))) as i64;
-        let base_ms = self.start_ms + offset;
         let jitter = self.rng.random_range(0..1000i64);
-        let raw_ms = (base_ms + jitter).min(self.start_ms + self.span_ms - 1);
+        let (base_ms, raw_ms) = if self.wall_clock {
+            (self.clock_ms, self.clock_ms - jitter)
+        } else {
+            let offset =
+                (self.span_ms as u128 * u128::from(seq) / u128::from(self.count.max(1))) as i64;
+            let base_ms = self.start_ms + offset;
+            (base_ms, (base_ms + jitter).min(self.limit_ms()))
+        };
         Slot {
             seq,
             base_ms,
@@ -550,8 +579,7 @@ impl Generator {
             s.ends_at.is_some_and(|f| f <= progress) && s.started_ms.is_some()
         });
         if let Some(pos) = due {
-            let k = self.live.remove(pos);
-            self.visits.retain(|v| v.room != k);
+            let k = self.live[pos];
             let state = &self.room_state[k];
             let started = state.started_ms.unwrap_or(i64::MIN);
             // After everything that happened in the room, and strictly
@@ -560,7 +588,13 @@ impl Generator {
             let t = floor_sec(slot.raw_ms)
                 .max(ceil_sec(state.last_ms))
                 .max(started.saturating_add(1000));
-            return self.room_event(k, "end", t, false);
+            // Never dated after the span or the clock: such a room ends at
+            // a later slot (or stays live).
+            if t <= self.limit_ms() {
+                self.live.remove(pos);
+                self.visits.retain(|v| v.room != k);
+                return self.room_event(k, "end", t, false);
+            }
         }
         self.room_start(slot, want_late)
     }

@@ -44,14 +44,25 @@ struct Cli {
     #[arg(long, env = "VIDPULSE_GEN_SEED", default_value_t = 1)]
     seed: u64,
 
-    /// Event time of the first record: RFC 3339 (converted to UTC, whole
-    /// seconds) or `now` (rounded down to the minute).
+    /// Where event times begin: `now`, or RFC 3339 (converted to UTC,
+    /// whole seconds). With `now` the span ends at the current second, so
+    /// event times run from now − span up to now and never into the future;
+    /// only an explicit future time dates records in the future.
     #[arg(long, env = "VIDPULSE_GEN_START", default_value = "now")]
     start: String,
 
-    /// Event times rise through [start, start + span) in production order.
+    /// Event times rise through [start, start + span) in production order
+    /// (late records go back a further --late-by).
     #[arg(long, env = "VIDPULSE_GEN_SPAN", default_value = "10m", value_parser = humantime::parse_duration)]
     span: Duration,
+
+    /// Stamp each record with the wall clock at the moment it is sent
+    /// (minus up to 1 s of jitter; late records --late-by earlier) instead
+    /// of spreading times over --start/--span: live data for dashboards.
+    /// Needs --rate. The records are the same for a given --seed, the times
+    /// are not.
+    #[arg(long, env = "VIDPULSE_GEN_WALL_CLOCK", conflicts_with_all = ["start", "span"])]
+    wall_clock: bool,
 
     /// Raw topics to generate, comma-separated, or `all`.
     #[arg(
@@ -137,11 +148,30 @@ impl Cli {
             Some(d) => (d.as_secs_f64() * self.rate as f64).round() as u64,
             None => self.count,
         };
+        let now = chrono::Utc::now();
+        let (start, span) = if self.wall_clock {
+            if self.rate == 0 {
+                return Err(invalid(
+                    "--wall-clock",
+                    "needs --rate > 0: records are stamped as they are sent, so they must be paced"
+                        .into(),
+                ));
+            }
+            // The truth's nominal start; each record takes the clock.
+            let secs = (count / self.rate).max(1);
+            (
+                parse_start("now", now, Duration::ZERO)?,
+                Duration::from_secs(secs),
+            )
+        } else {
+            (parse_start(&self.start, now, self.span)?, self.span)
+        };
         let config = GenConfig {
             seed: self.seed,
             count,
-            start: parse_start(&self.start, chrono::Utc::now())?,
-            span: self.span,
+            start,
+            span,
+            wall_clock: self.wall_clock,
             formats: parse_formats(&self.formats)?,
             bad_fraction: self.bad_fraction,
             late_fraction: self.late_fraction,

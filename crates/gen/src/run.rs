@@ -131,7 +131,9 @@ pub async fn run(settings: RunSettings, shutdown: CancellationToken) -> Result<S
     let mut sent = 0u64;
     let mut stopped_early = false;
 
-    for record in Generator::new(&settings.config) {
+    let mut generator = Generator::new(&settings.config);
+    let wall_clock = settings.config.wall_clock;
+    while sent < settings.config.count {
         if shutdown.is_cancelled() {
             stopped_early = true;
             break;
@@ -145,6 +147,14 @@ pub async fn run(settings: RunSettings, shutdown: CancellationToken) -> Result<S
                 }
             }
         }
+        // Stamped once its turn has come, so no record is dated after the
+        // moment it is sent.
+        if wall_clock {
+            generator.set_clock(chrono::Utc::now().timestamp_millis());
+        }
+        let Some(record) = generator.next() else {
+            break;
+        };
         out.send(&record).await?;
         truth.observe(&record);
         sent += 1;

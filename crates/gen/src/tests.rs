@@ -538,7 +538,7 @@ fn truth_counts_add_up() {
     let text = serde_json::to_string_pretty(t).unwrap();
     assert_eq!(&serde_json::from_str::<crate::Truth>(&text).unwrap(), t);
     let parsed: Value = serde_json::from_str(&text).unwrap();
-    assert_eq!(parsed.as_object().unwrap().len(), 11);
+    assert_eq!(parsed.as_object().unwrap().len(), 12);
     assert!(text.starts_with(
         "{\n  \"seed\": 1,\n  \"start\": \"2021-08-16T01:00:00Z\",\n  \"count\": 7000,"
     ));
@@ -1055,4 +1055,155 @@ fn aggregator_truth_adds_up_on_a_messy_run() {
             assert_eq!(w[1].rank, w[0].rank + 1);
         }
     }
+}
+
+/// Every time a valid, late or duplicate record carries (event and payload).
+fn record_times(r: &RawRecord) -> Option<(i64, i64)> {
+    let e = r.event.as_ref()?;
+    let format = Format::from_topic(r.topic).unwrap();
+    Some((e.time_ms, payload_time(format, &json(r))))
+}
+
+#[test]
+fn start_now_never_dates_a_record_after_now() {
+    // "Now" with milliseconds, so rounding the wrong way would show.
+    let now =
+        Utc.with_ymd_and_hms(2024, 5, 6, 7, 8, 9).unwrap() + chrono::Duration::milliseconds(750);
+    let now_ms = now.timestamp_millis();
+    let span = Duration::from_secs(600);
+    let c = GenConfig {
+        start: crate::config::parse_start("now", now, span).unwrap(),
+        span,
+        ..messy(6000)
+    };
+    c.validate().unwrap();
+    let g = generate(&c);
+    let mut latest = i64::MIN;
+    for r in &g.records {
+        if let Some((event_ms, payload_ms)) = record_times(r) {
+            assert!(event_ms <= now_ms, "{r:?} is after now ({now})");
+            assert!(payload_ms <= now_ms, "{r:?} says a time after now ({now})");
+            latest = latest.max(event_ms);
+        }
+    }
+    // The span ends at now, not somewhere before it.
+    assert!(latest >= now_ms - 3_000, "latest {latest}, now {now_ms}");
+    let last_minute = g
+        .truth
+        .kinds_per_minute
+        .values()
+        .flat_map(|m| m.keys())
+        .max()
+        .unwrap();
+    assert!(
+        DateTime::parse_from_rfc3339(last_minute)
+            .unwrap()
+            .timestamp_millis()
+            <= now_ms,
+        "{last_minute}"
+    );
+}
+
+#[test]
+fn wall_clock_stamps_each_record_with_the_clock_it_was_sent_at() {
+    let t0 = Utc.with_ymd_and_hms(2024, 5, 6, 7, 8, 9).unwrap();
+    let c = GenConfig {
+        start: t0,
+        wall_clock: true,
+        ..messy(4000)
+    };
+    let late_by = c.late_by.as_millis() as i64;
+    let mut g = crate::Generator::new(&c);
+    let mut truth = TruthBuilder::new(&c);
+    let mut lates = 0;
+    for i in 0..4000i64 {
+        // 137 ms apart: the run spans about 9 minutes of clock.
+        let clock = t0.timestamp_millis() + i * 137 + 3;
+        g.set_clock(clock);
+        let r = g.next().unwrap();
+        truth.observe(&r);
+        let Some((event_ms, payload_ms)) = record_times(&r) else {
+            continue;
+        };
+        assert!(
+            payload_ms <= clock && event_ms <= clock,
+            "{r:?} after its clock {clock}"
+        );
+        match r.class {
+            Class::Valid => assert!(event_ms > clock - 2_000, "{r:?} far behind {clock}"),
+            Class::Late => {
+                lates += 1;
+                assert!(event_ms <= clock - late_by + 1_000, "{r:?}");
+            }
+            _ => {}
+        }
+    }
+    assert!(g.next().is_none());
+    assert!(lates > 200);
+    let t = truth.finish();
+    let minutes: BTreeSet<&String> = t.kinds_per_minute.values().flat_map(|m| m.keys()).collect();
+    assert!(minutes.len() >= 9, "times follow the clock: {minutes:?}");
+}
+
+#[test]
+fn rollups_sum_counts_and_unite_distinct_sets() {
+    // Few users over ten minutes: the same users come back minute after minute.
+    let g = generate(&GenConfig {
+        users: 40,
+        ..messy(6000)
+    });
+    let t = &g.truth;
+    let r = &t.rollups;
+    let amount: i64 = t.metrics.gifts_by_type_1m.iter().map(|r| r.amount).sum();
+    assert_eq!(
+        r.gifts_by_type_1m.iter().map(|r| r.amount).sum::<i64>(),
+        amount
+    );
+    for row in &r.gifts_by_type_1m {
+        let minutes: Vec<_> = t
+            .metrics
+            .gifts_by_type_1m
+            .iter()
+            .filter(|m| m.gift_type == row.gift_type)
+            .collect();
+        assert_eq!(row.gifts, minutes.iter().map(|m| m.gifts).sum::<u64>());
+        // Late records reach back a minute before the span.
+        assert_eq!(row.window_start, t.metrics.gifts_by_type_1m[0].window_start);
+        assert_eq!(row.window_end, "2021-08-16T01:10:00Z");
+        // The union is smaller than the sum of per-minute distinct counts.
+        assert!(row.givers < minutes.iter().map(|m| m.givers).sum::<u64>());
+    }
+    // Members per grade: the distinct arriving users, counted from the records.
+    let mut users: BTreeMap<i32, BTreeSet<String>> = BTreeMap::new();
+    for rec in g.records.iter().filter(|r| r.class.is_valid()) {
+        let e = rec.event.as_ref().unwrap();
+        if e.kind == Kind::ViewerArrived {
+            users
+                .entry(e.grade.unwrap())
+                .or_default()
+                .insert(e.user_id.clone().unwrap());
+        }
+    }
+    let got: BTreeMap<i32, u64> = r
+        .members_by_grade_1m
+        .iter()
+        .map(|m| (m.grade, m.members))
+        .collect();
+    let want: BTreeMap<i32, u64> = users.iter().map(|(g, u)| (*g, u.len() as u64)).collect();
+    assert_eq!(got, want);
+    let per_minute: u64 = t
+        .metrics
+        .members_by_grade_1m
+        .iter()
+        .map(|m| m.members)
+        .sum();
+    assert!(got.values().sum::<u64>() < per_minute);
+    // Top gifters: ten, ranked on the run's totals.
+    assert_eq!(r.top_gifters_1h.len(), 10);
+    assert!(
+        r.top_gifters_1h
+            .windows(2)
+            .all(|w| w[0].amount >= w[1].amount)
+    );
+    assert_eq!(r.top_gifters_1h[0].window_end, "2021-08-16T02:00:00Z");
 }

@@ -58,6 +58,9 @@ pub struct Truth {
     pub kinds_per_minute: BTreeMap<String, BTreeMap<String, u64>>,
     pub metrics: Metrics,
     pub leaderboards: Leaderboards,
+    /// The seed-002 dashboard metrics rolled up over the whole run.
+    #[serde(default)]
+    pub rollups: Rollups,
 }
 
 /// Records of one raw topic. `sent = valid + duplicates + malformed`;
@@ -128,6 +131,59 @@ pub struct Leaderboards {
     pub video_likes_daily: Vec<VideoLikesRankRow>,
     /// Gift amount per user.
     pub user_gifts_daily: Vec<UserGiftsRankRow>,
+}
+
+/// One row per group over every window of the run, exactly as `vidpulse
+/// query <name> --rollup --format json` prints it without `--from`/`--to`:
+/// `window_start` is the metric's first window, `window_end` the end of
+/// its last; sums and counts are summed, distinct counts are the size of
+/// the union over windows (never a sum of per-window counts), the top-N is
+/// ranked on the totals.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct Rollups {
+    pub gifts_by_type_1m: Vec<GiftsByTypeRollupRow>,
+    pub members_by_grade_1m: Vec<MembersByGradeRollupRow>,
+    pub viewers_by_province_grade_1m: Vec<ViewersByProvinceGradeRollupRow>,
+    pub top_gifters_1h: Vec<TopGifterRollupRow>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GiftsByTypeRollupRow {
+    pub window_start: String,
+    pub window_end: String,
+    pub gift_type: String,
+    pub amount: i64,
+    pub gifts: u64,
+    /// Distinct givers over the whole range.
+    pub givers: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MembersByGradeRollupRow {
+    pub window_start: String,
+    pub window_end: String,
+    pub grade: i32,
+    /// Distinct arriving members over the whole range.
+    pub members: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ViewersByProvinceGradeRollupRow {
+    pub window_start: String,
+    pub window_end: String,
+    pub province: String,
+    pub grade: i32,
+    pub arrivals: u64,
+    pub viewers: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TopGifterRollupRow {
+    pub window_start: String,
+    pub window_end: String,
+    pub rank: u32,
+    pub user_id: String,
+    pub amount: i64,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -384,6 +440,7 @@ impl TruthBuilder {
                 })
                 .collect(),
             leaderboards: self.metrics.finish_leaderboards(),
+            rollups: self.metrics.finish_rollups(),
             metrics: self.metrics.finish(),
         }
     }
@@ -770,6 +827,97 @@ impl MetricsBuilder {
                     shares: a.shares,
                 })
                 .collect(),
+        }
+    }
+
+    /// Call before [`MetricsBuilder::finish`] (which consumes the builder).
+    fn finish_rollups(&self) -> Rollups {
+        /// First window start and last window end of a metric's windows.
+        fn span<'a>(starts: impl Iterator<Item = &'a i64>, size: i64) -> (String, String) {
+            let (lo, hi) =
+                starts.fold((i64::MAX, i64::MIN), |(lo, hi), w| (lo.min(*w), hi.max(*w)));
+            if lo > hi {
+                return (String::new(), String::new());
+            }
+            (stamp(lo), stamp(hi + size))
+        }
+        let (ws, we) = span(self.gifts_by_type.keys().map(|(w, _)| w), MINUTE_MS);
+        let mut gifts: BTreeMap<&str, GiftsAcc> = BTreeMap::new();
+        for ((_, gift_type), a) in &self.gifts_by_type {
+            let acc = gifts.entry(gift_type).or_default();
+            acc.amount += a.amount;
+            acc.gifts += a.gifts;
+            acc.givers.extend(a.givers.iter().cloned());
+        }
+        let gifts_by_type_1m = gifts
+            .into_iter()
+            .map(|(gift_type, a)| GiftsByTypeRollupRow {
+                window_start: ws.clone(),
+                window_end: we.clone(),
+                gift_type: gift_type.to_owned(),
+                amount: a.amount,
+                gifts: a.gifts,
+                givers: a.givers.len() as u64,
+            })
+            .collect();
+        let (ws, we) = span(self.members_by_grade.keys().map(|(w, _)| w), MINUTE_MS);
+        let mut members: BTreeMap<i32, BTreeSet<&str>> = BTreeMap::new();
+        for ((_, grade), users) in &self.members_by_grade {
+            members
+                .entry(*grade)
+                .or_default()
+                .extend(users.iter().map(String::as_str));
+        }
+        let members_by_grade_1m = members
+            .into_iter()
+            .map(|(grade, users)| MembersByGradeRollupRow {
+                window_start: ws.clone(),
+                window_end: we.clone(),
+                grade,
+                members: users.len() as u64,
+            })
+            .collect();
+        let (ws, we) = span(
+            self.viewers_by_province_grade.keys().map(|(w, _, _)| w),
+            MINUTE_MS,
+        );
+        let mut viewers: BTreeMap<(&str, i32), ArrivalsAcc> = BTreeMap::new();
+        for ((_, province, grade), a) in &self.viewers_by_province_grade {
+            let acc = viewers.entry((province, *grade)).or_default();
+            acc.arrivals += a.arrivals;
+            acc.viewers.extend(a.viewers.iter().cloned());
+        }
+        let viewers_by_province_grade_1m = viewers
+            .into_iter()
+            .map(|((province, grade), a)| ViewersByProvinceGradeRollupRow {
+                window_start: ws.clone(),
+                window_end: we.clone(),
+                province: province.to_owned(),
+                grade,
+                arrivals: a.arrivals,
+                viewers: a.viewers.len() as u64,
+            })
+            .collect();
+        let (ws, we) = span(self.gifted_1h.keys().map(|(w, _)| w), HOUR_MS);
+        let mut totals: BTreeMap<(i64, String), i64> = BTreeMap::new();
+        for ((_, user), amount) in &self.gifted_1h {
+            *totals.entry((0, user.clone())).or_default() += amount;
+        }
+        let top_gifters_1h = top_n(totals, TOP_GIFTERS)
+            .into_iter()
+            .map(|r| TopGifterRollupRow {
+                window_start: ws.clone(),
+                window_end: we.clone(),
+                rank: r.rank,
+                user_id: r.user_id,
+                amount: r.amount,
+            })
+            .collect();
+        Rollups {
+            gifts_by_type_1m,
+            members_by_grade_1m,
+            viewers_by_province_grade_1m,
+            top_gifters_1h,
         }
     }
 

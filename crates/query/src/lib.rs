@@ -13,9 +13,11 @@ pub mod boards;
 pub mod clickhouse;
 pub mod field;
 pub mod read;
+pub mod rollup;
 pub mod schema;
 pub mod spec;
 pub mod sql;
+pub mod zone;
 
 use std::path::PathBuf;
 

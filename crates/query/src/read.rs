@@ -6,7 +6,7 @@
 //!
 //! Read-only: nothing here writes.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 
 use chrono::{DateTime, SecondsFormat, Utc};
 use redis::AsyncCommands;
@@ -14,9 +14,11 @@ use serde_json::Value;
 
 use crate::boards::{board_key, parse_window_stamp};
 use crate::clickhouse::{ChError, fetch_json};
+use crate::rollup::{self, Rollup};
 use crate::schema::Tables;
 use crate::spec::{Leaderboard, Log, Metric, Spec};
 use crate::sql::{Out, final_sql, unknown_where};
+use crate::zone::{self, Zone};
 
 /// What to query.
 #[derive(Clone, Copy, Debug)]
@@ -67,6 +69,17 @@ impl<'a> Target<'a> {
             ],
         }
     }
+
+    /// Column names of rollup rows: `window_start`, `window_end`, then as
+    /// [`Target::columns`].
+    pub fn rollup_columns(&self) -> Vec<String> {
+        let mut v = self.columns();
+        if matches!(self, Target::Log(_)) {
+            return v;
+        }
+        v.insert(1, "window_end".into());
+        v
+    }
 }
 
 /// Row filters: a half-open time range on the window start (logs: the
@@ -78,6 +91,11 @@ pub struct Filters {
     pub wheres: Vec<(String, String)>,
     /// Leaderboards: keep the first N members of each window.
     pub limit: Option<usize>,
+    /// Fold the windows: one row per group over the range, hour or day.
+    pub rollup: Option<Rollup>,
+    /// The zone of day and hour buckets (default: the target's own daily
+    /// zone, else UTC).
+    pub zone: Option<Zone>,
 }
 
 /// A query that cannot run.
@@ -130,6 +148,25 @@ pub async fn run(
     }
     let q = final_sql(tables, target, f)?;
     let raw = fetch_json(ch, &q.sql).await?;
+    // A whole-range rollup covers the windows starting in [from, to): it
+    // starts at the first window boundary at or after `from`, and without
+    // `from` or `to` it spans the windows found.
+    let mut span = (
+        f.from_ms
+            .zip(q.rollup.as_ref())
+            .map(|(fr, plan)| align_up(&plan.pane, fr)),
+        f.to_ms,
+    );
+    if let Some(plan) = &q.rollup
+        && plan.rollup == Rollup::All
+        && (span.0.is_none() || span.1.is_none())
+        && !raw.is_empty()
+    {
+        let s = fetch_json(ch, &plan.span_sql).await?;
+        let secs = |k: &str| s.first().and_then(|r| r[k].as_i64()).unwrap_or(0) * 1000;
+        span.0 = span.0.or(Some(secs("lo")));
+        span.1 = span.1.or(Some(plan.pane.end_of(secs("hi"))));
+    }
     let mut out = Vec::with_capacity(raw.len());
     let mut last_group: Option<Vec<Value>> = None;
     let mut rank = 0u64;
@@ -147,6 +184,18 @@ pub async fn run(
             };
             row.push((name.clone(), v));
         }
+        if let Some(plan) = &q.rollup {
+            let (ws, we) = match plan.rollup {
+                Rollup::All => (span.0.unwrap_or(0), span.1.unwrap_or(0)),
+                kind => {
+                    let b = r.get("_b").and_then(Value::as_i64).unwrap_or(0) * 1000;
+                    (b, rollup::bucket_end(kind, plan.zone, b))
+                }
+            };
+            row[0].1 = Value::String(rfc3339(ws, false));
+            row.insert(1, ("window_end".into(), Value::String(rfc3339(we, false))));
+        }
+        let rank_at = if q.rollup.is_some() { 2 } else { 1 };
         if let Some(within) = &q.rank_within {
             let g: Vec<Value> = within
                 .iter()
@@ -157,7 +206,7 @@ pub async fn run(
                 last_group = Some(g);
             }
             rank += 1;
-            row.insert(1, ("rank".into(), Value::from(rank)));
+            row.insert(rank_at, ("rank".into(), Value::from(rank)));
         }
         let keep = q
             .post
@@ -168,6 +217,12 @@ pub async fn run(
         }
     }
     Ok(out)
+}
+
+/// The first window boundary at or after `t`.
+fn align_up(pane: &crate::spec::Window, t: i64) -> i64 {
+    let s = pane.start_of(t);
+    if s == t { t } else { pane.end_of(s) }
 }
 
 async fn board_rows(
@@ -187,15 +242,18 @@ async fn board_rows(
             ));
         }
     }
+    if let Some(r) = f.rollup {
+        rollup::check(&Target::Board(b), r, f.zone, f.from_ms, f.to_ms)?;
+    }
     // Windows: from the range when given, else every set that exists.
     let mut windows: BTreeSet<i64> = BTreeSet::new();
     match (f.from_ms, f.to_ms) {
         (Some(from), Some(to)) => {
-            let mut w = from - from.rem_euclid(b.window_ms);
+            let mut w = b.start_of(from);
             let mut n = 0;
             while w < to && n < 10_000 {
                 windows.insert(w);
-                w += b.window_ms;
+                w = b.end_of(w);
                 n += 1;
             }
         }
@@ -232,21 +290,46 @@ async fn board_rows(
             }
         }
     }
-    let mut out = Vec::new();
+    // (window or bucket start, its end) → member → score.
+    let mut sets: BTreeMap<(i64, i64), HashMap<String, i64>> = BTreeMap::new();
+    let zone = rollup::bucket_zone(&Target::Board(b), f.zone);
+    let (mut first, mut last_end) = (i64::MAX, i64::MIN);
     for w in windows {
-        if f.from_ms
-            .is_some_and(|fr| w < fr - fr.rem_euclid(b.window_ms))
-            || f.to_ms.is_some_and(|to| w >= to)
-        {
+        if f.from_ms.is_some_and(|fr| w < b.start_of(fr)) || f.to_ms.is_some_and(|to| w >= to) {
             continue;
         }
         let key = board_key(prefix, b, Some(w));
         let members: Vec<(String, f64)> = con.zrevrange_withscores(&key, 0, -1).await?;
-        let mut members: Vec<(String, i64)> = members
-            .into_iter()
-            .map(|(m, s)| (m, s.round() as i64))
-            .collect();
+        if members.is_empty() {
+            continue;
+        }
+        (first, last_end) = (first.min(w), last_end.max(b.end_of(w)));
+        let slot = match f.rollup {
+            None => (w, b.end_of(w)),
+            Some(Rollup::All) => (0, 0),
+            Some(r) => {
+                let s = rollup::bucket_start(r, zone, w);
+                (s, rollup::bucket_end(r, zone, s))
+            }
+        };
+        let set = sets.entry(slot).or_default();
+        for (m, score) in members {
+            // Scores are sums of integers: summing them is exact.
+            *set.entry(m).or_default() += score.round() as i64;
+        }
+    }
+    let mut out = Vec::new();
+    for ((ws, we), members) in sets {
+        let mut members: Vec<(String, i64)> = members.into_iter().collect();
         members.sort_by(|a, b| b.1.cmp(&a.1).then_with(|| a.0.cmp(&b.0)));
+        let (ws, we) = if f.rollup == Some(Rollup::All) {
+            (
+                f.from_ms.map_or(first, |fr| align_up(&b.window(), fr)),
+                f.to_ms.unwrap_or(last_end),
+            )
+        } else {
+            (ws, we)
+        };
         for (i, (member, score)) in members.into_iter().enumerate() {
             if f.limit.is_some_and(|n| i >= n) {
                 break;
@@ -254,12 +337,16 @@ async fn board_rows(
             if f.wheres.iter().any(|(_, v)| *v != member) {
                 continue;
             }
-            out.push(vec![
-                ("window_start".into(), Value::String(rfc3339(w, false))),
+            let mut row = vec![("window_start".into(), Value::String(rfc3339(ws, false)))];
+            if f.rollup.is_some() {
+                row.push(("window_end".into(), Value::String(rfc3339(we, false))));
+            }
+            row.extend([
                 ("rank".into(), Value::from(i as u64 + 1)),
                 (b.member.name.clone(), Value::String(member)),
                 (b.score_name.clone(), Value::from(score)),
             ]);
+            out.push(row);
         }
     }
     Ok(out)
@@ -268,14 +355,30 @@ async fn board_rows(
 /// Parses a `--from` / `--to` time: RFC 3339, `YYYY-MM-DD HH:MM:SS` (UTC),
 /// `YYYY-MM-DD`, or epoch milliseconds.
 pub fn parse_time(s: &str) -> Result<i64, QueryError> {
+    parse_time_in(s, None)
+}
+
+/// [`parse_time`], reading `YYYY-MM-DD HH:MM:SS` and `YYYY-MM-DD` (its
+/// first instant) in `zone` when given.
+pub fn parse_time_in(s: &str, zone: Option<Zone>) -> Result<i64, QueryError> {
+    use chrono::TimeZone as _;
     let s = s.trim();
     if let Ok(d) = DateTime::parse_from_rfc3339(s) {
         return Ok(d.timestamp_millis());
     }
     if let Ok(d) = chrono::NaiveDateTime::parse_from_str(s, "%Y-%m-%d %H:%M:%S") {
-        return Ok(d.and_utc().timestamp_millis());
+        return Ok(match zone {
+            None => d.and_utc().timestamp_millis(),
+            Some(z) => z
+                .from_local_datetime(&d)
+                .earliest()
+                .map_or_else(|| d.and_utc().timestamp_millis(), |t| t.timestamp_millis()),
+        });
     }
     if let Ok(d) = chrono::NaiveDate::parse_from_str(s, "%Y-%m-%d") {
+        if let Some(z) = zone {
+            return Ok(zone::day_start(z, d).unwrap_or(0));
+        }
         return Ok(d
             .and_hms_opt(0, 0, 0)
             .map(|d| d.and_utc().timestamp_millis())

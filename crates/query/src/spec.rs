@@ -14,6 +14,7 @@ use vidpulse_core::topics;
 use vidpulse_proto::Kind;
 
 use crate::field::{Field, FieldRef, FieldType, ValRef};
+use crate::zone::{self, Zone};
 
 /// The built-in spec (seeds 000, 002, 003, 004).
 pub const DEFAULT_SPEC: &str = include_str!("default_spec.toml");
@@ -53,12 +54,18 @@ impl Input {
     }
 }
 
+const DAY_MS: i64 = 86_400_000;
+
 /// An event-time window: tumbling when `slide == size`, else hopping.
-/// Windows are aligned to the epoch (UTC).
+/// Windows are aligned to the epoch (UTC), except a tumbling day in a
+/// zone, which starts at 00:00 there (23 to 25 hours long across daylight
+/// saving changes).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Window {
     pub size_ms: i64,
     pub slide_ms: i64,
+    /// The zone of a tumbling `1d` window; `None`: UTC, epoch-aligned.
+    pub zone: Option<Zone>,
 }
 
 impl Window {
@@ -66,6 +73,24 @@ impl Window {
         Window {
             size_ms,
             slide_ms: size_ms,
+            zone: None,
+        }
+    }
+
+    /// Start of the pane (a tumbling window, or a hopping window's slide)
+    /// holding event time `t`.
+    pub fn start_of(&self, t: i64) -> i64 {
+        match self.zone {
+            None => t - t.rem_euclid(self.pane_ms()),
+            Some(z) => zone::start_of_day(z, t),
+        }
+    }
+
+    /// End (exclusive) of the pane starting at `start`.
+    pub fn end_of(&self, start: i64) -> i64 {
+        match self.zone {
+            None => start + self.pane_ms(),
+            Some(z) => zone::next_day(z, start),
         }
     }
 
@@ -86,6 +111,8 @@ impl Window {
                 fmt_ms(self.size_ms),
                 fmt_ms(self.slide_ms)
             )
+        } else if let Some(z) = self.zone {
+            format!("tumbling {} in {}", fmt_ms(self.size_ms), z.name())
         } else {
             format!("tumbling {}", fmt_ms(self.size_ms))
         }
@@ -265,7 +292,7 @@ pub enum Score {
 }
 
 /// A live leaderboard: one Redis sorted set per window (a UTC day by
-/// default), member → score.
+/// default, or the day in `zone`), member → score.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Leaderboard {
     pub name: String,
@@ -282,6 +309,29 @@ pub struct Leaderboard {
     pub key: String,
     /// Expiry of each set after its last update.
     pub ttl_ms: i64,
+    /// The zone whose midnight starts each daily window (`None`: UTC).
+    pub zone: Option<Zone>,
+}
+
+impl Leaderboard {
+    /// The board's tumbling window.
+    pub fn window(&self) -> Window {
+        Window {
+            size_ms: self.window_ms,
+            slide_ms: self.window_ms,
+            zone: self.zone,
+        }
+    }
+
+    /// Start of the window holding event time `t`.
+    pub fn start_of(&self, t: i64) -> i64 {
+        self.window().start_of(t)
+    }
+
+    /// End (exclusive) of the window starting at `start`.
+    pub fn end_of(&self, start: i64) -> i64 {
+        self.window().end_of(start)
+    }
 }
 
 /// A spec that makes no sense; the message names the place and the fix.
@@ -385,6 +435,8 @@ struct RawMetric {
     when: Option<RawCond>,
     window: RawWindow,
     #[serde(default)]
+    zone: Option<String>,
+    #[serde(default)]
     grace: Option<String>,
     #[serde(default)]
     group_by: Vec<RawField>,
@@ -430,6 +482,8 @@ struct RawLeaderboard {
     when: Option<RawCond>,
     #[serde(default)]
     window: Option<String>,
+    #[serde(default)]
+    zone: Option<String>,
     #[serde(default)]
     grace: Option<String>,
     member: RawField,
@@ -592,7 +646,34 @@ fn parse_window(place: &str, w: &RawWindow) -> Result<Window, SpecError> {
     if size_ms / slide_ms > 10_000 {
         return Err(err(place, "at most 10000 slides per window"));
     }
-    Ok(Window { size_ms, slide_ms })
+    Ok(Window {
+        size_ms,
+        slide_ms,
+        zone: None,
+    })
+}
+
+/// The `zone` of a daily window: an IANA name, only on a tumbling `1d`
+/// window. UTC is the default and stored as `None`.
+fn parse_window_zone(
+    place: &str,
+    zone: Option<&str>,
+    w: &Window,
+) -> Result<Option<Zone>, SpecError> {
+    let Some(name) = zone else {
+        return Ok(None);
+    };
+    let z = zone::parse_zone(name).map_err(|m| err(format!("{place}.zone"), m))?;
+    if w.is_hopping() || w.size_ms != DAY_MS {
+        return Err(err(
+            format!("{place}.zone"),
+            format!(
+                "a zone sets where a day starts: it goes with a tumbling window = \"1d\" only, this window is {}",
+                w.describe()
+            ),
+        ));
+    }
+    Ok((!zone::is_utc(z)).then_some(z))
 }
 
 impl Spec {
@@ -706,6 +787,7 @@ impl Spec {
             if window_ms < 1000 || window_ms % 1000 != 0 {
                 return Err(err(&place, "window must be whole seconds, at least 1s"));
             }
+            let zone = parse_window_zone(&place, b.zone.as_deref(), &Window::tumbling(window_ms))?;
             if member.name == b.score.name
                 || RESERVED.contains(&member.name.as_str())
                 || RESERVED.contains(&b.score.name.as_str())
@@ -745,6 +827,7 @@ impl Spec {
                     Some(t) => duration_ms(&format!("{place}.ttl"), t)?,
                     None => 8 * 86_400_000,
                 },
+                zone,
             });
         }
         if metrics.is_empty() && logs.is_empty() && leaderboards.is_empty() {
@@ -787,7 +870,10 @@ impl Spec {
     /// stage's defaults): a checkpoint taken under another spec is not
     /// restored.
     pub fn fingerprint(&self, default_grace_ms: i64, out_of_orderness_ms: i64) -> String {
-        let text = format!("{self:?}|{default_grace_ms}|{out_of_orderness_ms}");
+        // Zones came later: a spec without any keeps the fingerprint it had,
+        // so upgrading does not throw its checkpoints away.
+        let text = format!("{self:?}|{default_grace_ms}|{out_of_orderness_ms}")
+            .replace(", zone: None", "");
         // FNV-1a: stable across builds, unlike std's hasher.
         let mut h: u64 = 0xcbf2_9ce4_8422_2325;
         for b in text.as_bytes() {
@@ -805,7 +891,8 @@ fn parse_metric(place: &str, m: &RawMetric) -> Result<Metric, SpecError> {
     if kinds.is_empty() {
         return Err(err(place, "kinds must name at least one kind"));
     }
-    let window = parse_window(&format!("{place}.window"), &m.window)?;
+    let mut window = parse_window(&format!("{place}.window"), &m.window)?;
+    window.zone = parse_window_zone(place, m.zone.as_deref(), &window)?;
     let grace_ms = m
         .grace
         .as_deref()
@@ -1006,7 +1093,8 @@ mod tests {
             g.window,
             Window {
                 size_ms: 6 * 3_600_000,
-                slide_ms: 60_000
+                slide_ms: 60_000,
+                zone: None,
             }
         );
         let t = s.metric("top_gifters_1h").unwrap().top.clone().unwrap();
@@ -1062,6 +1150,100 @@ aggregates = [{ name = "n", fn = "count" }]"#,
         .unwrap_err();
         assert!(e.to_string().contains("unknown field \"colour\""), "{e}");
         assert!(Spec::parse("").is_err());
+    }
+
+    #[test]
+    fn daily_windows_take_a_zone() {
+        let s = Spec::parse(
+            r#"[[metric]]
+name = "gifts_daily"
+kinds = ["gift_sent"]
+window = "1d"
+zone = "Asia/Shanghai"
+aggregates = [{ name = "amount", fn = "sum", field = "amount" }]
+
+[[leaderboard]]
+name = "gifts_cn"
+kinds = ["gift_sent"]
+member = "user_id"
+score = { name = "amount", fn = "sum", field = "amount" }
+zone = "Asia/Shanghai"
+
+[[leaderboard]]
+name = "gifts_utc"
+kinds = ["gift_sent"]
+member = "user_id"
+score = { name = "amount", fn = "sum", field = "amount" }
+zone = "UTC""#,
+        )
+        .unwrap();
+        let w = s.metric("gifts_daily").unwrap().window;
+        assert_eq!(w.zone.unwrap().name(), "Asia/Shanghai");
+        assert_eq!(w.describe(), "tumbling 1day in Asia/Shanghai");
+        // 2021-08-16 00:00 China time is 2021-08-15 16:00 UTC.
+        let t = 1_629_075_600_000; // 2021-08-16T01:00:00Z, 09:00 in China
+        assert_eq!(w.start_of(t), 1_629_043_200_000);
+        assert_eq!(w.end_of(1_629_043_200_000), 1_629_129_600_000);
+        let b = s.leaderboard("gifts_cn").unwrap();
+        assert_eq!(b.start_of(t), 1_629_043_200_000);
+        assert_eq!(
+            s.leaderboard("gifts_utc").unwrap().zone,
+            None,
+            "UTC is the default"
+        );
+        assert_eq!(
+            s.leaderboard("gifts_utc").unwrap().start_of(t),
+            1_629_072_000_000
+        );
+        // Without a zone nothing changes: epoch-aligned panes.
+        let m = Spec::default_spec();
+        let g = m.metric("gifts_6h").unwrap().window;
+        assert_eq!(g.start_of(t + 61_000), t + 60_000);
+        assert_eq!(g.end_of(t + 60_000), t + 120_000);
+    }
+
+    #[test]
+    fn zone_mistakes_name_the_place_and_the_fix() {
+        let e = Spec::parse(
+            r#"[[leaderboard]]
+name = "x"
+kinds = ["gift_sent"]
+member = "user_id"
+score = { name = "n", fn = "count" }
+zone = "Asia/Shangai""#,
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            e.contains("leaderboard x.zone") && e.contains("unknown time zone \"Asia/Shangai\""),
+            "{e}"
+        );
+        let e = Spec::parse(
+            r#"[[metric]]
+name = "x"
+kinds = ["gift_sent"]
+window = "1h"
+zone = "Asia/Shanghai"
+aggregates = [{ name = "n", fn = "count" }]"#,
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            e.contains("metric x.zone") && e.contains("window = \"1d\" only"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn a_spec_without_zones_keeps_its_fingerprint() {
+        // The values before zones existed: deployments that upgrade keep
+        // their checkpoints (a new fingerprint means a full replay).
+        let s = Spec::default_spec();
+        assert_eq!(s.fingerprint(60_000, 5_000), "c9425fc837e8ae4f");
+        assert_eq!(s.fingerprint(3_600_000, 5_000), "2de62255528c8914");
+        let mut z = s.clone();
+        z.leaderboards[0].zone = Some(crate::zone::parse_zone("Asia/Shanghai").unwrap());
+        assert_ne!(z.fingerprint(60_000, 5_000), s.fingerprint(60_000, 5_000));
     }
 
     #[test]

@@ -7,8 +7,10 @@
 use crate::clickhouse::{ident, literal};
 use crate::field::FieldType;
 use crate::read::{Filters, QueryError, Target};
+use crate::rollup::{self, Rollup};
 use crate::schema::Tables;
-use crate::spec::{AggFn, GroupBy, Log, Metric};
+use crate::spec::{AggFn, GroupBy, Log, Metric, Window};
+use crate::zone::Zone;
 
 /// SQL of the final values, and how to read its columns.
 /// How a result column is converted for output.
@@ -30,6 +32,20 @@ pub struct FinalQuery {
     pub(crate) rank_within: Option<Vec<String>>,
     /// Filters applied after ranking: (output name, value as text).
     pub(crate) post: Vec<(String, String)>,
+    /// A rollup's rows: how to fill `window_start` and `window_end`.
+    pub(crate) rollup: Option<RollupPlan>,
+}
+
+/// How a rollup's rows get their `window_start` / `window_end`.
+#[derive(Clone, Debug)]
+pub(crate) struct RollupPlan {
+    pub rollup: Rollup,
+    pub zone: Option<Zone>,
+    /// The stored pane, to end a whole-range rollup after its last window.
+    pub pane: Window,
+    /// `lo`, `hi`: the first and last pane start (seconds) in the range,
+    /// for a whole-range rollup without `from` or `to`.
+    pub span_sql: String,
 }
 
 fn secs_ceil(ms: i64) -> i64 {
@@ -94,14 +110,12 @@ pub fn view_sql(t: &Tables, target: &Target<'_>) -> Result<String, QueryError> {
     Ok(format!("SELECT {} FROM ({})", sel.join(", "), q.sql))
 }
 
-fn metric_sql(t: &Tables, m: &Metric, f: &Filters) -> Result<FinalQuery, QueryError> {
-    let table = t.qualified(&m.name);
-    let g_alias: Vec<String> = (0..m.group_by.len()).map(|i| format!("_g{i}")).collect();
-    let c_alias: Vec<String> = (0..m.aggregates.len()).map(|i| format!("_c{i}")).collect();
-    let member = m.top.as_ref().map(|tp| tp.field);
+/// Filters on group columns: SQL conditions pushed down, and the
+/// conditions on the ranked member of a top metric, applied after ranking.
+type Conds = (Vec<String>, Vec<(String, String)>);
 
-    // Filters on group columns: pushed down, except the ranked member of a
-    // top metric (ranking happens first).
+fn group_conds(m: &Metric, f: &Filters) -> Result<Conds, QueryError> {
+    let member = m.top.as_ref().map(|tp| tp.field);
     let mut conds: Vec<String> = Vec::new();
     let mut post = Vec::new();
     let valid: Vec<String> = m.group_by.iter().map(|g| g.name.clone()).collect();
@@ -118,6 +132,61 @@ fn metric_sql(t: &Tables, m: &Metric, f: &Filters) -> Result<FinalQuery, QueryEr
             conds.push(format!("{} = {lit}", ident(k)));
         }
     }
+    Ok((conds, post))
+}
+
+/// The running levels of a level metric, one row per window and group
+/// (`_ws`, `_g…`, `_c…`), cumulated from the first window, then restricted
+/// to `where_time`; no ORDER BY.
+fn level_rows(base: &str, g_alias: &[String], c_alias: &[String], where_time: &str) -> String {
+    let tuple = {
+        let mut v = vec!["_ws".to_owned()];
+        v.extend(c_alias.iter().cloned());
+        v.join(", ")
+    };
+    let mut lv = vec!["arrayMap(x -> tupleElement(x, 1), _arr) AS _wss".to_owned()];
+    for (i, _) in c_alias.iter().enumerate() {
+        lv.push(format!(
+            "arrayCumSum(arrayMap(x -> tupleElement(x, {}), _arr)) AS _l{i}",
+            i + 2
+        ));
+    }
+    let mut sel = g_alias.to_vec();
+    sel.push(format!("arraySort(groupArray(({tuple}))) AS _arr"));
+    sel.extend(lv);
+    let group_by = if g_alias.is_empty() {
+        String::new()
+    } else {
+        format!(" GROUP BY {}", g_alias.join(", "))
+    };
+    let joins: Vec<String> = std::iter::once("_wss AS _ws".to_owned())
+        .chain(
+            c_alias
+                .iter()
+                .enumerate()
+                .map(|(i, c)| format!("_l{i} AS {c}")),
+        )
+        .collect();
+    let mut out_sel = vec!["_ws".to_owned()];
+    out_sel.extend(g_alias.iter().cloned());
+    out_sel.extend(c_alias.iter().cloned());
+    format!(
+        "SELECT {} FROM (SELECT {} FROM ({base}){group_by}) ARRAY JOIN {}{where_time}",
+        out_sel.join(", "),
+        sel.join(", "),
+        joins.join(", ")
+    )
+}
+
+fn metric_sql(t: &Tables, m: &Metric, f: &Filters) -> Result<FinalQuery, QueryError> {
+    if let Some(r) = f.rollup {
+        return rollup_sql(t, m, f, r);
+    }
+    let table = t.qualified(&m.name);
+    let g_alias: Vec<String> = (0..m.group_by.len()).map(|i| format!("_g{i}")).collect();
+    let c_alias: Vec<String> = (0..m.aggregates.len()).map(|i| format!("_c{i}")).collect();
+
+    let (conds, post) = group_conds(m, f)?;
     let from_s = f.from_ms.map(secs_ceil);
     let to_s = f.to_ms.map(secs_ceil);
     let groups_sel: Vec<String> = m
@@ -131,15 +200,17 @@ fn metric_sql(t: &Tables, m: &Metric, f: &Filters) -> Result<FinalQuery, QueryEr
 
     let mut base_conds = conds.clone();
     if !level {
+        // A hopping window starting at W holds the panes W ..= W + span:
+        // windows starting in [from, to) need the panes in [from, to + span).
         let span_s = (m.window.size_ms - m.window.slide_ms) / 1000;
         if let Some(fr) = from_s {
-            base_conds.push(format!(
-                "window_start >= toDateTime({})",
-                (fr - span_s).max(0)
-            ));
+            base_conds.push(format!("window_start >= toDateTime({})", fr.max(0)));
         }
         if let Some(to) = to_s {
-            base_conds.push(format!("window_start < toDateTime({})", to.max(0)));
+            base_conds.push(format!(
+                "window_start < toDateTime({})",
+                (to + span_s).max(0)
+            ));
         }
     }
     let where_base = if base_conds.is_empty() {
@@ -216,42 +287,9 @@ fn metric_sql(t: &Tables, m: &Metric, f: &Filters) -> Result<FinalQuery, QueryEr
 
     let order = group_list("_ws");
     let sql = if level {
-        let tuple = {
-            let mut v = vec!["_ws".to_owned()];
-            v.extend(c_alias.iter().cloned());
-            v.join(", ")
-        };
-        let mut lv = vec!["arrayMap(x -> tupleElement(x, 1), _arr) AS _wss".to_owned()];
-        for (i, _) in c_alias.iter().enumerate() {
-            lv.push(format!(
-                "arrayCumSum(arrayMap(x -> tupleElement(x, {}), _arr)) AS _l{i}",
-                i + 2
-            ));
-        }
-        let mut sel = g_alias.clone();
-        sel.push(format!("arraySort(groupArray(({tuple}))) AS _arr"));
-        sel.extend(lv);
-        let group_by = if g_alias.is_empty() {
-            String::new()
-        } else {
-            format!(" GROUP BY {}", g_alias.join(", "))
-        };
-        let joins: Vec<String> = std::iter::once("_wss AS _ws".to_owned())
-            .chain(
-                c_alias
-                    .iter()
-                    .enumerate()
-                    .map(|(i, c)| format!("_l{i} AS {c}")),
-            )
-            .collect();
-        let mut out_sel = vec!["_ws".to_owned()];
-        out_sel.extend(g_alias.iter().cloned());
-        out_sel.extend(c_alias.iter().cloned());
         format!(
-            "SELECT {} FROM (SELECT {} FROM ({base}){group_by}) ARRAY JOIN {}{where_time} ORDER BY {order}",
-            out_sel.join(", "),
-            sel.join(", "),
-            joins.join(", ")
+            "{} ORDER BY {order}",
+            level_rows(&base, &g_alias, &c_alias, &where_time)
         )
     } else if let Some(tp) = &m.top {
         let others: Vec<String> = g_alias
@@ -298,11 +336,173 @@ fn metric_sql(t: &Tables, m: &Metric, f: &Filters) -> Result<FinalQuery, QueryEr
         cols,
         rank_within,
         post,
+        rollup: None,
+    })
+}
+
+/// A rollup of a metric (see [`crate::rollup`]): one row per bucket and
+/// group, over the panes starting in `[from, to)`.
+fn rollup_sql(t: &Tables, m: &Metric, f: &Filters, r: Rollup) -> Result<FinalQuery, QueryError> {
+    let target = Target::Metric(m);
+    rollup::check(&target, r, f.zone, f.from_ms, f.to_ms)?;
+    let zone = rollup::bucket_zone(&target, f.zone);
+    let table = t.qualified(&m.name);
+    let g_alias: Vec<String> = (0..m.group_by.len()).map(|i| format!("_g{i}")).collect();
+    let c_alias: Vec<String> = (0..m.aggregates.len()).map(|i| format!("_c{i}")).collect();
+    let (conds, post) = group_conds(m, f)?;
+    let groups_sel: Vec<String> = m
+        .group_by
+        .iter()
+        .zip(&g_alias)
+        .map(|(g, a)| format!("{} AS {a}", ident(&g.name)))
+        .collect();
+    let from_s = f.from_ms.map(secs_ceil);
+    let to_s = f.to_ms.map(secs_ceil);
+    let mut range = Vec::new();
+    if let Some(fr) = from_s {
+        range.push(format!("window_start >= toDateTime({})", fr.max(0)));
+    }
+    if let Some(to) = to_s {
+        range.push(format!("window_start < toDateTime({})", to.max(0)));
+    }
+    let where_of = |c: &[String]| {
+        if c.is_empty() {
+            String::new()
+        } else {
+            format!(" WHERE {}", c.join(" AND "))
+        }
+    };
+    let group_list = {
+        let mut v = vec!["_b".to_owned()];
+        v.extend(g_alias.iter().cloned());
+        v.join(", ")
+    };
+    let sql = if m.is_level() {
+        // Levels run from the first window on: cumulate over every window,
+        // keep those in the range, then each bucket's last level.
+        let mut base_sel = vec!["toUInt32(window_start) AS _ws".to_owned()];
+        base_sel.extend(groups_sel.iter().cloned());
+        base_sel.extend(
+            m.aggregates
+                .iter()
+                .enumerate()
+                .map(|(i, a)| format!("sum({}) AS {}", ident(&a.name), c_alias[i])),
+        );
+        let mut base_group = vec!["_ws".to_owned()];
+        base_group.extend(g_alias.iter().cloned());
+        let base = format!(
+            "SELECT {} FROM {table} FINAL{} GROUP BY {}",
+            base_sel.join(", "),
+            where_of(&conds),
+            base_group.join(", ")
+        );
+        let mut time = Vec::new();
+        if let Some(fr) = from_s {
+            time.push(format!("_ws >= {fr}"));
+        }
+        if let Some(to) = to_s {
+            time.push(format!("_ws < {to}"));
+        }
+        let rows = level_rows(&base, &g_alias, &c_alias, &where_of(&time));
+        let mut sel = vec![format!(
+            "{} AS _b",
+            rollup::bucket_sql(r, zone, "toDateTime(_ws)")
+        )];
+        sel.extend(g_alias.iter().cloned());
+        sel.extend(c_alias.iter().map(|c| format!("argMax({c}, _ws) AS {c}")));
+        format!(
+            "SELECT {} FROM ({rows}) GROUP BY {group_list} ORDER BY {group_list}",
+            sel.join(", ")
+        )
+    } else {
+        let mut sel = vec![format!(
+            "{} AS _b",
+            rollup::bucket_sql(r, zone, "window_start")
+        )];
+        sel.extend(groups_sel.iter().cloned());
+        sel.extend(
+            m.aggregates
+                .iter()
+                .enumerate()
+                .map(|(i, a)| format!("{} AS {}", agg_expr(&a.func, &ident(&a.name)), c_alias[i])),
+        );
+        let mut all = conds.clone();
+        all.extend(range.iter().cloned());
+        let grouped = format!(
+            "SELECT {} FROM {table} FINAL{} GROUP BY {group_list}",
+            sel.join(", "),
+            where_of(&all)
+        );
+        match &m.top {
+            Some(tp) => {
+                let mut by = vec!["_b".to_owned()];
+                by.extend(
+                    g_alias
+                        .iter()
+                        .enumerate()
+                        .filter(|(i, _)| *i != tp.field)
+                        .map(|(_, a)| a.clone()),
+                );
+                let mut ord = by.clone();
+                ord.push(format!("{} DESC", c_alias[tp.by]));
+                ord.push(format!("{} ASC", g_alias[tp.field]));
+                format!(
+                    "SELECT * FROM ({grouped}) ORDER BY {} LIMIT {} BY {}",
+                    ord.join(", "),
+                    tp.n,
+                    by.join(", ")
+                )
+            }
+            None => format!("{grouped} ORDER BY {group_list}"),
+        }
+    };
+    let mut span_conds = conds;
+    span_conds.extend(range);
+    let span_sql = format!(
+        "SELECT toUInt32(min(window_start)) AS lo, toUInt32(max(window_start)) AS hi FROM {table}{}",
+        where_of(&span_conds)
+    );
+    let mut cols = vec![("window_start".to_owned(), "_b".to_owned(), Out::Window)];
+    for (g, a) in m.group_by.iter().zip(&g_alias) {
+        cols.push((g.name.clone(), a.clone(), Out::Plain));
+    }
+    for (ag, a) in m.aggregates.iter().zip(&c_alias) {
+        cols.push((ag.name.clone(), a.clone(), Out::Plain));
+    }
+    let rank_within = m.top.as_ref().map(|tp| {
+        let mut v = vec!["_b".to_owned()];
+        v.extend(
+            g_alias
+                .iter()
+                .enumerate()
+                .filter(|(i, _)| *i != tp.field)
+                .map(|(_, a)| a.clone()),
+        );
+        v
+    });
+    let pane = rollup::pane_of(&target).unwrap_or(m.window);
+    Ok(FinalQuery {
+        sql,
+        cols,
+        rank_within,
+        post,
+        rollup: Some(RollupPlan {
+            rollup: r,
+            zone,
+            pane,
+            span_sql,
+        }),
     })
 }
 
 fn log_sql(t: &Tables, l: &Log, f: &Filters) -> Result<FinalQuery, QueryError> {
     let table = t.qualified(&l.name);
+    if f.rollup.is_some() {
+        return Err(QueryError::Usage(format!(
+            "--rollup: {} is a log (one row per event), it has no windows to roll up",
+            l.name
+        )));
+    }
     let mut conds = Vec::new();
     if let Some(fr) = f.from_ms {
         conds.push(format!(
@@ -357,5 +557,115 @@ fn log_sql(t: &Tables, l: &Log, f: &Filters) -> Result<FinalQuery, QueryError> {
         cols,
         rank_within: None,
         post: Vec::new(),
+        rollup: None,
     })
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+    use crate::spec::Spec;
+    use crate::zone::parse_zone;
+
+    fn rollup_of(name: &str, r: Rollup, zone: Option<&str>, from: Option<i64>) -> FinalQuery {
+        let spec = Spec::default_spec();
+        let t = Tables::new("vidpulse", "p.");
+        let f = Filters {
+            from_ms: from,
+            rollup: Some(r),
+            zone: zone.map(|z| parse_zone(z).unwrap()),
+            ..Filters::default()
+        };
+        final_sql(&t, &Target::find(&spec, name).unwrap(), &f).unwrap()
+    }
+
+    #[test]
+    fn a_hopping_window_near_the_range_end_keeps_all_its_panes() {
+        // gifts_6h windows starting in [10:00, 10:00:01): the one window of
+        // 10:00 to 16:00 needs its panes up to 15:59, not only 10:00's.
+        let spec = Spec::default_spec();
+        let t = Tables::new("vidpulse", "");
+        let from = 1_629_108_000_000; // 2021-08-16T10:00:00Z
+        let f = Filters {
+            from_ms: Some(from),
+            to_ms: Some(from + 1_000),
+            ..Filters::default()
+        };
+        let q = final_sql(&t, &Target::find(&spec, "gifts_6h").unwrap(), &f).unwrap();
+        let (fr, to) = (from / 1000, from / 1000 + 1);
+        assert!(
+            q.sql.contains(&format!("window_start >= toDateTime({fr})"))
+                && q.sql.contains(&format!(
+                    "window_start < toDateTime({})",
+                    to + 6 * 3600 - 60
+                ))
+                && q.sql.contains(&format!("_ws >= {fr} AND _ws < {to}")),
+            "{}",
+            q.sql
+        );
+    }
+
+    #[test]
+    fn rollups_sum_unite_and_rank_on_totals() {
+        let q = rollup_of(
+            "gifts_by_type_1m",
+            Rollup::All,
+            None,
+            Some(1_629_043_200_000),
+        );
+        if std::env::var_os("VIDPULSE_PRINT_SQL").is_some() {
+            println!("{}\n{}", q.sql, q.rollup.as_ref().unwrap().span_sql);
+        }
+        assert!(q.sql.contains("sum(`amount`) AS _c0"), "{}", q.sql);
+        assert!(
+            q.sql.contains("uniqExactArray(`givers`) AS _c2"),
+            "{}",
+            q.sql
+        );
+        assert!(
+            q.sql.contains("window_start >= toDateTime(1629043200)"),
+            "{}",
+            q.sql
+        );
+        assert!(q.sql.contains("GROUP BY _b, _g0"), "{}", q.sql);
+        let q = rollup_of("top_gifters_1h", Rollup::Day, Some("Asia/Shanghai"), None);
+        if std::env::var_os("VIDPULSE_PRINT_SQL").is_some() {
+            println!("{}", q.sql);
+        }
+        assert!(
+            q.sql
+                .contains("toStartOfDay(window_start, 'Asia/Shanghai')")
+                && q.sql
+                    .contains("ORDER BY _b, _c0 DESC, _g0 ASC LIMIT 10 BY _b"),
+            "{}",
+            q.sql
+        );
+        let q = rollup_of(
+            "online_users_1m",
+            Rollup::Hour,
+            None,
+            Some(1_629_043_200_000),
+        );
+        if std::env::var_os("VIDPULSE_PRINT_SQL").is_some() {
+            println!("{}", q.sql);
+        }
+        assert!(q.sql.contains("argMax(_c0, _ws) AS _c0"), "{}", q.sql);
+        // Levels cumulate from the first window: the range filters after.
+        assert!(!q.sql.contains("window_start >= toDateTime"), "{}", q.sql);
+        let q = rollup_of("gifts_6h", Rollup::All, None, None);
+        assert!(
+            !q.sql.contains("ARRAY JOIN"),
+            "panes, not windows: {}",
+            q.sql
+        );
+        let spec = Spec::default_spec();
+        let t = Tables::new("vidpulse", "");
+        let f = Filters {
+            rollup: Some(Rollup::All),
+            ..Filters::default()
+        };
+        let e = final_sql(&t, &Target::find(&spec, "live_viewer_log").unwrap(), &f).unwrap_err();
+        assert!(e.to_string().contains("is a log"), "{e}");
+    }
 }

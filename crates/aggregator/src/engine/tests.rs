@@ -658,3 +658,148 @@ fn crashes_at_any_point_replay_to_the_same_final_values() {
     run(&p, &mut s, &mut again, &events, 40, None);
     assert_eq!(again.values(), reference.values());
 }
+
+// ---- days in a zone ----------------------------------------------------------
+
+const CHINA_DAYS: &str = r#"
+[[leaderboard]]
+name = "gifts"
+kinds = ["gift_sent"]
+member = "user_id"
+score = { name = "amount", fn = "sum", field = "amount" }
+zone = "Asia/Shanghai"
+
+[[metric]]
+name = "gifts_daily"
+kinds = ["gift_sent"]
+window = "1d"
+zone = "Asia/Shanghai"
+aggregates = [{ name = "amount", fn = "sum", field = "amount" }]
+"#;
+
+/// Epoch ms of a China-time wall clock reading.
+fn cst(s: &str) -> i64 {
+    chrono::DateTime::parse_from_rfc3339(&format!("{s}+08:00"))
+        .unwrap()
+        .timestamp_millis()
+}
+
+#[test]
+fn a_china_day_ends_at_china_midnight_for_boards_and_metrics() {
+    let p = plan(CHINA_DAYS, 60_000, 0);
+    let mut s = PartitionState::new(&p, Input::Events);
+    // 23:59 and 00:01 China time: 15:59 and 16:01 UTC, the same UTC day.
+    feed(
+        &mut s,
+        &p,
+        &gift("a", cst("2021-08-16T23:59:00"), "u1", 5),
+        0,
+    );
+    feed(
+        &mut s,
+        &p,
+        &gift("b", cst("2021-08-17T00:01:00"), "u1", 7),
+        1,
+    );
+    let e = s.emit(&p, true);
+    let days: BTreeMap<i64, i64> = e.boards.iter().map(|b| (b.window_start, b.value)).collect();
+    let (d16, d17) = (cst("2021-08-16T00:00:00"), cst("2021-08-17T00:00:00"));
+    assert_eq!(days, BTreeMap::from([(d16, 5), (d17, 7)]));
+    let keys: Vec<String> = crate::leaderboard::batches("", &p.spec.leaderboards, "0", &e.boards)
+        .into_iter()
+        .map(|b| b.set_key)
+        .collect();
+    assert_eq!(
+        keys,
+        vec!["rankings:gifts:{2021-08-16}", "rankings:gifts:{2021-08-17}"]
+    );
+    let panes: Vec<i64> = e.rows.iter().map(|r| r.pane_start).collect();
+    assert_eq!(panes, vec![d16, d17]);
+    // The watermark passes 00:00 + 1 min grace China time: the 16th has
+    // closed, so an event from 23:59:30 is late there (in UTC it would
+    // still be on time, the UTC day ends eight hours later).
+    feed(
+        &mut s,
+        &p,
+        &gift("c", cst("2021-08-17T00:01:01"), "u2", 1),
+        2,
+    );
+    s.emit(&p, false);
+    let out = feed(
+        &mut s,
+        &p,
+        &gift("d", cst("2021-08-16T23:59:30"), "u2", 1),
+        3,
+    );
+    assert_eq!(
+        out,
+        Outcome::Counted {
+            late: vec!["gifts_daily".into(), "gifts".into()]
+        }
+    );
+    let utc = plan(&CHINA_DAYS.replace("Asia/Shanghai", "UTC"), 60_000, 0);
+    let mut u = PartitionState::new(&utc, Input::Events);
+    for (i, id) in ["a", "b", "c"].iter().enumerate() {
+        let t = [
+            cst("2021-08-16T23:59:00"),
+            cst("2021-08-17T00:01:00"),
+            cst("2021-08-17T00:01:01"),
+        ][i];
+        feed(&mut u, &utc, &gift(id, t, "u1", 1), i as i64);
+    }
+    let out = feed(
+        &mut u,
+        &utc,
+        &gift("d", cst("2021-08-16T23:59:30"), "u2", 1),
+        3,
+    );
+    assert_eq!(out, Outcome::Counted { late: vec![] });
+}
+
+#[test]
+fn china_days_replay_to_the_same_days() {
+    let p = plan(CHINA_DAYS, 60_000, 0);
+    // Gifts every 20 s around China midnight (23:50 to 00:10), one user in
+    // three, checkpointed every 7 records.
+    let events: Vec<Event> = (0..60)
+        .map(|i| {
+            gift(
+                &format!("e{i}"),
+                cst("2021-08-16T23:50:00") + i * 20_000,
+                &format!("u{}", i % 3),
+                i + 1,
+            )
+        })
+        .collect();
+    let mut reference = Store::default();
+    let mut s = PartitionState::new(&p, Input::Events);
+    run(&p, &mut s, &mut reference, &events, 7, None);
+    let days: std::collections::BTreeSet<i64> =
+        reference.boards.keys().map(|(_, w, _)| *w).collect();
+    assert_eq!(
+        days.into_iter().collect::<Vec<_>>(),
+        vec![cst("2021-08-16T00:00:00"), cst("2021-08-17T00:00:00")]
+    );
+    for crash in [3, 29, 30, 31, 58] {
+        let mut store = Store::default();
+        let mut s = PartitionState::new(&p, Input::Events);
+        run(&p, &mut s, &mut store, &events, 7, Some(crash));
+        let mut s = if store.ckpt.is_empty() {
+            PartitionState::new(&p, Input::Events)
+        } else {
+            PartitionState::restore(&p, Input::Events, &store.ckpt).unwrap()
+        };
+        run(&p, &mut s, &mut store, &events, 7, None);
+        assert_eq!(store.values(), reference.values(), "crash at {crash}");
+    }
+    // A full replay over what is written changes nothing.
+    let mut again = Store {
+        rows: reference.rows.clone(),
+        logs: reference.logs.clone(),
+        boards: reference.boards.clone(),
+        ckpt: HashMap::new(),
+    };
+    let mut s = PartitionState::new(&p, Input::Events);
+    run(&p, &mut s, &mut again, &events, 7, None);
+    assert_eq!(again.values(), reference.values());
+}
