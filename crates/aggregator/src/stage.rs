@@ -399,10 +399,7 @@ pub(crate) async fn run(
     settings: Settings,
     shutdown: CancellationToken,
 ) -> Result<(), AggError> {
-    let tables = Tables::new(
-        &args.clickhouse.clickhouse_database,
-        &args.kafka.topic_prefix,
-    );
+    let tables = args.clickhouse.tables(&args.kafka.topic_prefix);
     if args.print_spec {
         print!("{}", crate::spec::DEFAULT_SPEC);
         return Ok(());
@@ -860,7 +857,7 @@ impl Stage {
         let t_emit = started.elapsed();
         // Tables are written concurrently; each insert retries on its own.
         let writes = inserts.into_iter().map(|(name, data, n)| {
-            let table = self.tables.qualified(&name);
+            let table = self.tables.insert_target(&name);
             let client = &self.ch;
             let (settings, health, shutdown) = (&self.settings, &self.health, &self.shutdown);
             async move {

@@ -12,7 +12,7 @@ use vidpulse_core::config::RedisArgs;
 use vidpulse_core::config::{KafkaArgs, parse_kv};
 use vidpulse_query::SpecArgs;
 use vidpulse_query::read::{self as query, Filters, Row, Target};
-use vidpulse_query::{ClickHouseArgs, Tables};
+use vidpulse_query::ClickHouseArgs;
 
 #[derive(Clone, Copy, Debug, ValueEnum)]
 pub enum Format {
@@ -92,7 +92,7 @@ pub async fn run(kafka: &KafkaArgs, args: QueryArgs) -> anyhow::Result<()> {
         wheres: args.wheres.clone(),
         limit: args.top,
     };
-    let tables = Tables::new(&args.clickhouse.clickhouse_database, &kafka.topic_prefix);
+    let tables = args.clickhouse.tables(&kafka.topic_prefix);
     let rows = query::run(
         &args.clickhouse.client(),
         &args.redis.redis_url,
