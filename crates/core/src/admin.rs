@@ -1,6 +1,7 @@
 //! The admin HTTP port every stage exposes: `/healthz` (the process is
-//! alive), `/readyz` (it can do its job now; 503 with the reason otherwise)
-//! and `/metrics` (Prometheus text).
+//! alive), `/readyz` (it can do its job now; 503 with the reason otherwise,
+//! mirrored in the `vidpulse_stage_ready` gauge) and `/metrics` (Prometheus
+//! text).
 
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
@@ -36,12 +37,20 @@ impl Health {
         if let Ok(mut g) = self.inner.lock() {
             *g = None;
         }
+        self.publish();
     }
 
     pub fn set_not_ready(&self, reason: impl Into<String>) {
         if let Ok(mut g) = self.inner.lock() {
             *g = Some(reason.into());
         }
+        self.publish();
+    }
+
+    /// Mirrors readiness into the `vidpulse_stage_ready` gauge.
+    fn publish(&self) {
+        let ready = self.not_ready_reason().is_none();
+        metrics::gauge!(crate::metrics::STAGE_READY).set(if ready { 1.0 } else { 0.0 });
     }
 
     /// `None` when ready, else why not.
@@ -67,9 +76,11 @@ pub async fn serve(
     shutdown: CancellationToken,
 ) -> std::io::Result<SocketAddr> {
     let state = AppState {
-        health,
         metrics: crate::metrics::install(),
+        health,
     };
+    // The recorder exists now: export the readiness set before it.
+    state.health.publish();
     let app = Router::new()
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/readyz", get(readyz))

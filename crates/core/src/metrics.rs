@@ -22,6 +22,19 @@ pub const IN_FLIGHT: &str = "vidpulse_records_in_flight";
 pub const CONSUMER_LAG: &str = "vidpulse_consumer_lag";
 /// Offset commits that failed. Labels: `stage`.
 pub const COMMIT_FAILED: &str = "vidpulse_commit_failed_total";
+/// 1 while the stage's `/readyz` answers 200, else 0 (alerts on not-ready
+/// stages). No labels: Prometheus' `job` and `instance` name the stage.
+pub const STAGE_READY: &str = "vidpulse_stage_ready";
+
+/// Installs the recorder and registers stage `stage`'s failure counters at
+/// 0, so that dashboards and alerts see a series before the first failure
+/// (and `increase()` counts that first one). Call at start.
+pub fn register_stage(stage: &'static str) {
+    install();
+    for name in [PRODUCE_FAILED, COMMIT_FAILED] {
+        metrics::counter!(name, "stage" => stage).increment(0);
+    }
+}
 
 static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
 

@@ -424,16 +424,37 @@ async fn describe(
         .collect())
 }
 
-/// The tables' DDL, for docs and `--print-ddl`.
+/// The schema's DDL (database, tables, final-value views), for docs and
+/// `--print-ddl`.
 pub fn describe_schema(t: &Tables, spec: &Spec) -> String {
     let mut s = String::new();
-    let ddl = spec
+    let _ = writeln!(
+        s,
+        "CREATE DATABASE IF NOT EXISTS {}{};",
+        ident(&t.database),
+        t.on_cluster()
+    );
+    let targets = spec
         .metrics
         .iter()
-        .flat_map(|m| metric_ddl(t, m))
-        .chain(spec.logs.iter().flat_map(|l| log_ddl(t, l)));
-    for statement in ddl {
-        let _ = writeln!(s, "{statement};");
+        .map(|m| (m.name.as_str(), metric_ddl(t, m), crate::read::Target::Metric(m)))
+        .chain(
+            spec.logs
+                .iter()
+                .map(|l| (l.name.as_str(), log_ddl(t, l), crate::read::Target::Log(l))),
+        );
+    for (name, ddl, target) in targets {
+        for statement in ddl {
+            let _ = writeln!(s, "{statement};");
+        }
+        if let Ok(view) = crate::sql::view_sql(t, &target) {
+            let _ = writeln!(
+                s,
+                "CREATE VIEW IF NOT EXISTS {}{} AS {view};",
+                t.view(name),
+                t.on_cluster()
+            );
+        }
     }
     s
 }
