@@ -5,9 +5,10 @@
 //! gen's truth through `vidpulse query`. Meanwhile one replica is killed
 //! with SIGKILL while the aggregator writes, a second aggregator instance
 //! joins the group writing through a server of the other shard (partitions
-//! move and their tails are re-sent from there), the replica is started
-//! again and catches up: values stay exact, through either shard's servers,
-//! and both replicas of each shard end with the same rows.
+//! move to it; the monitored events arrive only then, so both write), the
+//! replica is started again and catches up: values are exact, through
+//! either shard's servers, and both replicas of each shard end with the
+//! same rows.
 //!
 //! Each run uses its own database, dropped `ON CLUSTER` at the end. Times
 //! are printed, never asserted.
@@ -292,27 +293,6 @@ fn the_pipeline_on_a_2x2_cluster_stays_exact_through_a_killed_replica_and_a_seco
     });
     dims.terminate();
     env.ctl(&["pool", "create", "all"]);
-    let _monitor = env.spawn(
-        "vidpulse-monitor",
-        &[
-            "--pool",
-            "all",
-            "--admin-addr",
-            &format!("127.0.0.1:{}", free_port()),
-            "--room-key",
-            &format!("{}room:{{id}}", env.prefix),
-            "--anchor-key",
-            &format!("{}anchor:{{id}}", env.prefix),
-            "--viewer-key",
-            &format!("{}viewer:{{id}}", env.prefix),
-        ],
-        "monitor.log",
-    );
-    wait_for(
-        &format!("{events} monitored events"),
-        Duration::from_secs(120),
-        || (env.count("vp.monitored.v1") >= events).then_some(()),
-    );
     let mut want = BTreeMap::new();
     for section in ["metrics", "leaderboards"] {
         for (name, rows) in truth[section].as_object().unwrap() {
@@ -366,7 +346,50 @@ fn the_pipeline_on_a_2x2_cluster_stays_exact_through_a_killed_replica_and_a_seco
     wait_for("B to own partitions", Duration::from_secs(120), || {
         (owned(port_b) > 0.0).then_some(())
     });
-    wait_exact(&env, &db, 0, &want, "2 aggregators, one replica down");
+    // Only now the monitor fills vp.monitored.v1: both instances write its
+    // metrics, each for its half of the partitions, through its own shard.
+    let _monitor = env.spawn(
+        "vidpulse-monitor",
+        &[
+            "--pool",
+            "all",
+            "--admin-addr",
+            &format!("127.0.0.1:{}", free_port()),
+            "--room-key",
+            &format!("{}room:{{id}}", env.prefix),
+            "--anchor-key",
+            &format!("{}anchor:{{id}}", env.prefix),
+            "--viewer-key",
+            &format!("{}viewer:{{id}}", env.prefix),
+        ],
+        "monitor.log",
+    );
+    wait_for(
+        &format!("{events} monitored events"),
+        Duration::from_secs(120),
+        || (env.count("vp.monitored.v1") >= events).then_some(()),
+    );
+    // Both read everything while the replica is down. (A batch that the
+    // killed replica had acknowledged just before dying is invisible until
+    // it returns and its shard-mate fetches it: without insert_quorum,
+    // exactness is promised after the restart, checked below.)
+    // Committed offsets are stored only after the rows are written.
+    wait_for("A and B to commit everything", Duration::from_secs(180), || {
+        env.run(
+            "vidpulse",
+            &["lag", "--group", "vidpulse-aggregator", "--max-lag", "0"],
+        )
+        .status
+        .success()
+        .then_some(())
+    });
+    let meanwhile = differences(&env, &db, 0, &want);
+    println!(
+        "caught up with {KILLED} down after {:?}; {} of {} names differ from the truth meanwhile",
+        started.elapsed(),
+        meanwhile.len(),
+        want.len()
+    );
     let (wa, wb) = (written(port_a), written(port_b));
     println!(
         "rows written: A {wa} ({} while {KILLED} was down), B {wb}; partitions A {}, B {}",
@@ -380,30 +403,31 @@ fn the_pipeline_on_a_2x2_cluster_stays_exact_through_a_killed_replica_and_a_seco
     // The replica comes back and catches up from the replication log.
     let restarted = Instant::now();
     stack(&["up", KILLED]);
-    wait_for(
-        &format!("{KILLED} to catch up"),
-        Duration::from_secs(120),
-        || {
-            let q = format!(
-                "SELECT sum(queue_size) + sum(inserts_in_queue) + sum(merges_in_queue) + sum(is_readonly) FROM system.replicas WHERE database = '{db}'"
-            );
-            (sql(3, &q).ok()?.trim() == "0").then_some(())
-        },
-    );
-    println!("{KILLED} caught up {:?} after its restart", restarted.elapsed());
-    // Both replicas of each shard hold the same rows, and shards differ
-    // (the data is spread, not copied).
+    // Both replicas of each shard end with the same rows (the restarted one
+    // fetched what it missed), and the shards differ (the data is spread,
+    // not copied).
     let mut spread = 0;
     for t in &locals {
-        let prints: Vec<String> = (0..NODES.len())
-            .map(|i| wait_for(&format!("{t} on {}", NODES[i].0), Duration::from_secs(60), || fingerprint(i, &db, t).ok()))
-            .collect();
-        assert_eq!(prints[0], prints[1], "{t}: shard 1's replicas differ");
-        assert_eq!(prints[2], prints[3], "{t}: shard 2's replicas differ ({KILLED} restarted)");
+        let prints = wait_for(
+            &format!("{t}: {KILLED} to hold what its shard-mate holds"),
+            Duration::from_secs(120),
+            || {
+                let p: Vec<String> = (0..NODES.len())
+                    .map(|i| fingerprint(i, &db, t))
+                    .collect::<Result<_, _>>()
+                    .ok()?;
+                (p[0] == p[1] && p[2] == p[3]).then_some(p)
+            },
+        );
         if prints[0] != prints[2] {
             spread += 1;
         }
     }
+    println!(
+        "{KILLED} caught up {:?} after its restart ({} tables)",
+        restarted.elapsed(),
+        locals.len()
+    );
     assert!(spread > 0, "every table is identical on both shards: not sharded");
     // Exact through the restarted replica's server and the other shard's.
     for node in [3, 1] {

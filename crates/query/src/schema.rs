@@ -258,24 +258,58 @@ pub fn log_ddl(t: &Tables, l: &Log) -> Vec<String> {
 /// (on a cluster: `ON CLUSTER`, after checking the server knows the
 /// cluster). Existing tables must have the expected columns (a spec change
 /// needs new names or a new database).
+///
+/// On a cluster, statements run only for what the server we talk to lacks
+/// or has in another form: an `ON CLUSTER` statement waits for every
+/// server, so an aggregator (re)starting while one replica is down must not
+/// need one when the schema is already there.
 pub async fn ensure_schema(
     client: &clickhouse::Client,
     t: &Tables,
     spec: &Spec,
 ) -> Result<(), ChError> {
     check_names(t, spec)?;
+    // name → CREATE statement as this server stored it (cluster mode).
+    let mut have: std::collections::HashMap<String, String> = Default::default();
     if let Some(cluster) = &t.cluster {
         check_cluster(client, cluster).await?;
+        let rows = fetch_json(
+            client,
+            &format!(
+                "SELECT name, create_table_query FROM system.tables WHERE database = {}",
+                literal(&t.database)
+            ),
+        )
+        .await?;
+        for r in rows {
+            if let (Some(n), Some(q)) = (r["name"].as_str(), r["create_table_query"].as_str()) {
+                have.insert(n.to_owned(), q.to_owned());
+            }
+        }
     }
-    exec(
-        client,
-        &format!(
-            "CREATE DATABASE IF NOT EXISTS {}{}",
-            ident(&t.database),
-            t.on_cluster()
-        ),
-    )
-    .await?;
+    let cluster = t.cluster.is_some();
+    let exists = |name: &str| have.contains_key(name);
+    let db_exists = cluster
+        && !fetch_json(
+            client,
+            &format!(
+                "SELECT name FROM system.databases WHERE name = {}",
+                literal(&t.database)
+            ),
+        )
+        .await?
+        .is_empty();
+    if !db_exists {
+        exec(
+            client,
+            &format!(
+                "CREATE DATABASE IF NOT EXISTS {}{}",
+                ident(&t.database),
+                t.on_cluster()
+            ),
+        )
+        .await?;
+    }
     // (name, table DDL, expected columns, view SQL)
     type Planned = (String, Vec<String>, Vec<(String, &'static str)>, String);
     let mut tables: Vec<Planned> = Vec::new();
@@ -288,8 +322,12 @@ pub async fn ensure_schema(
         tables.push((l.name.clone(), log_ddl(t, l), log_columns(l), view));
     }
     for (name, ddl, cols, view) in tables {
-        for statement in &ddl {
-            exec(client, statement).await?;
+        let table = table_name(&t.prefix, &name);
+        let created = exists(&table) && exists(&format!("{table}{LOCAL_SUFFIX}"));
+        if !created {
+            for statement in &ddl {
+                exec(client, statement).await?;
+            }
         }
         let want: Vec<(String, String)> = cols
             .iter()
@@ -318,7 +356,14 @@ pub async fn ensure_schema(
                 });
             }
         }
-        // Views hold no data: re-create them so they follow the spec.
+        // Views hold no data: re-create them so they follow the spec (on a
+        // cluster only when the stored one differs).
+        let view_name = format!("{table}_final");
+        if let Some(stored) = have.get(&view_name)
+            && *stored == probe_view(client, t, &view_name, &view).await?
+        {
+            continue;
+        }
         exec(
             client,
             &format!("DROP TABLE IF EXISTS {}{}", t.view(&name), t.on_cluster()),
@@ -335,6 +380,39 @@ pub async fn ensure_schema(
         .await?;
     }
     Ok(())
+}
+
+/// How this server stores view `view_name` defined as `select`: made under
+/// a scratch name on this server only (no `ON CLUSTER`), read back, dropped.
+/// Comparing the two stored texts tells whether the view must change,
+/// whatever the server's formatting.
+async fn probe_view(
+    client: &clickhouse::Client,
+    t: &Tables,
+    view_name: &str,
+    select: &str,
+) -> Result<String, ChError> {
+    let probe = format!("_vidpulse_probe_{}", std::process::id());
+    let qualified = format!("{}.{}", ident(&t.database), ident(&probe));
+    exec(client, &format!("DROP TABLE IF EXISTS {qualified}")).await?;
+    exec(client, &format!("CREATE VIEW {qualified} AS {select}")).await?;
+    let rows = fetch_json(
+        client,
+        &format!(
+            "SELECT create_table_query FROM system.tables WHERE database = {} AND name = {}",
+            literal(&t.database),
+            literal(&probe)
+        ),
+    )
+    .await;
+    exec(client, &format!("DROP TABLE IF EXISTS {qualified}")).await?;
+    let text = rows?
+        .first()
+        .and_then(|r| r["create_table_query"].as_str())
+        .unwrap_or_default()
+        .to_owned();
+    // The stored text names the view: put the real name in.
+    Ok(text.replacen(&probe, view_name, 1))
 }
 
 /// Refuses a spec whose names collide once suffixed (`x_final` the view
