@@ -85,6 +85,12 @@ struct DropDatabase(String);
 
 impl Drop for DropDatabase {
     fn drop(&mut self) {
+        // VIDPULSE_TEST_KEEP_DATABASE=1 keeps it for a look (or to feed its
+        // rows to another ClickHouse version).
+        if std::env::var("VIDPULSE_TEST_KEEP_DATABASE").is_ok_and(|v| v == "1") {
+            println!("kept database {}", self.0);
+            return;
+        }
         let _ = sql(
             0,
             &format!("DROP DATABASE IF EXISTS `{}` ON CLUSTER {CLUSTER}", self.0),
@@ -151,7 +157,12 @@ fn canon(rows: &[Value]) -> Vec<String> {
     v
 }
 
-fn differences(env: &Env, db: &str, node: usize, want: &BTreeMap<String, Vec<Value>>) -> Vec<String> {
+fn differences(
+    env: &Env,
+    db: &str,
+    node: usize,
+    want: &BTreeMap<String, Vec<Value>>,
+) -> Vec<String> {
     let mut bad = Vec::new();
     for (name, rows) in want {
         match query(env, db, node, name) {
@@ -259,7 +270,11 @@ fn the_pipeline_on_a_2x2_cluster_stays_exact_through_a_killed_replica_and_a_seco
             truth_path.to_str().unwrap(),
         ],
     );
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let truth = read_json(&truth_path);
     let events = truth["expected"]["events"].as_i64().unwrap();
     let _ingest = env.spawn(
@@ -304,7 +319,13 @@ fn the_pipeline_on_a_2x2_cluster_stays_exact_through_a_killed_replica_and_a_seco
     // Aggregator A writes through shard 1's first server.
     let port_a = free_port();
     let mut a = aggregator(&env, &db, 0, port_a, "aggregator-a.log");
-    let written = |port| prom_sum(&metrics(port), "vidpulse_aggregator_rows_written_total", &[]);
+    let written = |port| {
+        prom_sum(
+            &metrics(port),
+            "vidpulse_aggregator_rows_written_total",
+            &[],
+        )
+    };
     wait_for("A's first rows", Duration::from_secs(120), || {
         (written(port_a) > 0.0).then_some(())
     });
@@ -321,7 +342,11 @@ fn the_pipeline_on_a_2x2_cluster_stays_exact_through_a_killed_replica_and_a_seco
         .trim()
         .parse()
         .unwrap();
-        assert_eq!(n, locals.len() * 3, "{node}: local, Distributed and view per table");
+        assert_eq!(
+            n,
+            locals.len() * 3,
+            "{node}: local, Distributed and view per table"
+        );
     }
     let engine = sql(
         0,
@@ -374,15 +399,19 @@ fn the_pipeline_on_a_2x2_cluster_stays_exact_through_a_killed_replica_and_a_seco
     // it returns and its shard-mate fetches it: without insert_quorum,
     // exactness is promised after the restart, checked below.)
     // Committed offsets are stored only after the rows are written.
-    wait_for("A and B to commit everything", Duration::from_secs(180), || {
-        env.run(
-            "vidpulse",
-            &["lag", "--group", "vidpulse-aggregator", "--max-lag", "0"],
-        )
-        .status
-        .success()
-        .then_some(())
-    });
+    wait_for(
+        "A and B to commit everything",
+        Duration::from_secs(180),
+        || {
+            env.run(
+                "vidpulse",
+                &["lag", "--group", "vidpulse-aggregator", "--max-lag", "0"],
+            )
+            .status
+            .success()
+            .then_some(())
+        },
+    );
     let meanwhile = differences(&env, &db, 0, &want);
     println!(
         "caught up with {KILLED} down after {:?}; {} of {} names differ from the truth meanwhile",
@@ -428,12 +457,18 @@ fn the_pipeline_on_a_2x2_cluster_stays_exact_through_a_killed_replica_and_a_seco
         restarted.elapsed(),
         locals.len()
     );
-    assert!(spread > 0, "every table is identical on both shards: not sharded");
+    assert!(
+        spread > 0,
+        "every table is identical on both shards: not sharded"
+    );
     // Exact through the restarted replica's server and the other shard's.
     for node in [3, 1] {
         wait_exact(&env, &db, node, &want, "after the replica's restart");
     }
-    assert!(a.terminate() && b.terminate(), "both aggregators drain and exit 0");
+    assert!(
+        a.terminate() && b.terminate(),
+        "both aggregators drain and exit 0"
+    );
     println!(
         "input ready after {t_input:?}; whole test {:?}",
         started.elapsed()

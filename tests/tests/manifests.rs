@@ -1351,7 +1351,10 @@ fn alerts_ship_as_a_rules_file_and_an_equal_prometheus_rule_on_exported_metrics(
         ("consumer lag", "vidpulse_consumer_lag"),
         ("DLQ rate", "vidpulse_records_dlq_total"),
         ("late rate", "vidpulse_aggregator_late_total"),
-        ("stalled watermark", "vidpulse_aggregator_watermark_lag_seconds"),
+        (
+            "stalled watermark",
+            "vidpulse_aggregator_watermark_lag_seconds",
+        ),
         ("sink errors", "vidpulse_sink_errors_total"),
         ("not-ready stages", "vidpulse_stage_ready"),
     ] {
@@ -1361,8 +1364,9 @@ fn alerts_ship_as_a_rules_file_and_an_equal_prometheus_rule_on_exported_metrics(
         );
     }
     let known = exported_metric_names();
-    let tests = std::fs::read_to_string(repo_root().join("deploy/prometheus/vidpulse-rules.test.yml"))
-        .unwrap();
+    let tests =
+        std::fs::read_to_string(repo_root().join("deploy/prometheus/vidpulse-rules.test.yml"))
+            .unwrap();
     let tests = parse_docs(&tests);
     for r in &rules {
         let alert = s(r, "/alert");
@@ -1380,7 +1384,11 @@ fn alerts_ship_as_a_rules_file_and_an_equal_prometheus_rule_on_exported_metrics(
                 );
             }
         }
-        for key in ["/labels/severity", "/annotations/summary", "/annotations/description"] {
+        for key in [
+            "/labels/severity",
+            "/annotations/summary",
+            "/annotations/description",
+        ] {
             assert!(!s(r, key).is_empty(), "alert {alert}: no {key}");
         }
         // Each alert has a unit test in which it fires.

@@ -307,8 +307,14 @@ fn prometheus_scrapes_the_pipeline_and_every_panel_and_rule_has_data() {
     let log = std::fs::File::create(dir.join("prometheus.log")).unwrap();
     let _prom = KillOnDrop(
         Command::new(&prometheus)
-            .arg(format!("--config.file={}", dir.join("prometheus.yml").display()))
-            .arg(format!("--storage.tsdb.path={}", dir.join("prometheus-data").display()))
+            .arg(format!(
+                "--config.file={}",
+                dir.join("prometheus.yml").display()
+            ))
+            .arg(format!(
+                "--storage.tsdb.path={}",
+                dir.join("prometheus-data").display()
+            ))
             .arg(format!("--web.listen-address=127.0.0.1:{prom_port}"))
             .arg("--storage.tsdb.retention.time=1h")
             .stdin(Stdio::null())
@@ -436,8 +442,13 @@ fn prometheus_scrapes_the_pipeline_and_every_panel_and_rule_has_data() {
             .iter()
             .flat_map(|g| g["rules"].as_array().cloned().unwrap_or_default())
             .collect();
-        (!rules.is_empty() && rules.iter().all(|r| r["lastEvaluation"].as_str().is_some_and(|t| !t.starts_with("0001"))))
-            .then_some(rules)
+        (!rules.is_empty()
+            && rules.iter().all(|r| {
+                r["lastEvaluation"]
+                    .as_str()
+                    .is_some_and(|t| !t.starts_with("0001"))
+            }))
+        .then_some(rules)
     });
     let mut used = BTreeSet::new();
     for r in &rule_data {
@@ -463,7 +474,10 @@ fn prometheus_scrapes_the_pipeline_and_every_panel_and_rule_has_data() {
                 "{m} is scraped now: remove it from NOT_YET_EXPORTED in tests/src/lib.rs"
             );
         } else {
-            assert!(names.contains(m), "the rules use {m}, which no stage exports");
+            assert!(
+                names.contains(m),
+                "the rules use {m}, which no stage exports"
+            );
         }
     }
     stop.store(true, Ordering::Relaxed);

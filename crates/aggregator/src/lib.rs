@@ -247,7 +247,8 @@ pub async fn run(args: Args, shutdown: CancellationToken) -> Result<(), AggError
         // Failure counters at 0 from the start (dashboards, alerts).
         vidpulse_core::metrics::register_stage("aggregator");
         for sink in ["clickhouse", "redis"] {
-            metrics::counter!(stage::SINK_ERRORS, "stage" => "aggregator", "sink" => sink).increment(0);
+            metrics::counter!(stage::SINK_ERRORS, "stage" => "aggregator", "sink" => sink)
+                .increment(0);
         }
     }
     stage::run(args, spec, settings, shutdown).await

@@ -10,9 +10,9 @@ use clap::{Args, ValueEnum};
 use serde_json::Value;
 use vidpulse_core::config::RedisArgs;
 use vidpulse_core::config::{KafkaArgs, parse_kv};
+use vidpulse_query::ClickHouseArgs;
 use vidpulse_query::SpecArgs;
 use vidpulse_query::read::{self as query, Filters, Row, Target};
-use vidpulse_query::ClickHouseArgs;
 
 #[derive(Clone, Copy, Debug, ValueEnum)]
 pub enum Format {

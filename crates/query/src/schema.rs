@@ -95,10 +95,7 @@ impl Tables {
         format!(
             "{}.{}",
             ident(&self.database),
-            ident(&format!(
-                "{}{LOCAL_SUFFIX}",
-                table_name(&self.prefix, name)
-            ))
+            ident(&format!("{}{LOCAL_SUFFIX}", table_name(&self.prefix, name)))
         )
     }
 
@@ -224,7 +221,10 @@ fn table_ddl(t: &Tables, name: &str, l: &Layout) -> Vec<String> {
     let table = table_name(&t.prefix, name);
     // `{shard}` and `{replica}` are the servers' macros; the path names
     // the database and table so that tables never share a replication log.
-    let path = literal(&format!("/clickhouse/tables/{{shard}}/{}/{table}", t.database));
+    let path = literal(&format!(
+        "/clickhouse/tables/{{shard}}/{}/{table}",
+        t.database
+    ));
     let shard_by: Vec<String> = l.shard_by.iter().map(|c| ident(c)).collect();
     vec![
         format!(
@@ -515,7 +515,13 @@ pub fn describe_schema(t: &Tables, spec: &Spec) -> String {
     let targets = spec
         .metrics
         .iter()
-        .map(|m| (m.name.as_str(), metric_ddl(t, m), crate::read::Target::Metric(m)))
+        .map(|m| {
+            (
+                m.name.as_str(),
+                metric_ddl(t, m),
+                crate::read::Target::Metric(m),
+            )
+        })
         .chain(
             spec.logs
                 .iter()
@@ -557,7 +563,9 @@ mod tests {
         let ddl = metric_ddl(&t, spec.metric("gifts_by_type_1m").unwrap());
         assert_eq!(
             ddl[..],
-            ["CREATE TABLE IF NOT EXISTS `vidpulse`.`gifts_by_type_1m` (`window_start` DateTime, `gift_type` String, `part` UInt32, `version` UInt64, `amount` Int64, `gifts` UInt64, `givers` Array(String)) ENGINE = ReplacingMergeTree(version) PARTITION BY toYYYYMM(`window_start`) ORDER BY (`window_start`, `gift_type`, `part`)"]
+            [
+                "CREATE TABLE IF NOT EXISTS `vidpulse`.`gifts_by_type_1m` (`window_start` DateTime, `gift_type` String, `part` UInt32, `version` UInt64, `amount` Int64, `gifts` UInt64, `givers` Array(String)) ENGINE = ReplacingMergeTree(version) PARTITION BY toYYYYMM(`window_start`) ORDER BY (`window_start`, `gift_type`, `part`)"
+            ]
         );
         let log = log_ddl(&t, spec.log("live_viewer_log").unwrap());
         assert!(
@@ -595,10 +603,8 @@ mod tests {
 
     #[test]
     fn names_that_collide_once_suffixed_are_refused() {
-        let text = crate::spec::DEFAULT_SPEC.replace(
-            "name = \"gifts_6h\"",
-            "name = \"gifts_by_type_1m_local\"",
-        );
+        let text = crate::spec::DEFAULT_SPEC
+            .replace("name = \"gifts_6h\"", "name = \"gifts_by_type_1m_local\"");
         let spec = Spec::parse(&text).unwrap();
         let t = Tables::new("vidpulse", "").with_cluster(Some("c"));
         let e = check_names(&t, &spec).unwrap_err();
