@@ -122,7 +122,8 @@ $(ch_remote_servers_xml)
     </remote_servers>
     <zookeeper>
         <node><host>127.0.0.1</host><port>$VIDPULSE_ZOOKEEPER_PORT</port></node>
-        <session_timeout_ms>30000</session_timeout_ms>
+        <!-- A killed replica's session (and its is_active node) expires this soon. -->
+        <session_timeout_ms>10000</session_timeout_ms>
     </zookeeper>
     <macros>
         <cluster>$CH_CLUSTER_NAME</cluster>
@@ -132,6 +133,12 @@ $(ch_remote_servers_xml)
     <distributed_ddl>
         <path>/clickhouse/task_queue/ddl</path>
     </distributed_ddl>
+    <!-- A replica killed mid-insert keeps a part it never committed to ZooKeeper (so never
+         acknowledged); at start it is detached and the replica refetches what it lacks. The default
+         ratio (0.5 of the rows) refuses to start instead when tables are as small as in tests. -->
+    <merge_tree>
+        <replicated_max_ratio_of_wrong_parts>1</replicated_max_ratio_of_wrong_parts>
+    </merge_tree>
 EOF
     )"
     # Insert before the closing root tag.
