@@ -166,10 +166,16 @@ impl Env {
 
     /// Spawns a long-running binary.
     pub fn spawn(&self, name: &str, args: &[&str], log: &str) -> Proc {
+        let mut c = self.cmd(name);
+        c.args(args);
+        self.spawn_command(c, name, log)
+    }
+
+    /// Spawns a prepared command (e.g. [`Env::cmd`] with more environment),
+    /// its output to `log` in the scratch directory.
+    pub fn spawn_command(&self, mut c: Command, name: &str, log: &str) -> Proc {
         let logf = std::fs::File::create(scratch(&self.prefix).join(log)).unwrap();
-        let child = self
-            .cmd(name)
-            .args(args)
+        let child = c
             .stdout(logf.try_clone().unwrap())
             .stderr(logf)
             .spawn()
@@ -540,3 +546,11 @@ pub fn drop_clickhouse_tables(prefix: &str) {
         let _ = clickhouse_sql(&format!("DROP TABLE IF EXISTS vidpulse.`{n}`"));
     }
 }
+
+/// Metrics that alert rules (deploy/prometheus/vidpulse-rules.yml) use but no
+/// binary exports yet: the static check in tests/tests/manifests.rs and the
+/// real-Prometheus test in tests/tests/prometheus.rs tolerate exactly these.
+/// `vidpulse_aggregator_watermark_lag_seconds` (wall clock − watermark, per
+/// topic and partition) is being added to the aggregator by issue 16's
+/// stage work; remove it from this list when that lands.
+pub const NOT_YET_EXPORTED: &[&str] = &["vidpulse_aggregator_watermark_lag_seconds"];

@@ -23,13 +23,17 @@ use std::time::Duration;
 use base64::Engine;
 use serde::Deserialize;
 use serde_json::{Map, Value, json};
-use vidpulse_e2e::{bin, repo_root};
+use vidpulse_e2e::{NOT_YET_EXPORTED, bin, repo_root};
 
 /// One stage Deployment.
 struct Stage {
     deployment: &'static str,
     binary: &'static str,
+    /// The port serving /healthz, /readyz and /metrics, its name in the
+    /// pod and Service, and the env var the binary listens by.
     admin_port: u16,
+    port_name: &'static str,
+    listen_env: &'static str,
     /// Env var of the stage's drain timeout (its default comes from --help).
     drain_env: Option<&'static str>,
     /// Longest shutdown of a stage without a drain flag.
@@ -45,6 +49,8 @@ const STAGES: &[Stage] = &[
         deployment: "ingest",
         binary: "vidpulse-ingest",
         admin_port: 9101,
+        port_name: "admin",
+        listen_env: "VIDPULSE_ADMIN_ADDR",
         drain_env: Some("VIDPULSE_INGEST_DRAIN_TIMEOUT"),
         drain_budget: Duration::ZERO,
         group_env: "VIDPULSE_INGEST_GROUP",
@@ -54,6 +60,8 @@ const STAGES: &[Stage] = &[
         deployment: "ingest-redis",
         binary: "vidpulse-ingest",
         admin_port: 9101,
+        port_name: "admin",
+        listen_env: "VIDPULSE_ADMIN_ADDR",
         drain_env: Some("VIDPULSE_INGEST_DRAIN_TIMEOUT"),
         drain_budget: Duration::ZERO,
         group_env: "VIDPULSE_INGEST_REDIS_GROUP",
@@ -63,6 +71,8 @@ const STAGES: &[Stage] = &[
         deployment: "dim-builder",
         binary: "vidpulse-dim-builder",
         admin_port: 9102,
+        port_name: "admin",
+        listen_env: "VIDPULSE_ADMIN_ADDR",
         drain_env: None,
         // A batch in retry is abandoned at once; one Redis call at most.
         drain_budget: Duration::from_secs(10),
@@ -73,6 +83,8 @@ const STAGES: &[Stage] = &[
         deployment: "monitor",
         binary: "vidpulse-monitor",
         admin_port: 9103,
+        port_name: "admin",
+        listen_env: "VIDPULSE_ADMIN_ADDR",
         drain_env: Some("VIDPULSE_MONITOR_DRAIN_TIMEOUT"),
         drain_budget: Duration::ZERO,
         group_env: "VIDPULSE_MONITOR_GROUP",
@@ -82,11 +94,26 @@ const STAGES: &[Stage] = &[
         deployment: "aggregator",
         binary: "vidpulse-aggregator",
         admin_port: 9104,
+        port_name: "admin",
+        listen_env: "VIDPULSE_ADMIN_ADDR",
         drain_env: None,
         // One last flush: due rows to ClickHouse and a checkpoint.
         drain_budget: Duration::from_secs(30),
         group_env: "VIDPULSE_AGGREGATOR_GROUP",
         partitions_env: "VIDPULSE_EVENT_PARTITIONS",
+    },
+    Stage {
+        deployment: "api",
+        binary: "vidpulse-api",
+        admin_port: 8080,
+        port_name: "http",
+        listen_env: "VIDPULSE_API_LISTEN",
+        drain_env: None,
+        // Requests in progress finish, each within --query-timeout (20 s).
+        drain_budget: Duration::from_secs(20),
+        // No consumer group: it follows the pool topics without one.
+        group_env: "",
+        partitions_env: "",
     },
 ];
 
@@ -642,32 +669,35 @@ fn check_stage(cluster: &Cluster<'_>, st: &Stage, help: &Help, uid: i64) -> Vec<
     if list(c, "command").first().and_then(Value::as_str) != Some(st.binary) {
         p.push(format!("{what}: command must start with {}", st.binary));
     }
-    // Admin port: containerPort, VIDPULSE_ADMIN_ADDR and the probes agree.
+    // Admin port: containerPort, the listen address and the probes agree.
     let port_named = list(c, "ports")
         .iter()
-        .find(|x| s(x, "/name") == "admin")
+        .find(|x| s(x, "/name") == st.port_name)
         .and_then(|x| x["containerPort"].as_u64());
     if port_named != Some(u64::from(st.admin_port)) {
         p.push(format!(
-            "{what}: needs containerPort {} named admin",
-            st.admin_port
+            "{what}: needs containerPort {} named {}",
+            st.admin_port, st.port_name
         ));
     }
     let env = literal_env(c);
     if !env
-        .get("VIDPULSE_ADMIN_ADDR")
+        .get(st.listen_env)
         .is_some_and(|a| a.ends_with(&format!(":{}", st.admin_port)))
     {
         p.push(format!(
-            "{what}: VIDPULSE_ADMIN_ADDR must listen on :{}",
-            st.admin_port
+            "{what}: {} must listen on :{}",
+            st.listen_env, st.admin_port
         ));
     }
     for (probe, path) in [("livenessProbe", "/healthz"), ("readinessProbe", "/readyz")] {
         let h = &c[probe]["httpGet"];
-        let port_ok = h["port"] == json!("admin") || h["port"] == json!(st.admin_port);
+        let port_ok = h["port"] == json!(st.port_name) || h["port"] == json!(st.admin_port);
         if s(h, "/path") != path || !port_ok {
-            p.push(format!("{what}: {probe} must GET {path} on the admin port"));
+            p.push(format!(
+                "{what}: {probe} must GET {path} on the {} port",
+                st.port_name
+            ));
         }
     }
     // Resources.
@@ -745,10 +775,11 @@ fn check_stage(cluster: &Cluster<'_>, st: &Stage, help: &Help, uid: i64) -> Vec<
             }
             if !list(&svc["spec"], "ports")
                 .iter()
-                .any(|x| s(x, "/name") == "admin" && x["targetPort"] == json!("admin"))
+                .any(|x| s(x, "/name") == st.port_name && x["targetPort"] == json!(st.port_name))
             {
                 p.push(format!(
-                    "{what}: Service needs port admin → targetPort admin"
+                    "{what}: Service needs port {0} → targetPort {0}",
+                    st.port_name
                 ));
             }
         }
@@ -895,15 +926,17 @@ fn check_monitoring(cluster: &Cluster<'_>) -> Vec<String> {
                     st.deployment
                 ));
             }
-        }
-        if !list(&sm["spec"], "endpoints")
-            .iter()
-            .any(|e| s(e, "/port") == "admin" && s(e, "/path") == "/metrics")
-        {
-            p.push(format!(
-                "ServiceMonitor {}: needs endpoint port admin /metrics",
-                name(sm)
-            ));
+            if !list(&sm["spec"], "endpoints")
+                .iter()
+                .any(|e| s(e, "/port") == st.port_name && s(e, "/path") == "/metrics")
+            {
+                p.push(format!(
+                    "ServiceMonitor {}: needs endpoint port {} /metrics ({})",
+                    name(sm),
+                    st.port_name,
+                    st.deployment
+                ));
+            }
         }
     }
     p
@@ -1122,11 +1155,18 @@ fn every_overlay_renders_and_every_stage_is_deployable() {
         );
         let kinds: BTreeSet<&str> = objs.iter().map(kind).collect();
         match overlay {
-            "dev" => assert!(!kinds.contains("ScaledObject") && !kinds.contains("ServiceMonitor")),
+            "dev" => assert!(
+                !kinds.contains("ScaledObject")
+                    && !kinds.contains("ServiceMonitor")
+                    && !kinds.contains("PrometheusRule")
+            ),
             "prod" => assert!(kinds.contains("ScaledObject") && kinds.contains("ServiceMonitor")),
             _ => assert!(
                 kinds.contains("HorizontalPodAutoscaler") && !kinds.contains("ScaledObject")
             ),
+        }
+        if overlay != "dev" {
+            assert!(kinds.contains("PrometheusRule"), "{overlay}: no alerts");
         }
         // Namespaced, and every image from the overlay.
         for o in objs.iter().filter(|o| kind(o) != "Namespace") {
@@ -1214,11 +1254,8 @@ fn config_shipped_in_config_maps_is_accepted_by_the_binaries() {
     assert!(n > 0);
 }
 
-#[test]
-fn the_dashboard_only_queries_metrics_the_stages_export() {
-    let path = repo_root().join("deploy/grafana/vidpulse-dashboard.json");
-    let dash: Value = serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
-    // Metric names are string literals in the stages' sources.
+/// Metric names the binaries export: string literals in the crates' sources.
+fn exported_metric_names() -> BTreeSet<String> {
     let mut known = BTreeSet::new();
     let mut stack = vec![repo_root().join("crates")];
     while let Some(d) = stack.pop() {
@@ -1238,17 +1275,26 @@ fn the_dashboard_only_queries_metrics_the_stages_export() {
             }
         }
     }
+    known
+}
+
+/// `vidpulse_…` words of a PromQL expression.
+fn metric_words(expr: &str) -> impl Iterator<Item = &str> {
+    expr.split(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
+        .filter(|w| w.starts_with("vidpulse_"))
+}
+
+#[test]
+fn the_dashboard_only_queries_metrics_the_stages_export() {
+    let path = repo_root().join("deploy/grafana/vidpulse-dashboard.json");
+    let dash: Value = serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+    let known = exported_metric_names();
     let mut used = BTreeSet::new();
     let mut titles = Vec::new();
     for panel in dash["panels"].as_array().unwrap() {
         titles.push(s(panel, "/title").to_lowercase());
         for t in list(panel, "targets") {
-            let expr = s(t, "/expr");
-            for w in expr.split(|c: char| !(c.is_ascii_alphanumeric() || c == '_')) {
-                if w.starts_with("vidpulse_") {
-                    used.insert(w.to_owned());
-                }
-            }
+            used.extend(metric_words(s(t, "/expr")).map(str::to_owned));
         }
     }
     assert!(used.len() > 15, "{used:?}");
@@ -1276,6 +1322,118 @@ fn the_dashboard_only_queries_metrics_the_stages_export() {
             "no panel about {topic}"
         );
     }
+}
+
+/// The rule groups of deploy/prometheus/vidpulse-rules.yml.
+fn rule_groups() -> Value {
+    let docs = read_docs(&repo_root().join("deploy/prometheus/vidpulse-rules.yml"));
+    docs[0]["groups"].clone()
+}
+
+#[test]
+fn alerts_ship_as_a_rules_file_and_an_equal_prometheus_rule_on_exported_metrics() {
+    let groups = rule_groups();
+    for overlay in ["prod", "prod-hpa"] {
+        let objs = rendered(overlay);
+        let rule = objs
+            .iter()
+            .find(|o| kind(o) == "PrometheusRule" && name(o) == "vidpulse")
+            .unwrap_or_else(|| panic!("{overlay}: no PrometheusRule vidpulse"));
+        assert_eq!(
+            rule["spec"]["groups"], groups,
+            "{overlay}: deploy/k8s/components/alerts/prometheusrule.yaml must carry the groups of deploy/prometheus/vidpulse-rules.yml verbatim (copy them over)"
+        );
+    }
+    let rules: Vec<&Value> = list(&groups[0], "rules").iter().collect();
+    let alerts: Vec<&str> = rules.iter().map(|r| s(r, "/alert")).collect();
+    // What issue 16 asks to alert on, each by its signal.
+    for (signal, metric) in [
+        ("consumer lag", "vidpulse_consumer_lag"),
+        ("DLQ rate", "vidpulse_records_dlq_total"),
+        ("late rate", "vidpulse_aggregator_late_total"),
+        (
+            "stalled watermark",
+            "vidpulse_aggregator_watermark_lag_seconds",
+        ),
+        ("sink errors", "vidpulse_sink_errors_total"),
+        ("not-ready stages", "vidpulse_stage_ready"),
+    ] {
+        assert!(
+            rules.iter().any(|r| s(r, "/expr").contains(metric)),
+            "no alert on {signal} ({metric})"
+        );
+    }
+    let known = exported_metric_names();
+    let tests =
+        std::fs::read_to_string(repo_root().join("deploy/prometheus/vidpulse-rules.test.yml"))
+            .unwrap();
+    let tests = parse_docs(&tests);
+    for r in &rules {
+        let alert = s(r, "/alert");
+        assert!(alert.starts_with("Vidpulse"), "{alert}");
+        for m in metric_words(s(r, "/expr")) {
+            if NOT_YET_EXPORTED.contains(&m) {
+                assert!(
+                    !known.contains(m),
+                    "{m} is exported now: remove it from NOT_YET_EXPORTED in tests/src/lib.rs"
+                );
+            } else {
+                assert!(
+                    known.contains(m),
+                    "alert {alert} uses {m}, which no stage exports"
+                );
+            }
+        }
+        for key in [
+            "/labels/severity",
+            "/annotations/summary",
+            "/annotations/description",
+        ] {
+            assert!(!s(r, key).is_empty(), "alert {alert}: no {key}");
+        }
+        // Each alert has a unit test in which it fires.
+        let fires = list(&tests[0], "tests").iter().any(|t| {
+            list(t, "alert_rule_test")
+                .iter()
+                .any(|a| s(a, "/alertname") == alert && !list(a, "exp_alerts").is_empty())
+        });
+        assert!(fires, "alert {alert}: no promtool test where it fires");
+    }
+    assert_eq!(alerts.len(), rules.len());
+}
+
+#[test]
+fn the_ingress_component_routes_to_the_api_service() {
+    let mut gens = BTreeSet::new();
+    let objs = build(
+        &k8s_dir().join("components/ingress"),
+        dev_objects(),
+        &mut gens,
+    );
+    let ing = objs
+        .iter()
+        .find(|o| kind(o) == "Ingress" && name(o) == "api")
+        .expect("Ingress api");
+    let svc = objs
+        .iter()
+        .find(|o| kind(o) == "Service" && name(o) == "api")
+        .expect("Service api");
+    let mut n = 0;
+    for r in list(&ing["spec"], "rules") {
+        for path in list(&r["http"], "paths") {
+            let b = &path["backend"]["service"];
+            assert_eq!(s(b, "/name"), "api");
+            let port = s(b, "/port/name");
+            assert!(
+                list(&svc["spec"], "ports")
+                    .iter()
+                    .any(|p| s(p, "/name") == port),
+                "the Ingress uses port {port:?}, which Service api lacks"
+            );
+            n += 1;
+        }
+    }
+    assert!(n > 0, "the Ingress routes nothing");
 }
 
 // The checks bite: a broken manifest is reported.
@@ -1370,6 +1528,31 @@ fn broken_manifests_are_reported() {
     assert!(
         p.iter()
             .any(|x| x.contains("monitor: no PodDisruptionBudget")),
+        "{p:?}"
+    );
+
+    // The API: its one port must be named in the Service too.
+    let p = problems_after(|o| {
+        let svc = o
+            .iter_mut()
+            .find(|x| kind(x) == "Service" && name(x) == "api")
+            .unwrap();
+        svc["spec"]["ports"][0]["name"] = json!("admin");
+        let api = o
+            .iter_mut()
+            .find(|x| kind(x) == "Deployment" && name(x) == "api")
+            .unwrap();
+        api["spec"]["template"]["spec"]["containers"][0]["livenessProbe"]["httpGet"]["port"] =
+            json!(9104);
+    });
+    assert!(
+        p.iter()
+            .any(|x| x.contains("Deployment api: Service needs port http")),
+        "{p:?}"
+    );
+    assert!(
+        p.iter()
+            .any(|x| x.contains("Deployment api: livenessProbe must GET /healthz on the http port")),
         "{p:?}"
     );
 

@@ -230,5 +230,13 @@ pub enum AggError {
 pub async fn run(args: Args, shutdown: CancellationToken) -> Result<(), AggError> {
     let spec = args.spec.load()?;
     let settings = Settings::from_args(&args)?;
+    if !(args.print_spec || args.print_ddl) {
+        // Failure counters at 0 from the start (dashboards, alerts).
+        vidpulse_core::metrics::register_stage("aggregator");
+        for sink in ["clickhouse", "redis", "checkpoints"] {
+            metrics::counter!(vidpulse_core::metrics::SINK_ERRORS, "stage" => "aggregator", "sink" => sink)
+                .increment(0);
+        }
+    }
     stage::run(args, spec, settings, shutdown).await
 }

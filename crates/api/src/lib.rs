@@ -289,10 +289,7 @@ pub fn state(args: &Args, shutdown: &CancellationToken) -> Result<AppState, Star
         .pools
         .then(|| pools::PoolWatch::start(args.kafka.clone(), shutdown.clone()));
     Ok(Arc::new(Inner {
-        tables: Tables::new(
-            &args.clickhouse.clickhouse_database,
-            &args.kafka.topic_prefix,
-        ),
+        tables: args.clickhouse.tables(&args.kafka.topic_prefix),
         ch: clickhouse_client(&args.clickhouse, settings.query_timeout),
         redis_url: args.redis.redis_url.clone(),
         permits: tokio::sync::Semaphore::new(settings.max_concurrent_queries),

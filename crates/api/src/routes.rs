@@ -373,6 +373,10 @@ async fn readyz(State(st): State<AppState>) -> (StatusCode, String) {
             .map_err(|e| ApiError::Unavailable(format!("redis: {e}")))
     })
     .await;
+    // Readiness as the stages export it (`vidpulse_stage_ready`), as of
+    // the last probe.
+    let ready = ch.is_ok() && redis.is_ok();
+    metrics::gauge!(vidpulse_core::metrics::STAGE_READY).set(if ready { 1.0 } else { 0.0 });
     match (ch, redis) {
         (Ok(_), Ok(_)) => (StatusCode::OK, "ready\n".into()),
         (a, b) => {

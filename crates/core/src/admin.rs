@@ -1,6 +1,7 @@
 //! The admin HTTP port every stage exposes: `/healthz` (the process is
-//! alive), `/readyz` (it can do its job now; 503 with the reason otherwise)
-//! and `/metrics` (Prometheus text).
+//! alive), `/readyz` (it can do its job now; 503 with the reason otherwise,
+//! mirrored in the `vidpulse_stage_ready` gauge) and `/metrics` (Prometheus
+//! text).
 
 use std::net::SocketAddr;
 
@@ -27,9 +28,11 @@ pub async fn serve(
     shutdown: CancellationToken,
 ) -> std::io::Result<SocketAddr> {
     let state = AppState {
-        health,
         metrics: crate::metrics::install(),
+        health,
     };
+    // The recorder exists now: export the readiness set before it.
+    state.health.publish();
     let app = Router::new()
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/readyz", get(readyz))

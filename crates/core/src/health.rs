@@ -87,7 +87,19 @@ impl Health {
     }
 
     fn with<T>(&self, f: impl FnOnce(&mut State) -> T) -> Option<T> {
-        self.inner.lock().ok().map(|mut s| f(&mut s))
+        let out = self.inner.lock().ok().map(|mut s| f(&mut s));
+        self.publish();
+        out
+    }
+
+    /// Mirrors readiness into the `vidpulse_stage_ready` gauge.
+    pub fn publish(&self) {
+        let ready = self
+            .inner
+            .lock()
+            .map(|s| s.phase.is_none() && s.failing.is_empty())
+            .unwrap_or(false);
+        metrics::gauge!(crate::metrics::STAGE_READY).set(if ready { 1.0 } else { 0.0 });
     }
 
     /// The stage is up and doing its job (components still count).

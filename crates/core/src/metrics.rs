@@ -29,6 +29,19 @@ pub const RETRIES: &str = "vidpulse_retries_total";
 pub const SINK_ERRORS: &str = "vidpulse_sink_errors_total";
 /// Sink write latency in seconds. Labels: `stage`.
 pub const SINK_LATENCY: &str = "vidpulse_sink_write_seconds";
+/// 1 while the stage's `/readyz` answers 200, else 0 (alerts on not-ready
+/// stages). No labels: Prometheus' `job` and `instance` name the stage.
+pub const STAGE_READY: &str = "vidpulse_stage_ready";
+
+/// Installs the recorder and registers stage `stage`'s failure counters at
+/// 0, so that dashboards and alerts see a series before the first failure
+/// (and `increase()` counts that first one). Call at start.
+pub fn register_stage(stage: &'static str) {
+    install();
+    for name in [PRODUCE_FAILED, COMMIT_FAILED] {
+        metrics::counter!(name, "stage" => stage).increment(0);
+    }
+}
 
 static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
 

@@ -11,10 +11,10 @@ use clap::{Args, ValueEnum};
 use serde_json::Value;
 use vidpulse_core::config::RedisArgs;
 use vidpulse_core::config::{KafkaArgs, parse_kv};
+use vidpulse_query::ClickHouseArgs;
 use vidpulse_query::SpecArgs;
 use vidpulse_query::read::{self as query, Filters, Row, Target};
 use vidpulse_query::rollup::Rollup;
-use vidpulse_query::{ClickHouseArgs, Tables};
 
 #[derive(Clone, Copy, Debug, ValueEnum)]
 pub enum Format {
@@ -137,7 +137,7 @@ pub async fn run(kafka: &KafkaArgs, args: QueryArgs) -> anyhow::Result<()> {
         rollup,
         zone,
     };
-    let tables = Tables::new(&args.clickhouse.clickhouse_database, &kafka.topic_prefix);
+    let tables = args.clickhouse.tables(&kafka.topic_prefix);
     let rows = query::run(
         &args.clickhouse.client(),
         &args.redis.redis_url,

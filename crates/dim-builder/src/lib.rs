@@ -215,6 +215,7 @@ pub async fn run(args: Args, shutdown: CancellationToken) -> Result<(), DimError
     admin::serve(settings.admin_addr, health.clone(), shutdown.clone())
         .await
         .map_err(DimError::Admin)?;
+    vidpulse_core::metrics::register_stage(STAGE);
     // Connecting is left to the first batch, so the stage starts (not
     // ready) while Redis is down and catches up when it comes back.
     let store = Store::open(&settings.redis_url, settings.redis_timeout)?;

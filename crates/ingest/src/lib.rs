@@ -240,6 +240,7 @@ pub async fn run(args: Args, shutdown: CancellationToken) -> Result<(), IngestEr
     admin::serve(settings.admin_addr, health.clone(), shutdown.clone())
         .await
         .map_err(IngestError::Admin)?;
+    vidpulse_core::metrics::register_stage("ingest");
     let mut inputs: Vec<String> = settings.mappings.keys().cloned().collect();
     inputs.sort();
     for t in &inputs {

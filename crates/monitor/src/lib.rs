@@ -200,6 +200,7 @@ pub async fn run(args: Args, shutdown: CancellationToken) -> Result<(), MonitorE
     admin::serve(admin_addr, health.clone(), shutdown.clone())
         .await
         .map_err(MonitorError::Admin)?;
+    vidpulse_core::metrics::register_stage("monitor");
 
     let events_topic = args.kafka.topic(&args.events_topic);
     let output_topic = args.kafka.topic(&args.output_topic);

@@ -1,7 +1,8 @@
 //! The ClickHouse client every vidpulse binary shares: where the server is
 //! (flags with `VIDPULSE_CLICKHOUSE_*` twins; the password is never logged),
-//! errors that know whether they are retriable, quoting, `SELECT` into JSON
-//! rows and `INSERT` of pre-encoded RowBinary. Every request has a timeout.
+//! whether it is one node or a cluster (`--clickhouse-cluster`), errors that
+//! know whether they are retriable, quoting, `SELECT` into JSON rows and
+//! `INSERT` of pre-encoded RowBinary. Every request has a timeout.
 
 use std::time::Duration;
 
@@ -38,6 +39,15 @@ pub struct ClickHouseArgs {
         hide_env_values = true
     )]
     pub clickhouse_password: Option<String>,
+
+    /// ClickHouse cluster (a name in the servers' `remote_servers`): tables
+    /// are created `ON CLUSTER` as `ReplicatedReplacingMergeTree` (`<table>_local`,
+    /// needing the `shard` and `replica` macros and ZooKeeper or ClickHouse
+    /// Keeper) behind a `Distributed` table under the metric's own name,
+    /// which inserts and queries go through. Unset: one server, plain
+    /// `ReplacingMergeTree` tables. See docs/deploy.md.
+    #[arg(long = "clickhouse-cluster", env = "VIDPULSE_CLICKHOUSE_CLUSTER")]
+    pub clickhouse_cluster: Option<String>,
 }
 
 impl std::fmt::Debug for ClickHouseArgs {
@@ -46,6 +56,7 @@ impl std::fmt::Debug for ClickHouseArgs {
             .field("url", &self.clickhouse_url)
             .field("database", &self.clickhouse_database)
             .field("user", &self.clickhouse_user)
+            .field("cluster", &self.clickhouse_cluster)
             .field(
                 "password",
                 &self.clickhouse_password.as_ref().map(|_| "<hidden>"),
@@ -55,6 +66,12 @@ impl std::fmt::Debug for ClickHouseArgs {
 }
 
 impl ClickHouseArgs {
+    /// The client. In cluster mode an `INSERT` into a `Distributed` table
+    /// returns only once every shard has the rows (`insert_distributed_sync`,
+    /// not the server's default background queue, which an acknowledged
+    /// batch could die in), and a `SELECT` fails rather than leave out a
+    /// shard that does not answer (`skip_unavailable_shards=0`, whatever the
+    /// server's profile says).
     pub fn client(&self) -> clickhouse::Client {
         let mut c = clickhouse::Client::default()
             .with_url(&self.clickhouse_url)
@@ -65,7 +82,27 @@ impl ClickHouseArgs {
         if let Some(p) = &self.clickhouse_password {
             c = c.with_password(p);
         }
+        if self.cluster().is_some() {
+            c = c
+                .with_setting("insert_distributed_sync", "1")
+                .with_setting("skip_unavailable_shards", "0");
+        }
         c
+    }
+
+    /// The table names of a deployment with topic prefix `topic_prefix`,
+    /// in this database and (when set) cluster.
+    pub fn tables(&self, topic_prefix: &str) -> crate::schema::Tables {
+        crate::schema::Tables::new(&self.clickhouse_database, topic_prefix)
+            .with_cluster(self.cluster())
+    }
+
+    /// `--clickhouse-cluster`, unless unset or empty.
+    pub fn cluster(&self) -> Option<&str> {
+        self.clickhouse_cluster
+            .as_deref()
+            .map(str::trim)
+            .filter(|c| !c.is_empty())
     }
 }
 

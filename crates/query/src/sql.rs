@@ -549,11 +549,17 @@ fn log_sql(t: &Tables, l: &Log, f: &Filters) -> Result<FinalQuery, QueryError> {
     } else {
         format!(" WHERE {}", conds.join(" AND "))
     };
+    // Through a Distributed table, ClickHouse 18.16 cannot apply `FINAL`
+    // when the columns it merges by (the key, the version) are not selected
+    // at the same level ("Cannot find column event_minute in source
+    // stream"): on a cluster, `FINAL` reads whole rows in a subquery.
+    let from = if t.cluster.is_some() {
+        format!("(SELECT * FROM {table} FINAL{where_})")
+    } else {
+        format!("{table} FINAL{where_}")
+    };
     Ok(FinalQuery {
-        sql: format!(
-            "SELECT {} FROM {table} FINAL{where_} ORDER BY _t, _id",
-            sel.join(", ")
-        ),
+        sql: format!("SELECT {} FROM {from} ORDER BY _t, _id", sel.join(", ")),
         cols,
         rank_within: None,
         post: Vec::new(),

@@ -159,7 +159,7 @@ impl Pending {
     /// of this round has finished.
     pub async fn write_results(&mut self, sinks: &Sinks) -> Result<(), StageError> {
         let writes = self.inserts.iter_mut().filter(|i| !i.done).map(|ins| {
-            let table = sinks.tables.qualified(&ins.name);
+            let table = sinks.tables.insert_target(&ins.name);
             async move {
                 let r = ch::insert(&sinks.ch, &table, ins.data.clone()).await;
                 if r.is_ok() {

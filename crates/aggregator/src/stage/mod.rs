@@ -100,10 +100,7 @@ pub(crate) async fn run(
     settings: Settings,
     shutdown: CancellationToken,
 ) -> Result<(), AggError> {
-    let tables = Tables::new(
-        &args.clickhouse.clickhouse_database,
-        &args.kafka.topic_prefix,
-    );
+    let tables = args.clickhouse.tables(&args.kafka.topic_prefix);
     if args.print_spec {
         print!("{}", crate::spec::DEFAULT_SPEC);
         return Ok(());
