@@ -2,9 +2,12 @@
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../proto");
-    let file = root.join("vidpulse/v1/event.proto");
+    let files = [
+        root.join("vidpulse/v1/event.proto"),
+        root.join("vidpulse/v1/watermark.proto"),
+    ];
     println!("cargo:rerun-if-changed={}", root.display());
-    let fds = protox::compile([&file], [&root])?;
+    let fds = protox::compile(&files, [&root])?;
     prost_build::Config::new()
         .type_attribute(".", "#[derive(serde::Serialize)]")
         .type_attribute(

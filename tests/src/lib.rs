@@ -4,7 +4,7 @@
 #![forbid(unsafe_code)]
 #![allow(clippy::unwrap_used)] // test harness: a failed step should panic with context
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::path::PathBuf;
@@ -152,9 +152,10 @@ impl Env {
             .collect()
     }
 
-    /// Total records in `topic` (sum of high − low watermarks).
+    /// Data records in `topic` (control records — in-band watermarks — not
+    /// counted).
     pub fn count(&self, topic: &str) -> i64 {
-        let out = self.ctl(&["topics", "describe", topic]);
+        let out = self.ctl(&["topics", "describe", topic, "--data"]);
         let line = out.lines().next().unwrap_or("");
         // "<name>: N partitions, M records  ..."
         line.split(", ")
@@ -331,6 +332,36 @@ impl Proc {
                 return false;
             }
             std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    /// Sends `signal` (`STOP`, `CONT`, …) to the process.
+    pub fn signal(&self, signal: &str) {
+        let pid = self.pid().to_string();
+        let ok = Command::new("kill")
+            .args([&format!("-{signal}"), &pid])
+            .status()
+            .is_ok_and(|s| s.success());
+        assert!(ok, "kill -{signal} {pid} ({}) failed", self.name);
+    }
+
+    /// Waits for the process to exit by itself; whether it exited 0.
+    pub fn wait_exit(&mut self, timeout: Duration) -> bool {
+        let Some(c) = self.child.as_mut() else {
+            return false;
+        };
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(status) = c.try_wait().unwrap() {
+                self.child = None;
+                return status.success();
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{} still running after {timeout:?}",
+                self.name
+            );
+            std::thread::sleep(Duration::from_millis(200));
         }
     }
 
@@ -525,6 +556,15 @@ pub fn clickhouse_sql(q: &str) -> Option<String> {
     head.contains(" 200 ").then(|| body.to_owned())
 }
 
+/// Drops a test's ClickHouse tables when it ends (also when it fails).
+pub struct DropTables(pub String);
+
+impl Drop for DropTables {
+    fn drop(&mut self) {
+        drop_clickhouse_tables(&self.0);
+    }
+}
+
 /// Drops the ClickHouse tables and views (database `vidpulse`) of a topic
 /// prefix. Best effort: a test cleaning up never fails on it.
 pub fn drop_clickhouse_tables(prefix: &str) {
@@ -554,3 +594,83 @@ pub fn drop_clickhouse_tables(prefix: &str) {
 /// topic and partition) is being added to the aggregator by issue 16's
 /// stage work; remove it from this list when that lands.
 pub const NOT_YET_EXPORTED: &[&str] = &["vidpulse_aggregator_watermark_lag_seconds"];
+
+// ---- final values against gen's truth -----------------------------------
+
+/// `vidpulse query NAME --format json`, as JSON rows (empty on failure).
+pub fn query(env: &Env, name: &str) -> Vec<Value> {
+    let out = env.run("vidpulse", &["query", name, "--format", "json"]);
+    if !out.status.success() {
+        return Vec::new();
+    }
+    String::from_utf8(out.stdout)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect()
+}
+
+/// Rows as sorted JSON texts, to compare sets of rows.
+pub fn canon(rows: &[Value]) -> Vec<String> {
+    let mut v: Vec<String> = rows.iter().map(|r| r.to_string()).collect();
+    v.sort();
+    v
+}
+
+/// What the truth says for every name `vidpulse query` knows, except `skip`.
+pub fn expected(truth: &Value, skip: &[&str]) -> BTreeMap<String, Vec<Value>> {
+    let mut out = BTreeMap::new();
+    for section in ["metrics", "leaderboards"] {
+        for (name, rows) in truth[section].as_object().unwrap() {
+            if !skip.contains(&name.as_str()) {
+                out.insert(name.clone(), rows.as_array().unwrap().clone());
+            }
+        }
+    }
+    out
+}
+
+/// Names whose query output differs from `want`, with a sample of the diff.
+pub fn differences(env: &Env, want: &BTreeMap<String, Vec<Value>>) -> Vec<String> {
+    let mut bad = Vec::new();
+    for (name, rows) in want {
+        let got = query(env, name);
+        let (a, b) = (canon(rows), canon(&got));
+        if a != b {
+            let sa: BTreeSet<&String> = a.iter().collect();
+            let sb: BTreeSet<&String> = b.iter().collect();
+            let missing: Vec<_> = sa.difference(&sb).take(2).collect();
+            let extra: Vec<_> = sb.difference(&sa).take(2).collect();
+            bad.push(format!(
+                "{name}: want {} rows, got {}; missing {missing:?}; unexpected {extra:?}",
+                a.len(),
+                b.len()
+            ));
+        }
+    }
+    bad
+}
+
+/// Waits until every name in `want` queries equal to it (panics with the
+/// differences after 240 s).
+pub fn wait_exact(env: &Env, want: &BTreeMap<String, Vec<Value>>, what: &str) {
+    let started = Instant::now();
+    let mut last = Vec::new();
+    let deadline = started + Duration::from_secs(240);
+    while Instant::now() < deadline {
+        last = differences(env, want);
+        if last.is_empty() {
+            println!(
+                "{what}: every value equals the truth after {:?} ({} names)",
+                started.elapsed(),
+                want.len()
+            );
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    panic!(
+        "{what}: still different from the truth:\n{}",
+        last.join("\n")
+    );
+}

@@ -115,8 +115,6 @@ fn api_answers_like_the_truth_and_refuses_bad_input() {
         &[
             "--admin-addr",
             &format!("127.0.0.1:{agg_port}"),
-            "--grace",
-            "1h",
             "--early-emit",
             "200ms",
             "--flush-interval",

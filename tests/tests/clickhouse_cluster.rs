@@ -125,8 +125,6 @@ fn aggregator(env: &Env, db: &str, node: usize, port: u16, log: &str) -> Proc {
     c.args([
         "--admin-addr",
         &format!("127.0.0.1:{port}"),
-        "--grace",
-        "1h",
         "--early-emit",
         "200ms",
         "--flush-interval",

@@ -13,14 +13,6 @@ use std::time::{Duration, Instant};
 use serde_json::Value;
 use vidpulse_e2e::*;
 
-struct DropTables(String);
-
-impl Drop for DropTables {
-    fn drop(&mut self) {
-        drop_clickhouse_tables(&self.0);
-    }
-}
-
 fn query(env: &Env, args: &[&str]) -> Vec<Value> {
     let mut all = vec!["query"];
     all.extend_from_slice(args);
@@ -104,14 +96,7 @@ fn rollups_equal_the_minute_rows_and_the_truth() {
     let mut agg = admin(
         "aggregator.log",
         "vidpulse-aggregator",
-        &[
-            "--grace",
-            "1h",
-            "--early-emit",
-            "200ms",
-            "--flush-interval",
-            "200ms",
-        ],
+        &["--early-emit", "200ms", "--flush-interval", "200ms"],
     );
     // Every minute row equals the truth first.
     let names = [

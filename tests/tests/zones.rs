@@ -30,14 +30,6 @@ group_by = ["user_id"]
 aggregates = [{ name = "amount", fn = "sum", field = "amount" }, { name = "gifts", fn = "count" }]
 "#;
 
-struct DropTables(String);
-
-impl Drop for DropTables {
-    fn drop(&mut self) {
-        drop_clickhouse_tables(&self.0);
-    }
-}
-
 fn cst(s: &str) -> i64 {
     chrono::DateTime::parse_from_rfc3339(&format!("{s}+08:00"))
         .unwrap()
@@ -144,6 +136,10 @@ fn china_midnight_splits_the_day_and_a_replay_keeps_it() {
                 &format!("zones-{group}"),
                 "--admin-addr",
                 &addr,
+                // Events written straight to vp.events.v1 (no ingest, no
+                // in-band watermarks).
+                "--watermarks",
+                "max-event-time",
                 "--grace",
                 "1h",
                 "--early-emit",

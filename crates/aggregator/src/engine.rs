@@ -29,12 +29,23 @@ use serde::{Deserialize, Serialize};
 use vidpulse_proto::Kind;
 
 use crate::record::{Field, FieldRef, FieldType, Rec, RoomInfo, RoomTable, Val, ValRef};
-use crate::spec::{AggFn, GroupBy, Input, Score, Spec, Window};
-use crate::window::{Watermark, pane_start};
+use crate::spec::{AggFn, GroupBy, Input, Score, Spec};
+use crate::window::{Clock, ClockMode, pane_start};
 
 /// Remembered ids are bucketed by event-time second, so a checkpoint
 /// rewrites only the recent buckets.
 const DEDUP_BUCKET_MS: i64 = 1_000;
+
+/// Default of how long (in event time, behind the watermark) event ids are
+/// remembered to recognise duplicates.
+pub const DEFAULT_DEDUP_HORIZON_MS: i64 = 10 * 60_000;
+
+/// An event id as remembered: a 64-bit hash (xxh3), so an id costs 8 bytes
+/// whatever its length. Stable across builds and platforms (checkpoints
+/// keep them).
+pub fn id_hash(id: &str) -> u64 {
+    xxhash_rust::xxh3::xxh3_64(id.as_bytes())
+}
 
 /// The spec resolved for fast dispatch, with the stage's settings.
 #[derive(Debug)]
@@ -46,6 +57,12 @@ pub struct Plan {
     pub lb_grace: Vec<i64>,
     targets: HashMap<(Input, Kind), Targets>,
     pub fingerprint: String,
+    /// Where partitions' event time comes from.
+    pub clock: ClockMode,
+    /// How long event ids are remembered (event time behind the
+    /// watermark): a duplicate within it counts once whatever its windows;
+    /// one later than that counts again.
+    pub dedup_horizon_ms: i64,
 }
 
 #[derive(Debug, Default)]
@@ -53,13 +70,26 @@ struct Targets {
     metrics: Vec<usize>,
     logs: Vec<usize>,
     lbs: Vec<usize>,
-    /// The window of each pane an event of this kind goes to, with its
-    /// grace: see [`Plan::keep_until`].
-    closes: Vec<(Window, i64)>,
 }
 
 impl Plan {
+    /// A plan whose partitions keep the max-event-time clock (event times
+    /// alone; what tests on fake time use).
     pub fn new(spec: Spec, default_grace_ms: i64, out_of_orderness_ms: i64) -> Plan {
+        Plan::with_clock(
+            spec,
+            default_grace_ms,
+            out_of_orderness_ms,
+            ClockMode::MaxEventTime,
+        )
+    }
+
+    pub fn with_clock(
+        spec: Spec,
+        default_grace_ms: i64,
+        out_of_orderness_ms: i64,
+        clock: ClockMode,
+    ) -> Plan {
         let metric_grace: Vec<i64> = spec
             .metrics
             .iter()
@@ -73,9 +103,7 @@ impl Plan {
         let mut targets: HashMap<(Input, Kind), Targets> = HashMap::new();
         for (i, m) in spec.metrics.iter().enumerate() {
             for k in &m.kinds {
-                let t = targets.entry((m.input, *k)).or_default();
-                t.metrics.push(i);
-                t.closes.push((m.window, metric_grace[i]));
+                targets.entry((m.input, *k)).or_default().metrics.push(i);
             }
         }
         for (i, l) in spec.logs.iter().enumerate() {
@@ -85,12 +113,20 @@ impl Plan {
         }
         for (i, l) in spec.leaderboards.iter().enumerate() {
             for k in &l.kinds {
-                let t = targets.entry((l.input, *k)).or_default();
-                t.lbs.push(i);
-                t.closes.push((l.window(), lb_grace[i]));
+                targets.entry((l.input, *k)).or_default().lbs.push(i);
             }
         }
-        let fingerprint = spec.fingerprint(default_grace_ms, out_of_orderness_ms);
+        // A checkpoint of another clock or checkpoint format is not restored
+        // (the partition replays under this one): "c2" is the format with
+        // remembered ids as hashes by event second.
+        let fingerprint = match clock {
+            ClockMode::InBand => {
+                spec.fingerprint(default_grace_ms, out_of_orderness_ms) + "-c2-inband"
+            }
+            ClockMode::MaxEventTime => {
+                spec.fingerprint(default_grace_ms, out_of_orderness_ms) + "-c2"
+            }
+        };
         Plan {
             spec,
             out_of_orderness_ms,
@@ -98,20 +134,15 @@ impl Plan {
             lb_grace,
             targets,
             fingerprint,
+            clock,
+            dedup_horizon_ms: DEFAULT_DEDUP_HORIZON_MS,
         }
     }
 
-    /// Until when (watermark) an event of `kind` at `t` must be remembered to
-    /// recognise its duplicates: the latest close of any pane it can go to.
-    /// A function of kind and time only, so a duplicate finds its original.
-    fn keep_until(&self, input: Input, kind: Kind, t: i64) -> i64 {
-        self.targets.get(&(input, kind)).map_or(i64::MIN, |tg| {
-            tg.closes
-                .iter()
-                .map(|(w, grace)| w.end_of(w.start_of(t)) + grace)
-                .max()
-                .unwrap_or(i64::MIN)
-        })
+    /// The same plan remembering ids for `ms` of event time.
+    pub fn with_dedup_horizon(mut self, ms: i64) -> Plan {
+        self.dedup_horizon_ms = ms.max(0);
+        self
     }
 }
 
@@ -185,7 +216,7 @@ pub struct CheckpointDelta {
 struct Changed {
     panes: BTreeSet<(usize, i64)>,
     days: BTreeSet<(usize, i64)>,
-    dedup: BTreeSet<(i64, i64)>,
+    dedup: BTreeSet<i64>,
     /// Fields of closed panes and windows and of forgotten id buckets.
     gone: Vec<String>,
     rooms: bool,
@@ -265,7 +296,7 @@ pub enum Outcome {
 struct Meta {
     fingerprint: String,
     next_offset: i64,
-    watermark: Watermark,
+    clock: Clock,
 }
 
 /// A checkpoint that cannot be used.
@@ -286,11 +317,12 @@ pub struct PartitionState {
     /// The next offset to read (`-1` before the first record: read from the
     /// beginning).
     pub next_offset: i64,
-    wm: Watermark,
+    wm: Clock,
     metrics: Vec<BTreeMap<i64, Pane>>,
     boards: Vec<BTreeMap<i64, HashMap<Box<str>, Partial>>>,
-    /// (keep-until watermark, event second) → event ids counted.
-    dedup: BTreeMap<(i64, i64), HashSet<Box<str>>>,
+    /// Event second → hashes of the event ids counted in it, for the dedup
+    /// horizon.
+    dedup: BTreeMap<i64, HashSet<u64>>,
     rooms: RoomTable,
     logs: Vec<LogRow>,
     changed: Changed,
@@ -352,7 +384,7 @@ impl PartitionState {
         PartitionState {
             input,
             next_offset: -1,
-            wm: Watermark::default(),
+            wm: Clock::new(plan.clock),
             metrics: vec![BTreeMap::new(); plan.spec.metrics.len()],
             boards: vec![BTreeMap::new(); plan.spec.leaderboards.len()],
             dedup: BTreeMap::new(),
@@ -370,7 +402,7 @@ impl PartitionState {
     }
 
     pub fn max_event_time(&self) -> i64 {
-        self.wm.max_ts
+        self.wm.max_ts()
     }
 
     /// Open panes over all metrics (for gauges and tests).
@@ -431,11 +463,22 @@ impl PartitionState {
         }
 
         let t = rec.event.event_time_ms;
-        self.wm.observe(t, plan.out_of_orderness_ms);
+        self.wm.observe_event(t, plan.out_of_orderness_ms);
         let wm = self.wm.current();
         let Some(targets) = plan.targets.get(&(self.input, rec.kind)) else {
             return Outcome::Ignored;
         };
+        // Only windows need duplicate suppression (a log row is keyed by its
+        // event id in ClickHouse already), and a duplicate is a duplicate
+        // whether or not its windows are still open.
+        let id = rec.event.event_id.as_str();
+        let dedup = (!id.is_empty() && !(targets.metrics.is_empty() && targets.lbs.is_empty()))
+            .then(|| (pane_start(t, DEDUP_BUCKET_MS), id_hash(id)));
+        if let Some((second, h)) = dedup
+            && self.dedup.get(&second).is_some_and(|ids| ids.contains(&h))
+        {
+            return Outcome::Duplicate;
+        }
 
         let mut late = Vec::new();
         let mut metrics: Vec<(usize, i64)> = Vec::with_capacity(targets.metrics.len());
@@ -478,19 +521,13 @@ impl PartitionState {
             };
         }
 
-        let id = rec.event.event_id.as_str();
-        // Only windows need duplicate suppression: a log row is keyed by
-        // its event id in ClickHouse already.
         let windowed = !(metrics.is_empty() && boards.is_empty());
-        if windowed && !id.is_empty() {
-            let key = (
-                plan.keep_until(self.input, rec.kind, t),
-                pane_start(t, DEDUP_BUCKET_MS),
-            );
-            if !self.dedup.entry(key).or_default().insert(id.into()) {
-                return Outcome::Duplicate;
-            }
-            self.changed.dedup.insert(key);
+        if let (true, Some((second, h))) = (windowed, dedup)
+            // Older than the horizon: forgotten at once, not remembered.
+            && second.saturating_add(DEDUP_BUCKET_MS + plan.dedup_horizon_ms) > wm
+        {
+            self.dedup.entry(second).or_default().insert(h);
+            self.changed.dedup.insert(second);
         }
 
         for (m, pane) in metrics {
@@ -625,6 +662,24 @@ impl PartitionState {
         self.changed.days.insert((b, start));
     }
 
+    /// Takes a watermark record read at `offset` (in-band clock): the
+    /// partition's watermark is the minimum over the sources it declares.
+    /// Like an event, it is part of the partition's history: a replay reads
+    /// it at the same place and decides the same.
+    pub fn observe_watermark(&mut self, record: &vidpulse_proto::Watermark, offset: i64) {
+        if offset < self.next_offset {
+            return;
+        }
+        self.next_offset = offset + 1;
+        self.changed.meta = true;
+        self.wm.observe_watermark(record);
+    }
+
+    /// The source holding an in-band watermark back.
+    pub fn watermark_holder(&self) -> Option<vidpulse_core::watermark::Holder> {
+        self.wm.holder()
+    }
+
     /// Applies an idle advance of the watermark (see
     /// [`Watermark::advance_idle`]); the stage checkpoints before reading
     /// on, so a replay sees the same watermark. Returns whether it moved.
@@ -736,13 +791,13 @@ impl PartitionState {
             }
         }
         while let Some(entry) = self.dedup.first_entry() {
-            if wm < entry.key().0 {
+            let second = *entry.key();
+            if wm < second.saturating_add(DEDUP_BUCKET_MS + plan.dedup_horizon_ms) {
                 break;
             }
-            let key = *entry.key();
             entry.remove();
-            self.changed.dedup.remove(&key);
-            self.changed.gone.push(dedup_field(key));
+            self.changed.dedup.remove(&second);
+            self.changed.gone.push(dedup_field(second));
         }
         out
     }
@@ -757,7 +812,7 @@ impl PartitionState {
         let meta = Meta {
             fingerprint: plan.fingerprint.clone(),
             next_offset: self.next_offset,
-            watermark: self.wm,
+            clock: self.wm.clone(),
         };
         d.set.push(("meta".into(), to_json(&meta)));
         if changed.rooms {
@@ -784,9 +839,9 @@ impl PartitionState {
                 }
             }
         }
-        for key in changed.dedup {
-            if let Some(ids) = self.dedup.get(&key) {
-                d.set.push((dedup_field(key), to_json(ids)));
+        for second in changed.dedup {
+            if let Some(ids) = self.dedup.get(&second) {
+                d.set.push((dedup_field(second), encode_ids(ids)));
             }
         }
         d.del = changed.gone;
@@ -809,7 +864,7 @@ impl PartitionState {
         let mut s = PartitionState::new(plan, input);
         s.changed = Changed::default();
         s.next_offset = meta.next_offset;
-        s.wm = meta.watermark;
+        s.wm = meta.clock;
         if let Some(r) = fields.get("rooms") {
             s.rooms = from_json("rooms", r)?;
         }
@@ -850,10 +905,10 @@ impl PartitionState {
                         .insert(member.into(), from_json(field, value)?);
                 }
                 "d" => {
-                    let (Ok(until), Ok(second)) = (name.parse::<i64>(), n.parse::<i64>()) else {
+                    let Ok(second) = name.parse::<i64>() else {
                         continue;
                     };
-                    s.dedup.insert((until, second), from_json(field, value)?);
+                    s.dedup.insert(second, decode_ids(field, value)?);
                 }
                 _ => {}
             }
@@ -893,8 +948,28 @@ fn member_field(board: &str, start: i64, member: &str) -> String {
     format!("l:{board}:{start}:{member}")
 }
 
-fn dedup_field((until, second): (i64, i64)) -> String {
-    format!("d:{until}:{second}:")
+fn dedup_field(second: i64) -> String {
+    format!("d:{second}::")
+}
+
+/// Remembered id hashes as a checkpoint value: 8 bytes each, little-endian.
+fn encode_ids(ids: &HashSet<u64>) -> Vec<u8> {
+    let mut v: Vec<u64> = ids.iter().copied().collect();
+    v.sort_unstable();
+    v.iter().flat_map(|h| h.to_le_bytes()).collect()
+}
+
+fn decode_ids(field: &str, bytes: &[u8]) -> Result<HashSet<u64>, RestoreError> {
+    if bytes.len() % 8 != 0 {
+        return Err(RestoreError::Corrupt {
+            field: field.to_owned(),
+            message: format!("{} bytes is not a list of 8-byte hashes", bytes.len()),
+        });
+    }
+    Ok(bytes
+        .chunks_exact(8)
+        .map(|c| u64::from_le_bytes([c[0], c[1], c[2], c[3], c[4], c[5], c[6], c[7]]))
+        .collect())
 }
 
 fn to_json<T: Serialize>(v: &T) -> Vec<u8> {

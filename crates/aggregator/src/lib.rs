@@ -77,15 +77,37 @@ pub struct Args {
     #[arg(long, env = "VIDPULSE_AGGREGATOR_GRACE", default_value = "60s", value_parser = humantime::parse_duration)]
     pub grace: Duration,
 
-    /// Allowed out-of-orderness: the watermark trails the largest event time
-    /// seen in a partition by this much.
+    /// Where each input partition's event time comes from: `in-band` (the
+    /// watermark records ingest and the monitor write into the topics: the
+    /// minimum over every source, exact through bursts, backfills and
+    /// stalls) or `max-event-time` (the largest event time seen in the
+    /// partition minus --out-of-orderness, moved on by the wall clock after
+    /// --idle-timeout; for producers that write the topics without ingest).
+    #[arg(long, env = "VIDPULSE_AGGREGATOR_WATERMARKS", value_enum, default_value_t = WatermarkSource::InBand)]
+    pub watermarks: WatermarkSource,
+
+    /// Allowed out-of-orderness (`--watermarks max-event-time` only): the
+    /// watermark trails the largest event time seen in a partition by this
+    /// much. In-band watermarks take ingest's --max-out-of-orderness.
     #[arg(long, env = "VIDPULSE_AGGREGATOR_OUT_OF_ORDERNESS", default_value = "5s", value_parser = humantime::parse_duration)]
     pub out_of_orderness: Duration,
 
-    /// A partition with no record for this long is idle: its watermark then
-    /// advances with the wall clock, so windows close when traffic stops.
+    /// `--watermarks max-event-time` only: a partition with no record for
+    /// this long is idle; its watermark then advances with the wall clock, so
+    /// windows close when traffic stops. (In-band watermarks: ingest's
+    /// --idle-timeout decides when a source is idle.)
     #[arg(long, env = "VIDPULSE_AGGREGATOR_IDLE_TIMEOUT", default_value = "30s", value_parser = humantime::parse_duration)]
     pub idle_timeout: Duration,
+
+    /// How long event ids are remembered to recognise duplicates, in event
+    /// time behind the watermark, whatever the windows (ids cost 8 bytes
+    /// each, kept by event second). A duplicate arriving later than this
+    /// after its original counts again (in a window still open) or is late.
+    /// The pipeline's own re-deliveries (restarts, rebalances, `kill -9`)
+    /// arrive within seconds; replays of the aggregator restart from its
+    /// checkpoints and stay exact whatever the horizon.
+    #[arg(long, env = "VIDPULSE_AGGREGATOR_DEDUP_HORIZON", default_value = "10m", value_parser = humantime::parse_duration)]
+    pub dedup_horizon: Duration,
 
     /// Early emission: also write open windows' changed rows at this
     /// interval (live dashboards). 0s = only when a window ends, then on
@@ -148,12 +170,21 @@ impl vidpulse_core::config::StageArgs for Args {
     const LOOP_DEFAULTS: LoopDefaults = LOOP_DEFAULTS;
 }
 
+/// Where event time comes from (`--watermarks`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum WatermarkSource {
+    InBand,
+    MaxEventTime,
+}
+
 /// Validated settings, built once at start.
 #[derive(Debug, Clone)]
 pub struct Settings {
     pub group: String,
     pub default_grace_ms: i64,
     pub out_of_orderness_ms: i64,
+    pub clock: window::ClockMode,
+    pub dedup_horizon_ms: i64,
     pub idle_timeout: Duration,
     pub early_emit: Option<Duration>,
     pub flush_max_rows: usize,
@@ -190,6 +221,11 @@ impl Settings {
             group: args.loop_.group.clone(),
             default_grace_ms: ms(args.grace),
             out_of_orderness_ms: ms(args.out_of_orderness),
+            dedup_horizon_ms: ms(args.dedup_horizon),
+            clock: match args.watermarks {
+                WatermarkSource::InBand => window::ClockMode::InBand,
+                WatermarkSource::MaxEventTime => window::ClockMode::MaxEventTime,
+            },
             idle_timeout: args.idle_timeout,
             early_emit: (!args.early_emit.is_zero()).then_some(args.early_emit),
             flush_max_rows: args.flush_max_rows,

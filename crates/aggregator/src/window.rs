@@ -7,6 +7,8 @@
 //! `size` sliding by `slide` is the union of `size / slide` consecutive panes.
 
 use serde::{Deserialize, Serialize};
+use vidpulse_core::watermark::{Holder, InbandWatermarks, NONE};
+use vidpulse_proto::Watermark as WatermarkRecord;
 
 use crate::spec::Window;
 
@@ -88,6 +90,99 @@ impl Watermark {
             true
         } else {
             false
+        }
+    }
+}
+
+/// Where a partition's event time comes from.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ClockMode {
+    /// The in-band watermark records upstream writes into the partition:
+    /// the minimum over every source that must report (the default).
+    InBand,
+    /// The largest event time seen in the partition minus the
+    /// out-of-orderness, moved on by the wall clock when idle: for producers
+    /// that write the input topics without ingest (no watermark records).
+    MaxEventTime,
+}
+
+/// A partition's event-time clock: its watermark, and what it is made of.
+/// It never goes back.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Clock {
+    InBand { sources: InbandWatermarks, wm: i64 },
+    MaxEventTime(Watermark),
+}
+
+impl Clock {
+    pub fn new(mode: ClockMode) -> Clock {
+        match mode {
+            ClockMode::InBand => Clock::InBand {
+                sources: InbandWatermarks::default(),
+                wm: NONE,
+            },
+            ClockMode::MaxEventTime => Clock::MaxEventTime(Watermark::default()),
+        }
+    }
+
+    pub fn current(&self) -> i64 {
+        match self {
+            Clock::InBand { wm, .. } => *wm,
+            Clock::MaxEventTime(w) => w.current(),
+        }
+    }
+
+    /// An event's time (only the max-event-time clock learns from it).
+    pub fn observe_event(&mut self, t: i64, out_of_orderness_ms: i64) {
+        if let Clock::MaxEventTime(w) = self {
+            w.observe(t, out_of_orderness_ms);
+        }
+    }
+
+    /// A watermark record read from the partition (only the in-band clock
+    /// learns from it). Returns whether anything changed.
+    pub fn observe_watermark(&mut self, r: &WatermarkRecord) -> bool {
+        let Clock::InBand { sources, wm } = self else {
+            return false;
+        };
+        let changed = sources.observe(r);
+        *wm = (*wm).max(sources.current());
+        changed
+    }
+
+    /// The idle advance of the max-event-time clock (see
+    /// [`Watermark::advance_idle`]); the in-band clock never moves by itself.
+    pub fn advance_idle(
+        &mut self,
+        out_of_orderness_ms: i64,
+        idle_for_ms: i64,
+        idle_timeout_ms: i64,
+        wall_now_ms: i64,
+    ) -> bool {
+        match self {
+            Clock::MaxEventTime(w) => w.advance_idle(
+                out_of_orderness_ms,
+                idle_for_ms,
+                idle_timeout_ms,
+                wall_now_ms,
+            ),
+            Clock::InBand { .. } => false,
+        }
+    }
+
+    /// Largest event time seen (max-event-time clock only).
+    pub fn max_ts(&self) -> i64 {
+        match self {
+            Clock::MaxEventTime(w) => w.max_ts,
+            Clock::InBand { .. } => i64::MIN,
+        }
+    }
+
+    /// The source holding an in-band clock back.
+    pub fn holder(&self) -> Option<Holder> {
+        match self {
+            Clock::InBand { sources, .. } => sources.holder(),
+            Clock::MaxEventTime(_) => None,
         }
     }
 }

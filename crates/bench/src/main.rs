@@ -111,6 +111,7 @@ async fn main() -> anyhow::Result<()> {
                 },
                 commit: Commit::AfterOutputs,
                 tick: Duration::from_millis(200),
+                watermarks: runtime::Watermarks::Skip,
             };
             runtime::run(
                 &cli.kafka,

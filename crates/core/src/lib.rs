@@ -19,6 +19,7 @@ pub mod runtime;
 pub mod shutdown;
 pub mod telemetry;
 pub mod topics;
+pub mod watermark;
 
 pub use runtime::error_chain;
 

@@ -130,6 +130,45 @@ impl<D: OnDelivery> Producer<D> {
         }
     }
 
+    /// Sends a record to an explicit partition (control records written to
+    /// every partition of a topic).
+    pub async fn send_to(
+        &self,
+        topic: &str,
+        partition: i32,
+        payload: &[u8],
+        headers: &[(&str, &[u8])],
+        ticket: D::Ticket,
+    ) -> Result<(), ProduceError> {
+        let mut hs = OwnedHeaders::new_with_capacity(headers.len());
+        for (k, v) in headers {
+            hs = hs.insert(Header {
+                key: k,
+                value: Some(*v),
+            });
+        }
+        let mut record: BaseRecord<'_, [u8], [u8], Box<D::Ticket>> =
+            BaseRecord::with_opaque_to(topic, Box::new(ticket))
+                .partition(partition)
+                .payload(payload)
+                .headers(hs);
+        loop {
+            match self.inner.send(record) {
+                Ok(()) => return Ok(()),
+                Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), r)) => {
+                    record = r;
+                    tokio::time::sleep(Duration::from_millis(5)).await;
+                }
+                Err((source, _)) => {
+                    return Err(ProduceError::Refused {
+                        topic: topic.to_owned(),
+                        source,
+                    });
+                }
+            }
+        }
+    }
+
     /// Waits (blocking) until every queued record is reported, at most
     /// `timeout`.
     pub fn flush(&self, timeout: Duration) -> Result<(), KafkaError> {

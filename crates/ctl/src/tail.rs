@@ -17,8 +17,8 @@ use rdkafka::message::{BorrowedMessage, Headers, Message};
 use rdkafka::{Offset, TopicPartitionList};
 use serde_json::{Map, Value, json};
 use vidpulse_core::config::KafkaArgs;
-use vidpulse_core::{kafka, topics};
-use vidpulse_proto::{Event, Message as _, MonitoredEvent};
+use vidpulse_core::{kafka, topics, watermark};
+use vidpulse_proto::{Event, Message as _, MonitoredEvent, Watermark};
 
 #[derive(Args)]
 pub struct TailArgs {
@@ -44,6 +44,10 @@ pub struct TailArgs {
     /// Print the value as stored (no decoding).
     #[arg(long)]
     raw: bool,
+    /// Also print control records (in-band watermarks, header `vp.control`),
+    /// decoded; by default they are skipped.
+    #[arg(long)]
+    control: bool,
 }
 
 #[derive(Clone, Copy)]
@@ -96,7 +100,8 @@ fn tail(kafka_args: &KafkaArgs, args: &TailArgs) -> anyhow::Result<()> {
         }
         let (lo, hi) = consumer.fetch_watermarks(&full, p.id(), Duration::from_secs(10))?;
         let start = match args.last {
-            Some(n) => (hi - n.max(0)).max(lo),
+            Some(n) if args.control => (hi - n.max(0)).max(lo),
+            Some(n) => last_data_start(kafka_args, &full, p.id(), lo, hi, n.max(0))?,
             None if args.from_beginning => lo,
             None => hi,
         };
@@ -128,6 +133,9 @@ fn tail(kafka_args: &KafkaArgs, args: &TailArgs) -> anyhow::Result<()> {
                 {
                     ends.remove(&msg.partition());
                 }
+                if is_control(&msg) && !args.control {
+                    continue;
+                }
                 let line = render(&msg, &args.topic, decode);
                 if writeln!(out, "{line}").is_err() {
                     return Ok(()); // stdout closed (e.g. piped to head)
@@ -144,6 +152,52 @@ fn tail(kafka_args: &KafkaArgs, args: &TailArgs) -> anyhow::Result<()> {
     }
     let _ = out.flush();
     Ok(())
+}
+
+/// Whether a record is a control record (an in-band watermark).
+pub fn is_control(msg: &BorrowedMessage<'_>) -> bool {
+    msg.headers()
+        .is_some_and(|hs| hs.iter().any(|h| h.key == watermark::CONTROL_HEADER))
+}
+
+/// The offset from which partition `p` holds its last `n` data records
+/// (control records in between are skipped when printing): scans back in
+/// growing steps.
+fn last_data_start(
+    kafka_args: &KafkaArgs,
+    topic: &str,
+    p: i32,
+    lo: i64,
+    hi: i64,
+    n: i64,
+) -> anyhow::Result<i64> {
+    if n == 0 {
+        return Ok(hi);
+    }
+    let reader: BaseConsumer = kafka::reader_config(kafka_args)?.create()?;
+    let mut step = (n * 4).max(256);
+    loop {
+        let start = (hi - step).max(lo);
+        let mut tpl = TopicPartitionList::new();
+        tpl.add_partition_offset(topic, p, Offset::Offset(start))?;
+        reader.assign(&tpl)?;
+        let mut data: Vec<i64> = Vec::new();
+        let deadline = Instant::now() + Duration::from_secs(30);
+        let mut next = start;
+        while next < hi && Instant::now() < deadline {
+            if let Some(Ok(msg)) = reader.poll(Duration::from_millis(200)) {
+                next = msg.offset() + 1;
+                if !is_control(&msg) {
+                    data.push(msg.offset());
+                }
+            }
+        }
+        if data.len() as i64 >= n || start == lo {
+            let k = data.len().saturating_sub(n as usize);
+            return Ok(data.get(k).copied().unwrap_or(hi));
+        }
+        step *= 4;
+    }
 }
 
 fn bytes_to_value(b: &[u8]) -> (Value, &'static str) {
@@ -201,8 +255,13 @@ fn render(msg: &BorrowedMessage<'_>, topic: &str, decode: Decode) -> Value {
         }
     }
     o.insert("headers".into(), Value::Object(headers));
+    let control = is_control(msg);
     let (value, encoding) = match (msg.payload(), decode) {
         (None, _) => (Value::Null, "null"),
+        (Some(b), _) if control => match Watermark::decode(b) {
+            Ok(w) => (serde_json::to_value(&w).unwrap_or(Value::Null), "watermark"),
+            Err(_) => bytes_to_value(b),
+        },
         (Some(b), Decode::Event) => match event_json(b) {
             Ok(v) => (v, "event"),
             Err(_) => bytes_to_value(b),

@@ -8,6 +8,8 @@ use clap::{Args, Subcommand};
 use rdkafka::admin::AdminClient;
 use rdkafka::client::DefaultClientContext;
 use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::message::Message;
+use rdkafka::{Offset, TopicPartitionList};
 use vidpulse_core::config::KafkaArgs;
 use vidpulse_core::kafka::{self, MAX_MESSAGE_BYTES};
 use vidpulse_core::topics;
@@ -20,6 +22,10 @@ pub enum TopicsCmd {
     Describe {
         /// Topics to describe (names without prefix).
         topics: Vec<String>,
+        /// Read the records to count data and control records (in-band
+        /// watermarks) apart.
+        #[arg(long)]
+        data: bool,
     },
 }
 
@@ -52,7 +58,10 @@ fn plan(a: &CreateArgs) -> Vec<(&'static str, i32)> {
 pub async fn run(kafka_args: &KafkaArgs, cmd: TopicsCmd) -> anyhow::Result<()> {
     match cmd {
         TopicsCmd::Create(a) => create(kafka_args, &a).await,
-        TopicsCmd::Describe { topics: names } => describe(kafka_args, names),
+        TopicsCmd::Describe {
+            topics: names,
+            data,
+        } => describe(kafka_args, names, data),
     }
 }
 
@@ -93,7 +102,48 @@ async fn create(kafka_args: &KafkaArgs, a: &CreateArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn describe(kafka_args: &KafkaArgs, names: Vec<String>) -> anyhow::Result<()> {
+/// Control records (in-band watermarks) in the given partition ranges: one
+/// pass over the records' headers.
+fn count_control(
+    kafka_args: &KafkaArgs,
+    topic: &str,
+    ranges: &[(i32, i64, i64)],
+) -> anyhow::Result<i64> {
+    let reader: BaseConsumer = kafka::reader_config(kafka_args)?.create()?;
+    let mut tpl = TopicPartitionList::new();
+    let mut ends: std::collections::HashMap<i32, i64> = Default::default();
+    for (p, lo, hi) in ranges {
+        if hi > lo {
+            tpl.add_partition_offset(topic, *p, Offset::Offset(*lo))?;
+            ends.insert(*p, *hi);
+        }
+    }
+    if ends.is_empty() {
+        return Ok(0);
+    }
+    reader.assign(&tpl)?;
+    let mut control = 0;
+    let deadline = std::time::Instant::now() + Duration::from_secs(120);
+    while !ends.is_empty() {
+        if std::time::Instant::now() > deadline {
+            anyhow::bail!("counting {topic}: not all records read within 120 s");
+        }
+        if let Some(Ok(msg)) = reader.poll(Duration::from_millis(200)) {
+            if crate::tail::is_control(&msg) {
+                control += 1;
+            }
+            if ends
+                .get(&msg.partition())
+                .is_some_and(|e| msg.offset() + 1 >= *e)
+            {
+                ends.remove(&msg.partition());
+            }
+        }
+    }
+    Ok(control)
+}
+
+fn describe(kafka_args: &KafkaArgs, names: Vec<String>, count_data: bool) -> anyhow::Result<()> {
     let consumer: BaseConsumer = kafka::reader_config(kafka_args)?.create()?;
     let names: Vec<String> = if names.is_empty() {
         let a = CreateArgs {
@@ -118,16 +168,28 @@ fn describe(kafka_args: &KafkaArgs, names: Vec<String>) -> anyhow::Result<()> {
         };
         let mut total = 0;
         let mut parts = Vec::new();
+        let mut ranges = Vec::new();
         for p in t.partitions() {
             let (lo, hi) = consumer.fetch_watermarks(&full, p.id(), Duration::from_secs(10))?;
             total += hi - lo;
             parts.push(format!("p{}=[{lo},{hi})", p.id()));
+            ranges.push((p.id(), lo, hi));
         }
-        println!(
-            "{full}: {} partitions, {total} records  {}",
-            t.partitions().len(),
-            parts.join(" ")
-        );
+        if count_data {
+            let control = count_control(kafka_args, &full, &ranges)?;
+            println!(
+                "{full}: {} partitions, {} records, {control} control records  {}",
+                t.partitions().len(),
+                total - control,
+                parts.join(" ")
+            );
+        } else {
+            println!(
+                "{full}: {} partitions, {total} records  {}",
+                t.partitions().len(),
+                parts.join(" ")
+            );
+        }
     }
     Ok(())
 }

@@ -239,6 +239,8 @@ pub async fn run(args: Args, shutdown: CancellationToken) -> Result<(), DimError
         loop_: settings.loop_,
         commit: Commit::AfterOutputs,
         tick: Duration::from_secs(1),
+        // Watermark records are not dimension events.
+        watermarks: runtime::Watermarks::Skip,
     };
     runtime::run(&args.kafka, stage, sink, health, shutdown).await?;
     Ok(())

@@ -24,8 +24,13 @@ fn bench(c: &mut Criterion) {
             .unwrap();
         mappings.insert(name.to_owned(), Arc::new(m));
     }
-    let mut normalizer =
-        Normalizer::new(mappings, "vp.events.v1".into(), "vp.dlq.v1".into(), 1 << 20);
+    let mut normalizer = Normalizer::new(
+        mappings,
+        "vp.events.v1".into(),
+        "vp.dlq.v1".into(),
+        1 << 20,
+        300_000,
+    );
     let mut out = Vec::with_capacity(1);
     let mut g = c.benchmark_group("ingest");
     g.throughput(Throughput::Elements(records.len() as u64));

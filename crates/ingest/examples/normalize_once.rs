@@ -25,7 +25,13 @@ fn main() {
             ),
         );
     }
-    let mut n = Normalizer::new(mappings, "vp.events.v1".into(), "vp.dlq.v1".into(), 1 << 20);
+    let mut n = Normalizer::new(
+        mappings,
+        "vp.events.v1".into(),
+        "vp.dlq.v1".into(),
+        1 << 20,
+        300_000,
+    );
     let mut out = Vec::new();
     let start = std::time::Instant::now();
     for (i, r) in records.iter().enumerate() {

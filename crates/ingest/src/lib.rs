@@ -29,7 +29,7 @@ use vidpulse_core::admin::{self, Health};
 use vidpulse_core::config::{
     ConfigError, KafkaArgs, LogArgs, LoopArgs, LoopDefaults, LoopSettings,
 };
-use vidpulse_core::runtime::{self, Commit, StageSettings};
+use vidpulse_core::runtime::{self, Commit, SourceWatermarks, StageSettings, Watermarks};
 use vidpulse_core::{CancellationToken, topics};
 
 use mapping::Mapping;
@@ -77,6 +77,31 @@ pub struct Args {
     /// Raw records larger than this go to the DLQ as `payload_too_large`.
     #[arg(long, env = "VIDPULSE_INGEST_MAX_PAYLOAD_BYTES", default_value_t = 1024 * 1024)]
     pub max_payload_bytes: usize,
+
+    /// How far out of order event times may come within one source
+    /// partition: its watermark trails the largest event time read by this
+    /// much (a mapping may set its own `max_out_of_orderness`). An event
+    /// older than its source's watermark is late.
+    #[arg(long, env = "VIDPULSE_INGEST_MAX_OUT_OF_ORDERNESS", default_value = "5s", value_parser = humantime::parse_duration)]
+    pub max_out_of_orderness: Duration,
+
+    /// A source partition read to its end and without new records this long
+    /// is idle: its watermark then follows the wall clock (minus the allowed
+    /// disorder), so windows close when traffic stops. A source that is
+    /// behind, or that no running ingest owns, never advances.
+    #[arg(long, env = "VIDPULSE_INGEST_IDLE_TIMEOUT", default_value = "10s", value_parser = humantime::parse_duration)]
+    pub idle_timeout: Duration,
+
+    /// Watermark records are written at most this often while sources
+    /// progress (and every 5 s regardless).
+    #[arg(long, env = "VIDPULSE_INGEST_WATERMARK_INTERVAL", default_value = "200ms", value_parser = humantime::parse_duration)]
+    pub watermark_interval: Duration,
+
+    /// An event time more than this after its record's timestamp (the Kafka
+    /// timestamp, or a Redis entry's id) is a bad clock: the record goes to
+    /// the DLQ as `time_in_future`, so no clock can push a watermark ahead.
+    #[arg(long, env = "VIDPULSE_INGEST_MAX_FUTURE", default_value = "5m", value_parser = humantime::parse_duration)]
+    pub max_future: Duration,
 
     /// Print the built-in presets (name and TOML) and exit.
     #[arg(long)]
@@ -233,6 +258,10 @@ impl Settings {
     }
 }
 
+fn ms(d: Duration) -> i64 {
+    i64::try_from(d.as_millis()).unwrap_or(i64::MAX)
+}
+
 /// Runs ingest until `shutdown` is cancelled.
 pub async fn run(args: Args, shutdown: CancellationToken) -> Result<(), IngestError> {
     let settings = Settings::from_args(&args)?;
@@ -267,16 +296,49 @@ pub async fn run(args: Args, shutdown: CancellationToken) -> Result<(), IngestEr
         drain_timeout: settings.loop_.drain_timeout,
         min_backoff: settings.loop_.min_backoff,
         max_backoff: settings.loop_.max_backoff,
+        max_out_of_orderness_ms: ms(args.max_out_of_orderness),
+        idle_timeout: args.idle_timeout,
+        watermark_interval: args.watermark_interval,
+        max_future_ms: ms(args.max_future),
+        watermark_writer: format!("{}@redis", args.kafka.topic(&args.redis.redis_group)),
+        events_partitions: 0,
     });
+    let streams = match streams {
+        Some(mut s) => {
+            let probe: rdkafka::consumer::BaseConsumer =
+                vidpulse_core::kafka::reader_config(&args.kafka)?
+                    .create()
+                    .map_err(runtime::RuntimeError::from)?;
+            s.events_partitions = vidpulse_core::kafka::partition_count(
+                &probe,
+                &settings.events_topic,
+                Duration::from_secs(10),
+            )
+            .map_err(runtime::RuntimeError::from)?
+            .ok_or_else(|| runtime::RuntimeError::MissingTopic(settings.events_topic.clone()))?;
+            Some(s)
+        }
+        None => None,
+    };
     let kafka = async {
         if inputs.is_empty() {
             return Ok(());
         }
+        let default_ooo = ms(args.max_out_of_orderness);
+        let out_of_orderness_ms = inputs
+            .iter()
+            .map(|t| {
+                settings.mappings[t]
+                    .max_out_of_orderness_ms
+                    .unwrap_or(default_ooo)
+            })
+            .collect();
         let processor = Normalizer::new(
             settings.mappings,
             settings.events_topic.clone(),
             settings.dlq_topic.clone(),
             args.max_payload_bytes,
+            ms(args.max_future),
         );
         let stage = StageSettings {
             stage: "ingest",
@@ -285,6 +347,12 @@ pub async fn run(args: Args, shutdown: CancellationToken) -> Result<(), IngestEr
             loop_: settings.loop_.clone(),
             commit: Commit::AfterOutputs,
             tick: Duration::from_millis(200),
+            watermarks: Watermarks::Source(SourceWatermarks {
+                output: settings.events_topic.clone(),
+                out_of_orderness_ms,
+                idle_timeout: args.idle_timeout,
+                interval: args.watermark_interval,
+            }),
         };
         let r = runtime::run(&args.kafka, stage, processor, health.clone(), stop.clone()).await;
         if r.is_err() {

@@ -151,6 +151,9 @@ pub struct Normalizer {
     events_topic: String,
     dlq_topic: String,
     max_payload_bytes: usize,
+    /// An event time further than this after its record's Kafka timestamp
+    /// is a bad clock: `time_in_future`.
+    max_future_ms: i64,
     dlq_counters: HashMap<Reason, Counter>,
 }
 
@@ -160,6 +163,7 @@ impl Normalizer {
         events_topic: String,
         dlq_topic: String,
         max_payload_bytes: usize,
+        max_future_ms: i64,
     ) -> Self {
         let dlq_counters = Reason::ALL
             .into_iter()
@@ -175,6 +179,7 @@ impl Normalizer {
             events_topic,
             dlq_topic,
             max_payload_bytes,
+            max_future_ms,
             dlq_counters,
         }
     }
@@ -185,13 +190,18 @@ impl Normalizer {
     /// replayed from the DLQ (`vp.original.*` headers) keeps its original
     /// source-derived id.
     pub fn normalize_record(&mut self, input: &Record<'_>) -> Output {
+        self.normalize_timed(input).0
+    }
+
+    /// [`Self::normalize_record`], with the event's time when it is one.
+    pub fn normalize_timed(&mut self, input: &Record<'_>) -> (Output, Option<i64>) {
         let headers = input.headers;
         let original = if headers.is_empty() {
             None
         } else {
             original_id(headers.iter())
         };
-        let mut out = self.normalize_as(input, original.as_deref());
+        let (mut out, time) = self.normalize_as(input, original.as_deref());
         // Rejected again: the dead letter keeps pointing at the first read,
         // so a later replay still gets the original id.
         if original.is_some() && out.topic == self.dlq_topic {
@@ -204,10 +214,14 @@ impl Normalizer {
                 }
             }
         }
-        out
+        (out, time)
     }
 
-    fn normalize_as(&mut self, input: &Record<'_>, fallback_id: Option<&str>) -> Output {
+    fn normalize_as(
+        &mut self,
+        input: &Record<'_>,
+        fallback_id: Option<&str>,
+    ) -> (Output, Option<i64>) {
         let src = SourceRef {
             topic: input.topic,
             partition: input.partition,
@@ -227,40 +241,72 @@ impl Normalizer {
                 format!("no mapping for topic {}", input.topic),
             )),
         };
+        let result = result.and_then(|e| check_clock(e, input.timestamp_ms, self.max_future_ms));
         match result {
             Ok(event) => {
                 let mut buf = Vec::with_capacity(event.encoded_len());
                 // Encoding into a Vec cannot fail (it grows as needed).
                 let _ = event.encode(&mut buf);
                 let kind = event.kind().map(|k| k.as_str()).unwrap_or("");
-                Output {
+                let out = Output {
                     topic: self.events_topic.clone(),
                     key: Some(event.subject_key().as_bytes().to_vec()),
                     payload: Some(buf),
                     headers: vec![(H_KIND, kind.as_bytes().to_vec())],
-                }
+                };
+                (out, Some(event.event_time_ms))
             }
             Err(reject) => {
                 if let Some(c) = self.dlq_counters.get(&reject.reason) {
                     c.increment(1);
                 }
                 tracing::debug!(topic = input.topic, partition = input.partition, offset = input.offset, %reject, "Rejected.");
-                dlq::record(
+                let out = dlq::record(
                     &self.dlq_topic,
                     "ingest",
                     input,
                     reject.reason.code(),
                     &reject.detail,
-                )
+                );
+                (out, None)
             }
         }
+    }
+}
+
+/// A clock gone wrong: an event time more than `max_future_ms` after the
+/// time its record was written (its Kafka timestamp, or a Redis stream
+/// entry's id), so that a replay decides the same. Records without a
+/// timestamp are not checked.
+pub fn check_clock(
+    event: Event,
+    written_ms: Option<i64>,
+    max_future_ms: i64,
+) -> Result<Event, Reject> {
+    match written_ms {
+        Some(w) if w > 0 && event.event_time_ms > w.saturating_add(max_future_ms) => {
+            Err(Reject::new(
+                Reason::TimeInFuture,
+                format!(
+                    "event time {} ms is {} s after the record was written ({} ms); more than --max-future allows",
+                    event.event_time_ms,
+                    (event.event_time_ms - w) / 1000,
+                    w
+                ),
+            ))
+        }
+        _ => Ok(event),
     }
 }
 
 impl Stage for Normalizer {
     async fn process(&mut self, batch: &[Record<'_>], out: &mut Outputs) -> Result<(), StageError> {
         for (i, r) in batch.iter().enumerate() {
-            out.push(i, self.normalize_record(r));
+            let (o, time) = self.normalize_timed(r);
+            out.push(i, o);
+            if let Some(t) = time {
+                out.event_time(i, t);
+            }
         }
         Ok(())
     }
@@ -295,6 +341,7 @@ mod tests {
             "p.vp.events.v1".into(),
             "p.vp.dlq.v1".into(),
             1 << 20,
+            300_000,
         )
     }
 
@@ -357,6 +404,33 @@ mod tests {
         // Without the headers it is a new record.
         let out = n.normalize_record(&input(LIKE, 90));
         assert_eq!(event_id(&out), "p.user_actions/3/90");
+    }
+
+    #[test]
+    fn an_event_time_far_after_its_records_timestamp_is_a_bad_clock() {
+        let mut n = normalizer();
+        // 1732200000.5 s: on time for a record written then, or a minute later.
+        let written = 1_732_200_000_000;
+        let rec = |ts: i64| Record {
+            timestamp_ms: Some(ts),
+            ..input(LIKE, 7)
+        };
+        let (out, t) = n.normalize_timed(&rec(written + 60_000));
+        assert_eq!(out.topic, "p.vp.events.v1");
+        assert_eq!(t, Some(1_732_200_000_500));
+        // Written 10 minutes before its event time says: a clock gone wrong.
+        let (out, t) = n.normalize_timed(&rec(written - 600_000));
+        assert_eq!(out.topic, "p.vp.dlq.v1");
+        assert_eq!(t, None, "a dead letter moves no watermark");
+        let reason = out
+            .headers
+            .iter()
+            .find(|(k, _)| *k == dlq::H_REASON)
+            .unwrap();
+        assert_eq!(reason.1, b"time_in_future");
+        // Replayed, it is judged by the same timestamp: the same verdict.
+        let (again, _) = n.normalize_timed(&rec(written - 600_000));
+        assert_eq!(again, out);
     }
 
     #[test]

@@ -18,11 +18,12 @@ pub enum Reason {
     InvalidValue,
     UnparseableTime,
     TimeOutOfRange,
+    TimeInFuture,
     NoMapping,
 }
 
 impl Reason {
-    pub const ALL: [Reason; 15] = [
+    pub const ALL: [Reason; 16] = [
         Reason::EmptyPayload,
         Reason::PayloadTooLarge,
         Reason::InvalidUtf8,
@@ -37,6 +38,7 @@ impl Reason {
         Reason::InvalidValue,
         Reason::UnparseableTime,
         Reason::TimeOutOfRange,
+        Reason::TimeInFuture,
         Reason::NoMapping,
     ];
 
@@ -56,6 +58,7 @@ impl Reason {
             Reason::InvalidValue => "invalid_value",
             Reason::UnparseableTime => "unparseable_time",
             Reason::TimeOutOfRange => "time_out_of_range",
+            Reason::TimeInFuture => "time_in_future",
             Reason::NoMapping => "no_mapping",
         }
     }

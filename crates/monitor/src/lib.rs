@@ -290,7 +290,7 @@ pub async fn run(args: Args, shutdown: CancellationToken) -> Result<(), MonitorE
     tracing::info!(topic = %events_topic, output = %output_topic, enrich = enricher.is_some(), "Monitoring.");
     let monitor = stage::Monitor::new(
         stage::Topics {
-            output: output_topic,
+            output: output_topic.clone(),
             dlq: args.kafka.topic(&args.loop_.dlq_topic),
         },
         gate,
@@ -298,6 +298,7 @@ pub async fn run(args: Args, shutdown: CancellationToken) -> Result<(), MonitorE
         enricher,
         args.miss_policy,
     );
+    let output_topic_full = output_topic;
     let settings = StageSettings {
         stage: stage::STAGE,
         group: args.loop_.group.clone(),
@@ -305,6 +306,12 @@ pub async fn run(args: Args, shutdown: CancellationToken) -> Result<(), MonitorE
         loop_,
         commit: Commit::AfterOutputs,
         tick: Duration::from_millis(100),
+        // Event time passes through: each events partition's watermark is
+        // written to every partition of the output.
+        watermarks: runtime::Watermarks::Forward(runtime::ForwardWatermarks {
+            output: output_topic_full,
+            interval: Duration::from_millis(200),
+        }),
     };
     let result = runtime::run(&args.kafka, settings, monitor, health, shutdown)
         .await

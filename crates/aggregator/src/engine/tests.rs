@@ -191,35 +191,81 @@ fn duplicates_count_once_even_across_emissions() {
 }
 
 #[test]
-fn remembered_ids_are_forgotten_once_every_window_of_them_closed() {
-    let p = plan(PLAYS, 10_000, 0);
+fn remembered_ids_are_kept_for_the_dedup_horizon_whatever_the_windows() {
+    // Minute windows with 10 s of grace, a 2-minute horizon.
+    let p = plan(PLAYS, 10_000, 0).with_dedup_horizon(120_000);
     let mut s = PartitionState::new(&p, Input::Events);
     feed(&mut s, &p, &play("a", T0 + 1_000, "v1", "u1", None), 0);
     assert_eq!(s.remembered_ids(), 1);
+    // The watermark passes the end of a's window and its grace (T0+70s).
     feed(
         &mut s,
         &p,
-        &play("b", T0 + MIN + 9_000, "v1", "u1", None),
+        &play("b", T0 + MIN + 10_000, "v1", "u1", None),
         1,
     );
     s.emit(&p, false);
-    assert_eq!(s.remembered_ids(), 2, "T0 window not closed at T0+69s");
-    feed(
-        &mut s,
-        &p,
-        &play("c", T0 + MIN + 10_000, "v1", "u1", None),
-        2,
-    );
+    assert_eq!(s.remembered_ids(), 2, "a's window closed, its id is kept");
+    // A duplicate of "a" whose window has closed is a duplicate, not late.
+    let out = feed(&mut s, &p, &play("a", T0 + 1_000, "v1", "u1", None), 2);
+    assert_eq!(out, Outcome::Duplicate);
+    // Past the horizon (T0 + 1 s + its 1 s bucket + 120 s < the watermark
+    // at T0 + 180 s): a is forgotten; a copy arriving now is a new, late
+    // event.
+    feed(&mut s, &p, &play("c", T0 + 3 * MIN, "v1", "u1", None), 3);
     s.emit(&p, false);
-    assert_eq!(s.remembered_ids(), 2, "a's id is gone, c's is new");
-    // The duplicate of "a" now is late, not counted twice.
-    let out = feed(&mut s, &p, &play("a", T0 + 1_000, "v1", "u1", None), 3);
+    assert_eq!(s.remembered_ids(), 2, "b's and c's ids are left");
+    let out = feed(&mut s, &p, &play("a", T0 + 1_000, "v1", "u1", None), 4);
     assert_eq!(
         out,
         Outcome::Counted {
             late: vec!["plays".into()]
         }
     );
+}
+
+#[test]
+fn a_duplicate_later_than_the_horizon_counts_again_in_a_window_still_open() {
+    // A day-long window and a 1-minute horizon: the documented trade-off.
+    let p = plan(
+        r#"
+[[leaderboard]]
+name = "gifts_daily"
+kinds = ["gift_sent"]
+member = "user_id"
+score = { name = "amount", fn = "sum", field = "amount" }
+"#,
+        60_000,
+        0,
+    )
+    .with_dedup_horizon(60_000);
+    let mut s = PartitionState::new(&p, Input::Events);
+    feed(&mut s, &p, &gift("g", T0 + 1_000, "u1", 5), 0);
+    assert_eq!(
+        feed(&mut s, &p, &gift("g", T0 + 1_000, "u1", 5), 1),
+        Outcome::Duplicate
+    );
+    feed(&mut s, &p, &gift("h", T0 + 10 * MIN, "u2", 1), 2);
+    s.emit(&p, false);
+    assert_eq!(
+        feed(&mut s, &p, &gift("g", T0 + 1_000, "u1", 5), 3),
+        Outcome::Counted { late: vec![] },
+        "ten minutes later the id is forgotten: it counts again"
+    );
+}
+
+#[test]
+fn remembered_ids_cost_eight_bytes_in_the_checkpoint() {
+    let p = plan(PLAYS, 10_000, 0);
+    let mut s = PartitionState::new(&p, Input::Events);
+    let long_id = "x".repeat(200);
+    feed(&mut s, &p, &play(&long_id, T0 + 1_000, "v1", "u1", None), 0);
+    let d = s.checkpoint_delta(&p);
+    let (_, ids) = d.set.iter().find(|(f, _)| f.starts_with("d:")).unwrap();
+    assert_eq!(ids.len(), 8, "a 200-character id is remembered as a hash");
+    let restored =
+        PartitionState::restore(&p, Input::Events, &d.set.iter().cloned().collect()).unwrap();
+    assert_eq!(restored.remembered_ids(), 1);
 }
 
 #[test]
@@ -802,4 +848,95 @@ fn china_days_replay_to_the_same_days() {
     let mut s = PartitionState::new(&p, Input::Events);
     run(&p, &mut s, &mut again, &events, 7, None);
     assert_eq!(again.values(), reference.values());
+}
+
+// ---- in-band watermarks --------------------------------------------------
+
+fn mark(marks: &[(i32, i64)]) -> vidpulse_proto::Watermark {
+    vidpulse_proto::Watermark {
+        writer: "ingest".into(),
+        sources: vec![vidpulse_proto::SourceTopic {
+            topic: "raw".into(),
+            partitions: 2,
+        }],
+        marks: marks
+            .iter()
+            .map(|(p, m)| vidpulse_proto::SourceMark {
+                topic: 0,
+                partition: *p,
+                watermark_ms: *m,
+                empty: false,
+            })
+            .collect(),
+        ..Default::default()
+    }
+}
+
+#[test]
+fn in_band_watermarks_decide_windows_not_the_event_times_seen() {
+    let p = Plan::with_clock(
+        Spec::parse(PLAYS).unwrap(),
+        10_000,
+        5_000,
+        ClockMode::InBand,
+    );
+    let mut s = PartitionState::new(&p, Input::Events);
+    // An event an hour ahead of the others (one raw partition read in a
+    // burst before the other): it moves nothing.
+    feed(
+        &mut s,
+        &p,
+        &play("ahead", T0 + 60 * MIN, "v1", "u1", None),
+        0,
+    );
+    assert_eq!(
+        s.watermark(),
+        crate::window::Clock::new(ClockMode::InBand).current()
+    );
+    feed(&mut s, &p, &play("a", T0 + 1_000, "v1", "u1", None), 1);
+    assert_eq!(
+        feed(&mut s, &p, &play("b", T0 + 2_000, "v1", "u2", None), 2),
+        Outcome::Counted { late: vec![] },
+        "no source has said anything: nothing is late"
+    );
+    assert!(s.emit(&p, false).rows.is_empty());
+    // Partition 0 is at T0 + 90 s, partition 1 has not reported: nothing fires.
+    s.observe_watermark(&mark(&[(0, T0 + 90_000)]), 3);
+    assert!(s.emit(&p, false).rows.is_empty());
+    // Both report: the watermark is the minimum, T0 + 65 s: the first
+    // minute fires (within its grace, it still takes corrections).
+    s.observe_watermark(&mark(&[(1, T0 + 65_000)]), 4);
+    assert_eq!(s.watermark(), T0 + 65_000);
+    let rows = s.emit(&p, false).rows;
+    assert_eq!(rows.len(), 1);
+    assert_eq!(count_of(&rows[0]), 2);
+    assert_eq!(
+        feed(&mut s, &p, &play("c", T0 + 3_000, "v1", "u3", None), 5),
+        Outcome::Counted { late: vec![] }
+    );
+    // Past end + grace: late.
+    s.observe_watermark(&mark(&[(0, T0 + 80_000), (1, T0 + 80_000)]), 6);
+    assert_eq!(
+        feed(&mut s, &p, &play("d", T0 + 4_000, "v1", "u4", None), 7),
+        Outcome::Counted {
+            late: vec!["plays".into()]
+        }
+    );
+    // A checkpoint taken here and replayed decides the same.
+    let mut restored = PartitionState::restore(
+        &p,
+        Input::Events,
+        &s.clone().checkpoint_delta(&p).set.into_iter().collect(),
+    )
+    .unwrap();
+    assert_eq!(restored.watermark(), s.watermark());
+    assert_eq!(
+        feed(
+            &mut restored,
+            &p,
+            &play("e", T0 + 5_000, "v1", "u5", None),
+            8
+        ),
+        feed(&mut s, &p, &play("e", T0 + 5_000, "v1", "u5", None), 8),
+    );
 }

@@ -13,6 +13,11 @@ pub const PARTIALS_WRITTEN: &str = "vidpulse_aggregator_partials_written_total";
 pub const FLUSH_SECONDS: &str = "vidpulse_aggregator_flush_seconds";
 /// A partition's watermark, epoch ms. Labels: `topic`, `partition`.
 pub const WATERMARK: &str = "vidpulse_aggregator_watermark_ms";
+/// How far a partition's watermark is behind the wall clock, seconds (NaN
+/// before its first watermark). A value that keeps growing means a source
+/// is silent: upstream down, frozen or lagging (`/readyz` names it).
+/// Labels: `topic`, `partition`.
+pub const WATERMARK_LAG: &str = "vidpulse_aggregator_watermark_lag_seconds";
 /// Partitions whose state came back from a checkpoint on assignment.
 pub const RESTORED: &str = "vidpulse_aggregator_checkpoints_restored_total";
 /// Input partitions this instance owns (restored and reading).
@@ -22,3 +27,5 @@ pub const PARTITIONS_OWNED: &str = "vidpulse_aggregator_partitions_owned";
 pub const UNFLUSHED: &str = "vidpulse_aggregator_records_unflushed";
 /// Partitions whose checkpoint write was fenced by a newer owner.
 pub const FENCED: &str = "vidpulse_aggregator_fenced_total";
+/// Event ids remembered to recognise duplicates (over owned partitions).
+pub const REMEMBERED_IDS: &str = "vidpulse_aggregator_remembered_ids";

@@ -32,7 +32,7 @@ use vidpulse_core::runtime::{
     self, Commit, InputPartition, Output, Outputs, Record, Stage, StageError, StageSettings,
     StartAt, Tick,
 };
-use vidpulse_core::{CancellationToken, dlq, metrics as m};
+use vidpulse_core::{CancellationToken, dlq, metrics as m, watermark};
 use vidpulse_proto::{Event, Message as _, MonitoredEvent};
 use vidpulse_query::schema::{self, Tables};
 use vidpulse_query::spec::{Input, Spec};
@@ -52,6 +52,7 @@ struct Owned {
     state: PartitionState,
     last_record: Instant,
     watermark: Gauge,
+    watermark_lag: Gauge,
 }
 
 /// Where results go.
@@ -84,6 +85,10 @@ struct Aggregator {
     duplicates: Counter,
     owned_gauge: Gauge,
     unflushed: Gauge,
+    health: Health,
+    /// The source last reported as holding the watermark back.
+    held_by: Option<String>,
+    last_report: Instant,
 }
 
 fn wall_ms() -> i64 {
@@ -115,11 +120,15 @@ pub(crate) async fn run(
         .map_err(AggError::Admin)?;
     vidpulse_core::metrics::install();
 
-    let plan = Arc::new(Plan::new(
-        spec,
-        settings.default_grace_ms,
-        settings.out_of_orderness_ms,
-    ));
+    let plan = Arc::new(
+        Plan::with_clock(
+            spec,
+            settings.default_grace_ms,
+            settings.out_of_orderness_ms,
+            settings.clock,
+        )
+        .with_dedup_horizon(settings.dedup_horizon_ms),
+    );
     let client = args.clickhouse.client();
     let mut backoff = Backoff::new(settings.loop_.min_backoff, settings.loop_.max_backoff);
 
@@ -167,6 +176,8 @@ pub(crate) async fn run(
         loop_: settings.loop_.clone(),
         commit: Commit::WhenDurable,
         tick: Duration::from_millis(100),
+        // The engine keeps event time: watermark records go into it.
+        watermarks: runtime::Watermarks::Deliver,
     };
     let aggregator = Aggregator {
         plan,
@@ -189,6 +200,9 @@ pub(crate) async fn run(
         duplicates: counter!(DUPLICATES, "stage" => STAGE),
         owned_gauge: gauge!(PARTITIONS_OWNED, "stage" => STAGE),
         unflushed: gauge!(UNFLUSHED, "stage" => STAGE),
+        health: health.clone(),
+        held_by: None,
+        last_report: Instant::now(),
         settings,
     };
     runtime::run(&args.kafka, stage_settings, aggregator, health, shutdown).await?;
@@ -228,8 +242,10 @@ impl Stage for Aggregator {
                     StartAt::Beginning
                 },
             ));
-            let watermark =
-                gauge!(WATERMARK, "topic" => topic.clone(), "partition" => p.partition.to_string());
+            let labels = [
+                ("topic", topic.clone()),
+                ("partition", p.partition.to_string()),
+            ];
             self.parts.insert(
                 *p,
                 Owned {
@@ -237,7 +253,8 @@ impl Stage for Aggregator {
                     key,
                     state,
                     last_record: Instant::now(),
-                    watermark,
+                    watermark: gauge!(WATERMARK, &labels),
+                    watermark_lag: gauge!(WATERMARK_LAG, &labels),
                 },
             );
         }
@@ -254,6 +271,10 @@ impl Stage for Aggregator {
     }
 
     async fn on_tick(&mut self, tick: &mut Tick<'_>) -> Result<(), StageError> {
+        if self.last_report.elapsed() >= Duration::from_secs(1) {
+            self.last_report = Instant::now();
+            self.report_watermarks();
+        }
         if self.pending.is_none() {
             let due = self.flush_due() || (tick.last && !self.parts.is_empty());
             if !due {
@@ -317,6 +338,19 @@ impl Aggregator {
             return;
         }
         self.since_flush += 1;
+        if let Some(control) = r.control() {
+            // A watermark record (or a control record of a newer kind,
+            // skipped): part of the partition's history like an event.
+            match watermark::decode(control, r.payload) {
+                Some(Ok(w)) => owned.state.observe_watermark(&w, offset),
+                Some(Err(detail)) => {
+                    tracing::warn!(topic = r.topic, partition = r.partition, offset, %detail, "Unreadable watermark record skipped.");
+                    owned.state.skip(offset);
+                }
+                None => owned.state.skip(offset),
+            }
+            return;
+        }
         let input = self.topics[r.part.topic as usize].1;
         let payload = r.payload.unwrap_or_default();
         let decoded = match input {
@@ -412,6 +446,7 @@ impl Aggregator {
             i64::try_from(self.settings.idle_timeout.as_millis()).unwrap_or(i64::MAX);
         let mut emitted = Vec::with_capacity(self.parts.len());
         let mut checkpoints = Vec::new();
+        let mut remembered = 0;
         for (p, owned) in self.parts.iter_mut() {
             let idle_for =
                 i64::try_from(owned.last_record.elapsed().as_millis()).unwrap_or(i64::MAX);
@@ -421,7 +456,14 @@ impl Aggregator {
                     .advance_idle(&self.plan, idle_for, idle_timeout_ms, wall);
             }
             let e = owned.state.emit(&self.plan, early);
-            owned.watermark.set(owned.state.watermark().max(0) as f64);
+            let wm = owned.state.watermark();
+            remembered += owned.state.remembered_ids();
+            owned.watermark.set(wm.max(0) as f64);
+            owned.watermark_lag.set(if wm == watermark::NONE {
+                f64::NAN
+            } else {
+                (wall - wm) as f64 / 1000.0
+            });
             if !e.is_empty() {
                 emitted.push((*p, self.topics[p.topic as usize].1.name(), e));
             }
@@ -438,7 +480,62 @@ impl Aggregator {
         }
         self.since_flush = 0;
         self.unflushed.set(0.0);
+        gauge!(REMEMBERED_IDS, "stage" => STAGE).set(remembered as f64);
+        self.report_watermarks();
         Pending::new(&self.plan, &self.sinks.prefix, &emitted, checkpoints)
+    }
+
+    /// The watermark gauges (and how far behind the wall clock each is),
+    /// and on `/readyz` (in the log, when it changes) which source holds
+    /// back the partition furthest behind.
+    fn report_watermarks(&mut self) {
+        let wall = wall_ms();
+        for owned in self.parts.values() {
+            let wm = owned.state.watermark();
+            owned.watermark.set(wm.max(0) as f64);
+            owned.watermark_lag.set(if wm == watermark::NONE {
+                f64::NAN
+            } else {
+                (wall - wm) as f64 / 1000.0
+            });
+        }
+        let furthest = self
+            .parts
+            .iter()
+            .map(|(p, o)| (p, o.state.watermark(), o.state.watermark_holder()))
+            .min_by_key(|(_, wm, _)| *wm);
+        let text = furthest.and_then(|(p, wm, holder)| {
+            let holder = holder?;
+            let behind = if wm == watermark::NONE {
+                "no watermark yet".to_owned()
+            } else {
+                format!("{} s behind the wall clock", (wall - wm) / 1000)
+            };
+            let at = if holder.at == watermark::NONE {
+                "has not reported".to_owned()
+            } else {
+                format!("is at {}", vidpulse_query::read::rfc3339(holder.at, true))
+            };
+            Some(format!(
+                "{}/{} is {behind}; held by source {}/{} of {} (it {at})",
+                self.topics[p.topic as usize].0,
+                p.partition,
+                holder.topic,
+                holder.partition,
+                holder.writer,
+            ))
+        });
+        let source = text
+            .as_ref()
+            .and_then(|t| t.split("held by ").nth(1))
+            .map(str::to_owned);
+        if source != self.held_by {
+            if let Some(t) = &text {
+                tracing::info!(watermark = %t, "Watermark holder changed.");
+            }
+            self.held_by = source;
+        }
+        self.health.set_detail("watermark", text);
     }
 
     /// Writes the pending flush; on success reports the checkpointed

@@ -21,6 +21,7 @@
 //! Java `onPartitionsRevoked`; every stage hook runs in the loop.
 
 mod callbacks;
+mod event_time;
 mod partitions;
 mod run;
 
@@ -30,6 +31,7 @@ use rdkafka::message::{BorrowedHeaders, Headers as _};
 
 pub use crate::produce::Output;
 pub use callbacks::ProduceFailed;
+pub use event_time::{ForwardWatermarks, SourceWatermarks, Watermarks};
 pub use run::{RuntimeError, error_chain, run};
 
 use crate::config::LoopSettings;
@@ -99,6 +101,14 @@ pub struct Record<'a> {
 }
 
 impl<'a> Record<'a> {
+    /// The kind of a control record (`vp.control` header), `None` for data.
+    pub fn control(&self) -> Option<&'a [u8]> {
+        match self.headers {
+            Headers::None => None,
+            h => h.get(crate::watermark::CONTROL_HEADER),
+        }
+    }
+
     /// A record outside Kafka (tests, other sources).
     pub fn detached(
         topic: &'a str,
@@ -123,10 +133,13 @@ impl<'a> Record<'a> {
 }
 
 /// What a stage emits while handling a batch: each output tied to the input
-/// (its index in the batch) whose offset must wait for it.
+/// (its index in the batch) whose offset must wait for it, and — in a stage
+/// where event time starts ([`Watermarks::Source`]) — each input's event
+/// time.
 #[derive(Debug, Default)]
 pub struct Outputs {
     items: Vec<(u32, Output)>,
+    event_times: Vec<(u32, i64)>,
 }
 
 impl Outputs {
@@ -152,12 +165,23 @@ impl Outputs {
         self.items.iter().map(|(i, o)| (*i as usize, o))
     }
 
-    pub fn clear(&mut self) {
-        self.items.clear();
+    /// The batch's input number `input` carries an event of time `t`
+    /// (epoch ms): its source has been read up to there once it is
+    /// acknowledged.
+    pub fn event_time(&mut self, input: usize, t: i64) {
+        self.event_times.push((input as u32, t));
     }
 
-    pub(crate) fn take(&mut self) -> Vec<(u32, Output)> {
-        std::mem::take(&mut self.items)
+    pub fn clear(&mut self) {
+        self.items.clear();
+        self.event_times.clear();
+    }
+
+    pub(crate) fn take(&mut self) -> (Vec<(u32, Output)>, Vec<(u32, i64)>) {
+        (
+            std::mem::take(&mut self.items),
+            std::mem::take(&mut self.event_times),
+        )
     }
 }
 
@@ -228,6 +252,8 @@ pub struct StageSettings {
     pub commit: Commit,
     /// How often `on_tick` runs.
     pub tick: std::time::Duration,
+    /// What the stage does with event time (in-band watermark records).
+    pub watermarks: Watermarks,
 }
 
 /// What `on_tick` may ask of the runtime.

@@ -19,9 +19,11 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use super::callbacks::{Change, Ctx, ProduceFailed, Shared, Ticket};
+use super::event_time::{EventTime, EventTimeError};
 use super::partitions::{Admit, Hold, Partitions, Resume};
 use super::{
-    Headers, InputPartition, Outputs, Record, Stage, StageError, StageSettings, StartAt, Tick,
+    Headers, InputPartition, Output, Outputs, Record, Stage, StageError, StageSettings, StartAt,
+    Tick, Watermarks,
 };
 use crate::config::{ConfigError, KafkaArgs};
 use crate::health::{Component, Health};
@@ -44,6 +46,8 @@ pub enum RuntimeError {
     MissingTopic(String),
     #[error("stopping before the offsets of unacknowledged records are stored")]
     ProduceFailed(#[from] ProduceFailed),
+    #[error("watermarks")]
+    EventTime(#[from] EventTimeError),
     #[error(
         "shutdown drain timed out with {0} records unacknowledged; they will be re-read on restart"
     )]
@@ -90,6 +94,13 @@ pub async fn run<S: Stage>(
     if let Some(t) = kafka::missing_topic(&consumer, &settings.inputs)? {
         return Err(RuntimeError::MissingTopic(t));
     }
+    let event_time = EventTime::new(
+        kafka_args,
+        settings.stage,
+        &settings.group,
+        &settings.inputs,
+        &settings.watermarks,
+    )?;
     let inputs: Vec<&str> = settings.inputs.iter().map(String::as_str).collect();
     consumer.subscribe(&inputs)?;
     tracing::info!(stage = settings.stage, group = %kafka_args.topic(&settings.group), topics = ?inputs, "Consuming.");
@@ -114,6 +125,7 @@ pub async fn run<S: Stage>(
         pending_assign: Vec::new(),
         failing: None,
         last_tick: Instant::now(),
+        event_time,
     };
     let result = runner.run(&shutdown).await;
     let drained = runner.drain(result.is_ok()).await;
@@ -143,6 +155,8 @@ struct Runner<'c, S> {
     /// The component whose failure the current retries are about.
     failing: Option<Component>,
     last_tick: Instant,
+    /// Watermark records written by this stage (source or forwarder).
+    event_time: Option<EventTime>,
 }
 
 /// Interval of offset stores and gauges.
@@ -196,7 +210,7 @@ impl<'c, S: Stage> Runner<'c, S> {
                 // A rebalance: the loop applies it before reading on.
                 _ = self.shared.changed.notified() => break,
                 _ = store_tick.tick() => {
-                    self.store_tick();
+                    self.store_tick().await;
                     if batch.is_empty() && self.last_tick.elapsed() >= self.s.tick {
                         break;
                     }
@@ -403,6 +417,9 @@ impl<'c, S: Stage> Runner<'c, S> {
                 Change::Assigned(parts) => self.pending_assign.extend(parts),
                 Change::Revoked(parts) => {
                     self.pending_assign.retain(|p| !parts.contains(p));
+                    if let Some(et) = self.event_time.as_mut() {
+                        et.revoked(&parts);
+                    }
                     self.stage.on_revoke(&parts).await;
                 }
             }
@@ -545,11 +562,31 @@ impl<'c, S: Stage> Runner<'c, S> {
                 ))
             })
             .collect();
+        // Revoked while the batch was gathered (the rebalance ran inside the
+        // consumer's poll): the new owner reads those records.
+        if let Ok(ps) = self.shared.partitions.lock() {
+            records.retain(|(r, g)| ps.generation(r.part) == Some(*g));
+        }
+        if records.is_empty() {
+            return Ok(());
+        }
+        let deliver_control = matches!(self.s.watermarks, Watermarks::Deliver);
         let mut out = Outputs::new();
+        // The stage's batch: data records (and control records for a stage
+        // that keeps event time itself), by their index in `records`.
+        let mut handed: Vec<usize>;
         loop {
             out.clear();
-            let batch: Vec<Record<'_>> = records.iter().map(|(r, _)| *r).collect();
-            match self.stage.process(&batch, &mut out).await {
+            handed = (0..records.len())
+                .filter(|i| deliver_control || records[*i].0.control().is_none())
+                .collect();
+            let batch: Vec<Record<'_>> = handed.iter().map(|i| records[*i].0).collect();
+            let result = if batch.is_empty() {
+                Ok(())
+            } else {
+                self.stage.process(&batch, &mut out).await
+            };
+            match result {
                 Ok(()) => {
                     self.succeeded();
                     break;
@@ -571,7 +608,27 @@ impl<'c, S: Stage> Runner<'c, S> {
                 Err(StageError::Fatal(e)) => return Err(RuntimeError::Stage(e)),
             }
         }
-        self.send(&records, out, shutdown).await
+        if let Some(et) = self.event_time.as_mut() {
+            if !deliver_control {
+                for (r, g) in records.iter().filter(|(r, _)| r.control().is_some()) {
+                    et.control(r, *g);
+                }
+            }
+        }
+        let (items, event_times) = out.take();
+        // Indices into the stage's batch → indices into `records`.
+        let items: Vec<(usize, Output)> = items
+            .into_iter()
+            .filter_map(|(i, o)| handed.get(i as usize).map(|j| (*j, o)))
+            .collect();
+        if let Some(et) = self.event_time.as_mut() {
+            let times: Vec<(u32, i64)> = event_times
+                .into_iter()
+                .filter_map(|(i, t)| handed.get(i as usize).map(|j| (*j as u32, t)))
+                .collect();
+            et.handled(&records, &times);
+        }
+        self.send(&records, items, shutdown).await
     }
 
     /// Registers the batch's inputs with the offset tracker and produces the
@@ -579,13 +636,14 @@ impl<'c, S: Stage> Runner<'c, S> {
     async fn send(
         &mut self,
         records: &[(Record<'_>, u64)],
-        mut out: Outputs,
+        items: Vec<(usize, Output)>,
         shutdown: &CancellationToken,
     ) -> Result<(), RuntimeError> {
-        let items = out.take();
+        // Every input is registered, in offset order, control records too
+        // (with no output): the tracker needs each partition's inputs in order.
         let mut counts = vec![0u32; records.len()];
         for (i, _) in &items {
-            if let Some(c) = counts.get_mut(*i as usize) {
+            if let Some(c) = counts.get_mut(*i) {
                 *c += 1;
             }
         }
@@ -595,7 +653,7 @@ impl<'c, S: Stage> Runner<'c, S> {
             }
         }
         for (i, o) in items {
-            let Some((r, g)) = records.get(i as usize) else {
+            let Some((r, g)) = records.get(i) else {
                 continue;
             };
             // Back-pressure: wait for room before producing more.
@@ -639,10 +697,18 @@ impl<'c, S: Stage> Runner<'c, S> {
         Ok(())
     }
 
-    fn store_tick(&self) {
+    async fn store_tick(&mut self) {
         self.shared.store_positions(self.consumer, None);
         if let Ok(t) = self.shared.tracker.lock() {
             self.in_flight.set(t.in_flight() as f64);
+        }
+        if let Some(et) = self.event_time.as_mut()
+            && let Err(e) = et.tick(&self.shared, &self.producer).await
+        {
+            self.shared.set_fatal(ProduceFailed {
+                topic: "(watermarks)".into(),
+                message: error_chain(&e),
+            });
         }
     }
 

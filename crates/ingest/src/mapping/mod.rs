@@ -326,6 +326,9 @@ pub struct Mapping {
     pub name: String,
     /// Default raw topic (unprefixed).
     pub topic: String,
+    /// Allowed disorder of this format's event times (ms), when the mapping
+    /// sets one (else ingest's `--max-out-of-orderness`).
+    pub max_out_of_orderness_ms: Option<i64>,
     event_id: Option<Field>,
     rules: Vec<Rule>,
     /// Paths named in `when` clauses, reported when no rule matches.
@@ -808,6 +811,20 @@ fn compile(spec: MappingSpec, default_zone: Tz) -> Result<Mapping, MappingError>
         Some(z) => parse_zone(z).map_err(|m| err("time_zone", m))?,
         None => default_zone,
     };
+    let max_out_of_orderness_ms = spec
+        .max_out_of_orderness
+        .as_deref()
+        .map(|d| {
+            humantime::parse_duration(d)
+                .map(|d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
+                .map_err(|e| {
+                    err(
+                        "max_out_of_orderness",
+                        format!("{d:?}: {e}; write a duration such as \"10s\""),
+                    )
+                })
+        })
+        .transpose()?;
     if spec.rules.is_empty() {
         return Err(err(
             "rules",
@@ -851,6 +868,7 @@ fn compile(spec: MappingSpec, default_zone: Tz) -> Result<Mapping, MappingError>
     }
     Ok(Mapping {
         topic: spec.topic.clone().unwrap_or_else(|| spec.name.clone()),
+        max_out_of_orderness_ms,
         name,
         event_id,
         rules,

@@ -16,6 +16,9 @@ pub struct MappingSpec {
     pub topic: Option<String>,
     /// IANA zone for zone-less times (default: ingest's `--time-zone`).
     pub time_zone: Option<String>,
+    /// How far out of order this format's event times may come (default:
+    /// ingest's `--max-out-of-orderness`), e.g. `"10s"`.
+    pub max_out_of_orderness: Option<String>,
     /// Where the payload's own event id is; when absent or missing in a
     /// record, the id is `<topic>/<partition>/<offset>`.
     pub event_id: Option<FieldSpec>,

@@ -131,6 +131,15 @@ pub struct Settings {
     pub drain_timeout: Duration,
     pub min_backoff: Duration,
     pub max_backoff: Duration,
+    /// Entries stamped more than this before they were added are late.
+    pub max_out_of_orderness_ms: i64,
+    pub idle_timeout: Duration,
+    pub watermark_interval: Duration,
+    pub max_future_ms: i64,
+    /// Writer name of the streams' watermark records.
+    pub watermark_writer: String,
+    /// Partitions of the events topic (each gets every watermark record).
+    pub events_partitions: i32,
 }
 
 impl Settings {

@@ -10,7 +10,7 @@ use vidpulse_proto::Message as _;
 
 use super::{H_SOURCE_ENTRY_ID, H_SOURCE_KIND, StreamSpec};
 use crate::mapping::SourceRef;
-use crate::normalize::{H_KIND, normalize_with_id};
+use crate::normalize::{H_KIND, check_clock, normalize_with_id};
 
 /// The record one stream entry becomes: its event, or a dead letter.
 pub fn entry_output(
@@ -19,6 +19,7 @@ pub fn entry_output(
     events_topic: &str,
     dlq_topic: &str,
     max_payload_bytes: usize,
+    max_future_ms: i64,
     now_ms: i64,
 ) -> Output {
     let (json, non_utf8) = entry_json(entry);
@@ -42,6 +43,9 @@ pub fn entry_output(
             max_payload_bytes,
             now_ms,
         )
+        // An auto id is the time Redis added the entry: a clock far ahead
+        // of it is wrong. Ids that are not times (set by hand) are not checked.
+        .and_then(|e| check_clock(e, added_ms(&entry.id), max_future_ms))
     };
     match result {
         Ok(event) => {
@@ -71,6 +75,16 @@ pub fn entry_output(
             out
         }
     }
+}
+
+/// When Redis added an entry, from its auto id (`<ms>-<seq>`); `None` for
+/// an id that is not a time (before 2000-01-01).
+pub fn added_ms(id: &str) -> Option<i64> {
+    id.split('-')
+        .next()?
+        .parse::<i64>()
+        .ok()
+        .filter(|ms| *ms >= 946_684_800_000)
 }
 
 /// The entry's fields as a JSON object of strings, and the first field whose
@@ -165,7 +179,15 @@ mod tests {
                 ("target_id", b"v-9"),
             ],
         );
-        let out = entry_output(&spec(), &e, "vp.events.v1", "vp.dlq.v1", 1 << 20, 1);
+        let out = entry_output(
+            &spec(),
+            &e,
+            "vp.events.v1",
+            "vp.dlq.v1",
+            1 << 20,
+            300_000,
+            1,
+        );
         assert_eq!(out.topic, "vp.events.v1");
         assert_eq!(header(&out, H_KIND), b"user_action");
         let ev = Event::decode(out.payload.as_deref().unwrap()).unwrap();
@@ -177,8 +199,29 @@ mod tests {
         assert_eq!((src.topic.as_str(), src.partition), ("ua-test", -1));
 
         // The same entry again (a replay) gives the same event.
-        let again = entry_output(&spec(), &e, "vp.events.v1", "vp.dlq.v1", 1 << 20, 1);
+        let again = entry_output(
+            &spec(),
+            &e,
+            "vp.events.v1",
+            "vp.dlq.v1",
+            1 << 20,
+            300_000,
+            1,
+        );
         assert_eq!(again, out);
+    }
+
+    #[test]
+    fn an_entry_stamped_far_after_redis_added_it_is_a_bad_clock() {
+        // Added at 1732200000123 ms; the event says 2099.
+        let e = entry(
+            "1732200000123-0",
+            &[("type", b"like"), ("timestamp", b"4070908800")],
+        );
+        let out = entry_output(&spec(), &e, "ev", "dlq", 1 << 20, 300_000, 1);
+        assert_eq!(out.topic, "dlq");
+        assert_eq!(header(&out, dlq::H_REASON), b"time_in_future");
+        assert_eq!(added_ms("7-1"), None, "an id set by hand is not a time");
     }
 
     #[test]
@@ -191,7 +234,7 @@ mod tests {
                 ("event_id", b"o-1"),
             ],
         );
-        let out = entry_output(&spec(), &e, "ev", "dlq", 1 << 20, 1);
+        let out = entry_output(&spec(), &e, "ev", "dlq", 1 << 20, 300_000, 1);
         let ev = Event::decode(out.payload.as_deref().unwrap()).unwrap();
         assert_eq!(ev.event_id, "o-1");
     }
@@ -199,7 +242,7 @@ mod tests {
     #[test]
     fn a_bad_entry_is_dead_lettered_with_its_stream_coordinates() {
         let e = entry("7-3", &[("type", b"like")]);
-        let out = entry_output(&spec(), &e, "ev", "dlq", 1 << 20, 1);
+        let out = entry_output(&spec(), &e, "ev", "dlq", 1 << 20, 300_000, 1);
         assert_eq!(out.topic, "dlq");
         assert_eq!(header(&out, dlq::H_REASON), b"missing_field");
         assert_eq!(header(&out, dlq::H_TOPIC), b"ua-test");
@@ -209,7 +252,7 @@ mod tests {
         assert_eq!(body, serde_json::json!({"type": "like"}));
 
         let e = entry("7-4", &[("type", b"like"), ("timestamp", b"\xff\xfe")]);
-        let out = entry_output(&spec(), &e, "ev", "dlq", 1 << 20, 1);
+        let out = entry_output(&spec(), &e, "ev", "dlq", 1 << 20, 300_000, 1);
         assert_eq!(header(&out, dlq::H_REASON), b"invalid_utf8");
     }
 }

@@ -12,7 +12,7 @@ use rdkafka::error::KafkaError;
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use redis::streams::{
     StreamAutoClaimOptions, StreamAutoClaimReply, StreamId, StreamInfoGroupsReply,
-    StreamReadOptions, StreamReadReply,
+    StreamPendingReply, StreamReadOptions, StreamReadReply,
 };
 use redis::{AsyncCommands, RedisError};
 use tokio::sync::Notify;
@@ -22,6 +22,7 @@ use vidpulse_core::health::Component;
 use vidpulse_core::metrics as m;
 use vidpulse_core::produce::{OnDelivery, Producer};
 use vidpulse_core::retry::Backoff;
+use vidpulse_core::watermark::{self, Idleness, Writer};
 
 use super::{
     ACKED, CLAIMED, IN_FLIGHT, LAG, PENDING, REDIS_ERRORS, Settings, StreamError, StreamSpec,
@@ -29,7 +30,8 @@ use super::{
 };
 use crate::normalize::now_ms;
 
-/// A produced entry: (stream index, entry id, output topic).
+/// A produced entry: (stream index, entry id, output topic); a watermark
+/// record has no entry (`id` empty).
 pub(crate) struct Ticket {
     stream: usize,
     id: String,
@@ -126,6 +128,27 @@ pub(crate) struct StreamReader {
     counters: Counters,
     backoff: Backoff,
     topics: HashMap<String, Arc<str>>,
+    watermarks: Watermarks,
+}
+
+/// The stream's event-time progress, written as watermark records. A
+/// stream's entries are shared by the group's consumers, so its progress is
+/// the group's frontier: every entry before the oldest one still pending
+/// (or, with none pending, up to the last one delivered) is in Kafka. Its
+/// time is the entry id's (when Redis added it), less the allowed disorder;
+/// an entry stamped earlier than that is late at its source. Caught up
+/// (nothing pending, nothing undelivered) for the idle timeout, it follows
+/// the wall clock. Every instance reading the stream reports the same
+/// frontier; readers keep the highest.
+struct Watermarks {
+    writer: Writer,
+    output: String,
+    partitions: i32,
+    out_of_orderness_ms: i64,
+    idle_timeout: Duration,
+    idle_since: Option<Instant>,
+    last_check: Option<Instant>,
+    mark: i64,
 }
 
 impl StreamReader {
@@ -150,6 +173,27 @@ impl StreamReader {
             produced: HashMap::new(),
         };
         let backoff = Backoff::new(settings.min_backoff, settings.max_backoff);
+        let watermarks = Watermarks {
+            writer: Writer::new(
+                settings.watermark_writer.clone(),
+                settings
+                    .streams
+                    .iter()
+                    .map(|s| (source_name(&s.key), 1))
+                    .collect(),
+                settings.watermark_interval,
+            ),
+            output: settings.events_topic.clone(),
+            partitions: settings.events_partitions,
+            out_of_orderness_ms: spec
+                .mapping
+                .max_out_of_orderness_ms
+                .unwrap_or(settings.max_out_of_orderness_ms),
+            idle_timeout: settings.idle_timeout,
+            idle_since: None,
+            last_check: None,
+            mark: watermark::NONE,
+        };
         Self {
             index,
             spec,
@@ -161,6 +205,7 @@ impl StreamReader {
             counters,
             backoff,
             topics: HashMap::new(),
+            watermarks,
         }
     }
 
@@ -284,9 +329,17 @@ impl StreamReader {
             }
 
             if Instant::now() >= next_stats {
-                next_stats = Instant::now() + Duration::from_secs(5);
-                if let Err(e) = self.stats(&mut writer).await {
-                    tracing::debug!(stream = %self.spec.key, error = %e, "XINFO GROUPS failed.");
+                next_stats = Instant::now() + Duration::from_secs(1);
+                match self.stats(&mut writer).await {
+                    Ok(frontier) => {
+                        if let Err(e) = self.write_watermark(frontier).await {
+                            fatal = Some(e);
+                            break 'main;
+                        }
+                    }
+                    Err(e) => {
+                        tracing::debug!(stream = %self.spec.key, error = %e, "XINFO GROUPS failed.");
+                    }
                 }
             }
 
@@ -436,6 +489,8 @@ impl StreamReader {
         for d in self.deliveries.take(self.index) {
             work.in_flight.remove(&d.id);
             match d.result {
+                // A watermark record: nothing to acknowledge.
+                Ok(()) if d.id.is_empty() => {}
                 Ok(()) => {
                     self.counters
                         .produced
@@ -479,13 +534,100 @@ impl StreamReader {
         .await
     }
 
-    async fn stats(&self, con: &mut ConnectionManager) -> Result<(), RedisError> {
+    /// The group's gauges, and its frontier (`None`: no group yet).
+    async fn stats(&self, con: &mut ConnectionManager) -> Result<Option<Frontier>, RedisError> {
+        // The last delivered id first, then the pending entries: an entry
+        // delivered in between is above the former, so never counted done.
         let info: StreamInfoGroupsReply = con.xinfo_groups(&self.spec.key).await?;
-        if let Some(g) = info.groups.iter().find(|g| g.name == self.settings.group) {
-            self.counters.pending.set(g.pending as f64);
-            if let Some(lag) = g.lag {
-                self.counters.lag.set(lag as f64);
+        let Some(g) = info.groups.iter().find(|g| g.name == self.settings.group) else {
+            return Ok(None);
+        };
+        self.counters.pending.set(g.pending as f64);
+        if let Some(lag) = g.lag {
+            self.counters.lag.set(lag as f64);
+        }
+        let delivered = super::entry::added_ms(&g.last_delivered_id);
+        let oldest_pending = if g.pending > 0 {
+            let reply: StreamPendingReply =
+                con.xpending(&self.spec.key, &self.settings.group).await?;
+            match reply {
+                StreamPendingReply::Data(d) => super::entry::added_ms(&d.start_id),
+                StreamPendingReply::Empty => None,
             }
+        } else {
+            None
+        };
+        let caught_up = g.pending == 0 && g.lag == Some(0);
+        Ok(Some(match (caught_up, oldest_pending) {
+            (true, _) if g.last_delivered_id == "0-0" => Frontier::Empty,
+            (true, _) => Frontier::CaughtUp,
+            (false, Some(p)) => Frontier::At(p),
+            (false, None) => Frontier::At(delivered.unwrap_or(watermark::NONE)),
+        }))
+    }
+
+    /// Writes the stream's mark to every partition of the events topic when
+    /// one is due.
+    async fn write_watermark(&mut self, frontier: Option<Frontier>) -> Result<(), String> {
+        let now = Instant::now();
+        let wall = wall_ms();
+        let w = &mut self.watermarks;
+        let continuous = w
+            .last_check
+            .is_some_and(|t| now.saturating_duration_since(t) <= Idleness::MAX_GAP);
+        w.last_check = Some(now);
+        let Some(frontier) = frontier else {
+            return Ok(());
+        };
+        let candidate = match frontier {
+            Frontier::Empty => watermark::EMPTY,
+            Frontier::At(ms) => {
+                w.idle_since = None;
+                ms.saturating_sub(w.out_of_orderness_ms)
+            }
+            Frontier::CaughtUp => {
+                if !continuous {
+                    w.idle_since = None;
+                }
+                let since = *w.idle_since.get_or_insert(now);
+                if now.saturating_duration_since(since) >= w.idle_timeout {
+                    wall.saturating_sub(w.out_of_orderness_ms)
+                } else {
+                    watermark::NONE
+                }
+            }
+        };
+        w.mark = match (w.mark, candidate) {
+            (_, watermark::EMPTY) => watermark::EMPTY,
+            (watermark::EMPTY, c) => c,
+            (m, c) => m.max(c),
+        };
+        let mut marks = std::collections::BTreeMap::new();
+        if w.mark != watermark::NONE
+            && let Some(i) = w.writer.source_index(&source_name(&self.spec.key))
+        {
+            marks.insert((i, 0), w.mark);
+        }
+        let Some(payload) = w.writer.due(now, wall, marks) else {
+            return Ok(());
+        };
+        let headers: [(&str, &[u8]); 1] =
+            [(watermark::CONTROL_HEADER, watermark::WATERMARK.as_bytes())];
+        let topic = self
+            .topics
+            .entry(w.output.clone())
+            .or_insert_with(|| Arc::from(w.output.as_str()))
+            .clone();
+        for q in 0..w.partitions {
+            let ticket = Ticket {
+                stream: self.index,
+                id: String::new(),
+                topic: topic.clone(),
+            };
+            self.producer
+                .send_to(&w.output, q, &payload, &headers, ticket)
+                .await
+                .map_err(|e| vidpulse_core::error_chain(&e))?;
         }
         Ok(())
     }
@@ -501,6 +643,7 @@ impl StreamReader {
                 &self.settings.events_topic,
                 &self.settings.dlq_topic,
                 self.settings.max_payload_bytes,
+                self.settings.max_future_ms,
                 now_ms(),
             );
             let topic = self
@@ -520,4 +663,26 @@ impl StreamReader {
         }
         Ok(())
     }
+}
+
+/// Where a stream's consumer group stands.
+enum Frontier {
+    /// The stream never had an entry.
+    Empty,
+    /// Nothing pending, nothing undelivered.
+    CaughtUp,
+    /// Every entry added before this time (ms) is in Kafka.
+    At(i64),
+}
+
+/// The source name of a stream in watermark records.
+pub(crate) fn source_name(key: &str) -> String {
+    format!("redis:{key}")
+}
+
+fn wall_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
+        .unwrap_or(0)
 }
