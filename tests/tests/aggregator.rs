@@ -11,18 +11,16 @@
 //! time.
 #![allow(clippy::unwrap_used)]
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::collections::{BTreeSet, HashMap};
+use std::sync::{Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::message::{Headers, Message as _};
-use rdkafka::producer::{BaseRecord, Producer};
 use rdkafka::{ClientConfig, Offset, TopicPartitionList};
 use serde_json::Value;
 use vidpulse_e2e::*;
-use vidpulse_proto::{Event, Message as _, MonitoredEvent, event};
+use vidpulse_proto::{Event, Message as _, event};
 
 const EVENTS: &str = "vp.events.v1";
 const MONITORED: &str = "vp.monitored.v1";
@@ -174,178 +172,6 @@ fn read_all(env: &Env, topic: &str) -> Vec<Rec> {
         }
     }
     out
-}
-
-/// Plays the monitor with a site-wide pool `all` (and a consumption pool
-/// `even` of the even video ids): wraps each event of vp.events.v1 into a MonitoredEvent
-/// with the room's module as enrichment, on the same partition with the
-/// same key. Runs until `stop` and `want` events were forwarded.
-struct Forwarder {
-    stop: Arc<AtomicBool>,
-    forwarded: Arc<AtomicU64>,
-    thread: Option<std::thread::JoinHandle<()>>,
-}
-
-impl Forwarder {
-    fn start(env: &Env) -> Forwarder {
-        let stop = Arc::new(AtomicBool::new(false));
-        let forwarded = Arc::new(AtomicU64::new(0));
-        let (s, f) = (stop.clone(), forwarded.clone());
-        let prefix = env.prefix.clone();
-        let thread = std::thread::spawn(move || {
-            let env = Env {
-                prefix: prefix.clone(),
-            };
-            let c: BaseConsumer = ClientConfig::new()
-                .set("bootstrap.servers", brokers())
-                .set("group.id", format!("{prefix}forwarder"))
-                .set("enable.auto.commit", "false")
-                .set("auto.offset.reset", "earliest")
-                .create()
-                .unwrap();
-            c.subscribe(&[&env.topic(EVENTS)]).unwrap();
-            let p = env.producer();
-            let out = env.topic(MONITORED);
-            // Events are consumed in partition order; a room's gifts may come
-            // before its start event, so hold events until the module is known
-            // or the run ends (like a monitor whose dimension table is loaded).
-            let mut modules: HashMap<String, String> = HashMap::new();
-            let mut held: Vec<(i32, Vec<u8>, Event)> = Vec::new();
-            let mut idle_since = Instant::now();
-            let send = |p: &rdkafka::producer::ThreadedProducer<_>,
-                        part: i32,
-                        key: &[u8],
-                        e: Event,
-                        modules: &HashMap<String, String>| {
-                let mut enrichment = HashMap::new();
-                if let Some(m) = modules.get(&e.room_id) {
-                    enrichment.insert("module_id".to_owned(), m.clone());
-                }
-                let mut pools = vec!["all".to_owned()];
-                let consumption = matches!(
-                    e.payload,
-                    Some(event::Payload::VideoPlayed(_) | event::Payload::UserAction(_))
-                );
-                if consumption && e.video_id.parse::<u64>().is_ok_and(|v| v % 2 == 0) {
-                    pools.push("even".to_owned());
-                }
-                let me = MonitoredEvent {
-                    event: Some(e),
-                    pools,
-                    enrichment,
-                };
-                let bytes = me.encode_to_vec();
-                let mut r: BaseRecord<'_, [u8], [u8]> = BaseRecord::to(&out)
-                    .partition(part)
-                    .key(key)
-                    .payload(&bytes);
-                loop {
-                    match p.send(r) {
-                        Ok(()) => break,
-                        Err((_, back)) => {
-                            r = back;
-                            std::thread::sleep(Duration::from_millis(5));
-                        }
-                    }
-                }
-            };
-            loop {
-                match c.poll(Duration::from_millis(200)) {
-                    Some(Ok(m)) => {
-                        idle_since = Instant::now();
-                        let e = Event::decode(m.payload().unwrap_or_default()).unwrap();
-                        if let Some(event::Payload::LiveRoomStarted(r)) = &e.payload
-                            && let Some(room) = &r.room
-                        {
-                            modules.insert(e.room_id.clone(), room.module_id.clone());
-                            // Release what waited for this room.
-                            let (ready, wait): (Vec<_>, Vec<_>) = std::mem::take(&mut held)
-                                .into_iter()
-                                .partition(|(_, _, h)| modules.contains_key(&h.room_id));
-                            held = wait;
-                            for (part, key, h) in ready {
-                                send(&p, part, &key, h, &modules);
-                                f.fetch_add(1, Ordering::SeqCst);
-                            }
-                        }
-                        let key = m.key().unwrap_or_default().to_vec();
-                        let needs_module = matches!(e.payload, Some(event::Payload::GiftSent(_)))
-                            && !e.room_id.is_empty()
-                            && !modules.contains_key(&e.room_id);
-                        if needs_module {
-                            held.push((m.partition(), key, e));
-                        } else {
-                            send(&p, m.partition(), &key, e, &modules);
-                            f.fetch_add(1, Ordering::SeqCst);
-                        }
-                    }
-                    Some(Err(e)) => panic!("forwarder: {e}"),
-                    None => {
-                        if s.load(Ordering::SeqCst) && idle_since.elapsed() > Duration::from_secs(2)
-                        {
-                            for (part, key, h) in std::mem::take(&mut held) {
-                                send(&p, part, &key, h, &modules);
-                                f.fetch_add(1, Ordering::SeqCst);
-                            }
-                            p.flush(Duration::from_secs(30)).unwrap();
-                            return;
-                        }
-                    }
-                }
-                if !held.is_empty() && idle_since.elapsed() > Duration::from_secs(1) {
-                    p.flush(Duration::from_secs(30)).unwrap();
-                }
-            }
-        });
-        Forwarder {
-            stop,
-            forwarded,
-            thread: Some(thread),
-        }
-    }
-
-    /// Waits until `n` events were forwarded, then stops the thread.
-    fn finish(&mut self, n: u64) {
-        wait_for(
-            &format!("{n} events forwarded to {MONITORED}"),
-            Duration::from_secs(180),
-            || (self.forwarded.load(Ordering::SeqCst) >= n).then_some(()),
-        );
-        self.stop.store(true, Ordering::SeqCst);
-        if let Some(t) = self.thread.take() {
-            t.join().unwrap();
-        }
-    }
-}
-
-/// The `even` pool's expected rows: `all`'s rows of even videos.
-fn with_even_pool(want: &mut BTreeMap<String, Vec<Value>>) {
-    let rows = want["pool_consumption_1m"].clone();
-    let even: Vec<Value> = rows
-        .iter()
-        .filter(|r| {
-            r["video_id"]
-                .as_str()
-                .unwrap()
-                .parse::<u64>()
-                .is_ok_and(|v| v % 2 == 0)
-        })
-        .map(|r| {
-            let mut r = r.clone();
-            r["pool"] = Value::from("even");
-            r
-        })
-        .collect();
-    assert!(!even.is_empty());
-    want.get_mut("pool_consumption_1m").unwrap().extend(even);
-}
-
-fn wait_events(env: &Env, n: i64) {
-    wait_for(
-        &format!("{n} events in {EVENTS}"),
-        Duration::from_secs(180),
-        || (env.count(EVENTS) >= n).then_some(()),
-    );
 }
 
 #[test]

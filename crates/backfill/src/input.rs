@@ -119,10 +119,9 @@ impl<R: Read> Chunker<R> {
         data.reserve(self.target);
         loop {
             if !self.eof && data.len() < self.target {
-                let before = data.len();
-                data.resize(before + self.target.max(1 << 16), 0);
-                let n = read_some(&mut self.reader, &mut data[before..])?;
-                data.truncate(before + n);
+                // Appends without zeroing the buffer first.
+                let want = (self.target - data.len()) as u64;
+                let n = (&mut self.reader).take(want).read_to_end(&mut data)?;
                 if n == 0 {
                     self.eof = true;
                 }
@@ -151,15 +150,6 @@ impl<R: Read> Chunker<R> {
         let partial = u64::from(data.last().is_some_and(|b| *b != b'\n'));
         self.next_line += newlines + partial;
         (first, data)
-    }
-}
-
-fn read_some(r: &mut impl Read, buf: &mut [u8]) -> io::Result<usize> {
-    loop {
-        match r.read(buf) {
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-            other => return other,
-        }
     }
 }
 
