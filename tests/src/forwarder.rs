@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 
 use rdkafka::ClientConfig;
 use rdkafka::consumer::{BaseConsumer, Consumer};
-use rdkafka::message::Message as _;
+use rdkafka::message::{Headers, Message as _};
 use rdkafka::producer::{BaseRecord, Producer};
 use serde_json::Value;
 use vidpulse_proto::{Event, Message as _, MonitoredEvent, event};
@@ -20,6 +20,34 @@ use crate::{Env, brokers, wait_for};
 
 const EVENTS: &str = "vp.events.v1";
 const MONITORED: &str = "vp.monitored.v1";
+
+/// A record the forwarder holds back to keep a partition's order.
+enum Held {
+    Event {
+        key: Vec<u8>,
+        event: Box<Event>,
+    },
+    /// A control record (a watermark), forwarded as it is.
+    Control {
+        key: Vec<u8>,
+        payload: Vec<u8>,
+        kind: Vec<u8>,
+    },
+}
+
+impl Held {
+    /// A gift whose room's module is not known yet.
+    fn waits_for(&self, modules: &HashMap<String, String>) -> bool {
+        match self {
+            Held::Control { .. } => false,
+            Held::Event { event: e, .. } => {
+                matches!(e.payload, Some(event::Payload::GiftSent(_)))
+                    && !e.room_id.is_empty()
+                    && !modules.contains_key(&e.room_id)
+            }
+        }
+    }
+}
 
 /// Plays the monitor with a site-wide pool `all` (and a consumption pool
 /// `even` of the even video ids): wraps each event of vp.events.v1 into a MonitoredEvent
@@ -40,6 +68,7 @@ impl Forwarder {
         let thread = std::thread::spawn(move || {
             let env = Env {
                 prefix: prefix.clone(),
+                vars: Vec::new(),
             };
             let c: BaseConsumer = ClientConfig::new()
                 .set("bootstrap.servers", brokers())
@@ -54,36 +83,52 @@ impl Forwarder {
             // Events are consumed in partition order; a room's gifts may come
             // before its start event, so hold events until the module is known
             // or the run ends (like a monitor whose dimension table is loaded).
+            // Watermark records (ingest's) go on in their place: behind what
+            // a partition holds, never ahead of it, as the monitor forwards
+            // them.
             let mut modules: HashMap<String, String> = HashMap::new();
-            let mut held: Vec<(i32, Vec<u8>, Event)> = Vec::new();
+            let mut held: BTreeMap<i32, std::collections::VecDeque<Held>> = BTreeMap::new();
             let mut idle_since = Instant::now();
             let send = |p: &rdkafka::producer::ThreadedProducer<_>,
                         part: i32,
-                        key: &[u8],
-                        e: Event,
+                        h: Held,
                         modules: &HashMap<String, String>| {
-                let mut enrichment = HashMap::new();
-                if let Some(m) = modules.get(&e.room_id) {
-                    enrichment.insert("module_id".to_owned(), m.clone());
-                }
-                let mut pools = vec!["all".to_owned()];
-                let consumption = matches!(
-                    e.payload,
-                    Some(event::Payload::VideoPlayed(_) | event::Payload::UserAction(_))
-                );
-                if consumption && e.video_id.parse::<u64>().is_ok_and(|v| v % 2 == 0) {
-                    pools.push("even".to_owned());
-                }
-                let me = MonitoredEvent {
-                    event: Some(e),
-                    pools,
-                    enrichment,
+                let (key, bytes, control) = match h {
+                    Held::Control { key, payload, kind } => (key, payload, Some(kind)),
+                    Held::Event { key, event: e } => {
+                        let mut enrichment = HashMap::new();
+                        if let Some(m) = modules.get(&e.room_id) {
+                            enrichment.insert("module_id".to_owned(), m.clone());
+                        }
+                        let mut pools = vec!["all".to_owned()];
+                        let consumption = matches!(
+                            e.payload,
+                            Some(event::Payload::VideoPlayed(_) | event::Payload::UserAction(_))
+                        );
+                        if consumption && e.video_id.parse::<u64>().is_ok_and(|v| v % 2 == 0) {
+                            pools.push("even".to_owned());
+                        }
+                        let me = MonitoredEvent {
+                            event: Some(*e),
+                            pools,
+                            enrichment,
+                        };
+                        (key, me.encode_to_vec(), None)
+                    }
                 };
-                let bytes = me.encode_to_vec();
+                let headers = control.as_ref().map(|kind| {
+                    rdkafka::message::OwnedHeaders::new().insert(rdkafka::message::Header {
+                        key: "vp.control",
+                        value: Some(kind.as_slice()),
+                    })
+                });
                 let mut r: BaseRecord<'_, [u8], [u8]> = BaseRecord::to(&out)
                     .partition(part)
-                    .key(key)
-                    .payload(&bytes);
+                    .key(key.as_slice())
+                    .payload(bytes.as_slice());
+                if let Some(h) = headers {
+                    r = r.headers(h);
+                }
                 loop {
                     match p.send(r) {
                         Ok(()) => break,
@@ -93,51 +138,67 @@ impl Forwarder {
                         }
                     }
                 }
+                control.is_none()
+            };
+            // Sends the front of each partition's queue while it is ready.
+            let release = |held: &mut BTreeMap<i32, std::collections::VecDeque<Held>>,
+                           modules: &HashMap<String, String>,
+                           all: bool| {
+                for (part, q) in held.iter_mut() {
+                    while let Some(front) = q.front() {
+                        if !all && front.waits_for(modules) {
+                            break;
+                        }
+                        let h = q.pop_front().unwrap();
+                        if send(&p, *part, h, modules) {
+                            f.fetch_add(1, Ordering::SeqCst);
+                        }
+                    }
+                }
             };
             loop {
                 match c.poll(Duration::from_millis(200)) {
                     Some(Ok(m)) => {
                         idle_since = Instant::now();
-                        let e = Event::decode(m.payload().unwrap_or_default()).unwrap();
-                        if let Some(event::Payload::LiveRoomStarted(r)) = &e.payload
+                        let key = m.key().unwrap_or_default().to_vec();
+                        let control = m.headers().and_then(|hs| {
+                            hs.iter()
+                                .find(|h| h.key == "vp.control")
+                                .map(|h| h.value.unwrap_or_default().to_vec())
+                        });
+                        let item = match control {
+                            Some(kind) => Held::Control {
+                                key,
+                                payload: m.payload().unwrap_or_default().to_vec(),
+                                kind,
+                            },
+                            None => Held::Event {
+                                key,
+                                event: Box::new(
+                                    Event::decode(m.payload().unwrap_or_default()).unwrap(),
+                                ),
+                            },
+                        };
+                        if let Held::Event { event: e, .. } = &item
+                            && let Some(event::Payload::LiveRoomStarted(r)) = &e.payload
                             && let Some(room) = &r.room
                         {
                             modules.insert(e.room_id.clone(), room.module_id.clone());
-                            // Release what waited for this room.
-                            let (ready, wait): (Vec<_>, Vec<_>) = std::mem::take(&mut held)
-                                .into_iter()
-                                .partition(|(_, _, h)| modules.contains_key(&h.room_id));
-                            held = wait;
-                            for (part, key, h) in ready {
-                                send(&p, part, &key, h, &modules);
-                                f.fetch_add(1, Ordering::SeqCst);
-                            }
                         }
-                        let key = m.key().unwrap_or_default().to_vec();
-                        let needs_module = matches!(e.payload, Some(event::Payload::GiftSent(_)))
-                            && !e.room_id.is_empty()
-                            && !modules.contains_key(&e.room_id);
-                        if needs_module {
-                            held.push((m.partition(), key, e));
-                        } else {
-                            send(&p, m.partition(), &key, e, &modules);
-                            f.fetch_add(1, Ordering::SeqCst);
-                        }
+                        held.entry(m.partition()).or_default().push_back(item);
+                        release(&mut held, &modules, false);
                     }
                     Some(Err(e)) => panic!("forwarder: {e}"),
                     None => {
                         if s.load(Ordering::SeqCst) && idle_since.elapsed() > Duration::from_secs(2)
                         {
-                            for (part, key, h) in std::mem::take(&mut held) {
-                                send(&p, part, &key, h, &modules);
-                                f.fetch_add(1, Ordering::SeqCst);
-                            }
+                            release(&mut held, &modules, true);
                             p.flush(Duration::from_secs(30)).unwrap();
                             return;
                         }
                     }
                 }
-                if !held.is_empty() && idle_since.elapsed() > Duration::from_secs(1) {
+                if idle_since.elapsed() > Duration::from_secs(1) {
                     p.flush(Duration::from_secs(30)).unwrap();
                 }
             }

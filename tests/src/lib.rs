@@ -91,8 +91,11 @@ pub fn free_port() -> u16 {
 }
 
 /// One test's isolated pipeline: every topic and group is prefixed.
+#[derive(Clone)]
 pub struct Env {
     pub prefix: String,
+    /// Extra environment of every command (e.g. another Redis).
+    pub vars: Vec<(String, String)>,
 }
 
 static SEQ: AtomicU32 = AtomicU32::new(0);
@@ -110,7 +113,17 @@ impl Env {
             nanos,
             SEQ.fetch_add(1, Ordering::SeqCst)
         );
-        Env { prefix }
+        Env {
+            prefix,
+            vars: Vec::new(),
+        }
+    }
+
+    /// The same env with `key=value` in every command's environment.
+    pub fn with_var(mut self, key: &str, value: &str) -> Env {
+        self.vars.retain(|(k, _)| k != key);
+        self.vars.push((key.to_owned(), value.to_owned()));
+        self
     }
 
     pub fn topic(&self, name: &str) -> String {
@@ -124,6 +137,9 @@ impl Env {
             .env("VIDPULSE_KAFKA_BROKERS", brokers())
             .env("VIDPULSE_LOG", "info,librdkafka=warn")
             .stdin(Stdio::null());
+        for (k, v) in &self.vars {
+            c.env(k, v);
+        }
         c
     }
 
@@ -166,6 +182,53 @@ impl Env {
             .and_then(|s| s.split(' ').next())
             .and_then(|n| n.parse().ok())
             .unwrap_or(-1)
+    }
+
+    /// Waits until consumer group `group` (name without the prefix) has
+    /// committed, on every partition of `topic`, the end offset the topic
+    /// has now: it has read everything written so far. (Consumer lag cannot
+    /// tell: ingest keeps writing watermark records while it runs.)
+    pub fn wait_caught_up(&self, group: &str, topic: &str, timeout: Duration) {
+        use rdkafka::consumer::{BaseConsumer, Consumer};
+        let full = self.topic(topic);
+        let c: BaseConsumer = ClientConfig::new()
+            .set("bootstrap.servers", brokers())
+            .set("group.id", self.topic(group))
+            .set("enable.auto.commit", "false")
+            .create()
+            .unwrap();
+        let md = c
+            .fetch_metadata(Some(&full), Duration::from_secs(10))
+            .unwrap();
+        let ends: Vec<(i32, i64)> = md.topics()[0]
+            .partitions()
+            .iter()
+            .map(|p| {
+                let (_, hi) = c
+                    .fetch_watermarks(&full, p.id(), Duration::from_secs(10))
+                    .unwrap();
+                (p.id(), hi)
+            })
+            .collect();
+        wait_for(
+            &format!("{group} to read {topic} to its end"),
+            timeout,
+            || {
+                let mut tpl = rdkafka::TopicPartitionList::new();
+                for (p, _) in &ends {
+                    tpl.add_partition(&full, *p);
+                }
+                let committed = c.committed_offsets(tpl, Duration::from_secs(10)).ok()?;
+                ends.iter()
+                    .all(|(p, end)| {
+                        committed
+                            .find_partition(&full, *p)
+                            .and_then(|e| e.offset().to_raw())
+                            .is_some_and(|o| o >= *end)
+                    })
+                    .then_some(())
+            },
+        );
     }
 
     /// Spawns a long-running binary.
@@ -590,13 +653,55 @@ pub fn drop_clickhouse_tables(prefix: &str) {
     }
 }
 
-/// Metrics that alert rules (deploy/prometheus/vidpulse-rules.yml) use but no
-/// binary exports yet: the static check in tests/tests/manifests.rs and the
-/// real-Prometheus test in tests/tests/prometheus.rs tolerate exactly these.
-/// `vidpulse_aggregator_watermark_lag_seconds` (wall clock − watermark, per
-/// topic and partition) is being added to the aggregator by issue 16's
-/// stage work; remove it from this list when that lands.
-pub const NOT_YET_EXPORTED: &[&str] = &["vidpulse_aggregator_watermark_lag_seconds"];
+// ---- the pipeline on gen's records ---------------------------------------
+
+/// Runs vidpulse-gen — `count` records of 10 minutes from
+/// 2021-08-16T01:00:00Z with 2 % malformed, 4 % duplicate and 4 % late
+/// records, plus `extra` flags — and returns its truth (and where it is).
+pub fn gen_truth(env: &Env, count: u64, seed: u64, extra: &[&str]) -> (Value, PathBuf) {
+    let truth = scratch(&env.prefix).join(format!("truth-{seed}.json"));
+    let count = count.to_string();
+    let seed = seed.to_string();
+    let mut args = vec![
+        "--count",
+        &count,
+        "--seed",
+        &seed,
+        "--start",
+        "2021-08-16T01:00:00Z",
+        "--span",
+        "10m",
+        "--bad-fraction",
+        "0.02",
+        "--dup-fraction",
+        "0.04",
+        "--late-fraction",
+        "0.04",
+        "--truth",
+        truth.to_str().unwrap(),
+    ];
+    args.extend_from_slice(extra);
+    let out = env.run("vidpulse-gen", &args);
+    assert!(
+        out.status.success(),
+        "gen failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    (read_json(&truth), truth)
+}
+
+/// vidpulse-ingest with its defaults, logging to `ingest.log`.
+pub fn spawn_ingest(env: &Env) -> Proc {
+    env.spawn_stage("vidpulse-ingest", &[], "ingest.log")
+}
+
+/// An aggregator that makes every window visible quickly (early emission,
+/// short flushes), logging to `log`, with `extra` flags.
+pub fn spawn_aggregator(env: &Env, log: &str, extra: &[&str]) -> Proc {
+    let mut args = vec!["--early-emit", "200ms", "--flush-interval", "200ms"];
+    args.extend_from_slice(extra);
+    env.spawn_stage("vidpulse-aggregator", &args, log)
+}
 
 // ---- final values against gen's truth -----------------------------------
 
@@ -676,4 +781,88 @@ pub fn wait_exact(env: &Env, want: &BTreeMap<String, Vec<Value>>, what: &str) {
         "{what}: still different from the truth:\n{}",
         last.join("\n")
     );
+}
+
+/// A Redis of the test's own (scripts/stack with another directory and
+/// port), to stop, restart or wipe without touching the shared one.
+pub struct PrivateRedis {
+    dir: PathBuf,
+    pub port: u16,
+    persist: bool,
+}
+
+impl PrivateRedis {
+    /// Started with persistence (AOF), as scripts/stack configures Redis.
+    pub fn start(env: &Env) -> PrivateRedis {
+        PrivateRedis::start_with(env, true)
+    }
+
+    /// `persist: false`: a Redis that loses everything on restart.
+    pub fn start_with(env: &Env, persist: bool) -> PrivateRedis {
+        let r = PrivateRedis {
+            dir: scratch(&env.prefix).join("stack"),
+            port: free_port(),
+            persist,
+        };
+        r.stack("start");
+        assert!(
+            r.is_ours(),
+            "scripts/stack did not start a private Redis under {} (is VIDPULSE_STACK_DIR supported?)",
+            r.dir.display()
+        );
+        r
+    }
+
+    pub fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}", self.port)
+    }
+
+    pub fn conn(&self) -> redis::Connection {
+        redis::Client::open(self.url())
+            .unwrap()
+            .get_connection()
+            .unwrap()
+    }
+
+    /// The pid file in our directory names our port.
+    fn is_ours(&self) -> bool {
+        std::fs::read_to_string(self.dir.join("redis/redis.pid"))
+            .ok()
+            .and_then(|t| t.lines().nth(1).map(|p| p.trim() == self.port.to_string()))
+            .unwrap_or(false)
+    }
+
+    /// `scripts/stack <cmd> redis` on this Redis (`start`, `stop`).
+    pub fn stack(&self, cmd: &str) {
+        if cmd == "stop" {
+            assert!(
+                self.is_ours(),
+                "refusing to stop a Redis that is not this test's"
+            );
+        }
+        let st = Command::new(repo_root().join("scripts/stack"))
+            .args([cmd, "redis"])
+            .env("VIDPULSE_STACK_DIR", &self.dir)
+            .env("VIDPULSE_REDIS_PORT", self.port.to_string())
+            .env(
+                "VIDPULSE_REDIS_PERSIST",
+                if self.persist { "1" } else { "0" },
+            )
+            .stdout(Stdio::null())
+            .status()
+            .unwrap();
+        assert!(
+            st.success(),
+            "scripts/stack {cmd} redis (port {}) failed",
+            self.port
+        );
+    }
+}
+
+impl Drop for PrivateRedis {
+    fn drop(&mut self) {
+        if self.is_ours() {
+            self.stack("stop");
+        }
+    }
 }

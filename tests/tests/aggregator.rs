@@ -11,16 +11,18 @@
 //! time.
 #![allow(clippy::unwrap_used)]
 
-use std::collections::{BTreeSet, HashMap};
-use std::sync::{Mutex, MutexGuard};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::message::{Headers, Message as _};
+use rdkafka::producer::{BaseRecord, Producer};
 use rdkafka::{ClientConfig, Offset, TopicPartitionList};
 use serde_json::Value;
 use vidpulse_e2e::*;
-use vidpulse_proto::{Event, Message as _, event};
+use vidpulse_proto::{Event, Message as _, MonitoredEvent, event};
 
 const EVENTS: &str = "vp.events.v1";
 const MONITORED: &str = "vp.monitored.v1";
@@ -42,46 +44,12 @@ fn serial() -> MutexGuard<'static, ()> {
 
 /// Drops a test's ClickHouse tables and views when dropped (also when the
 /// test fails).
-/// Runs gen with the usual mess and returns the truth.
 fn run_gen(env: &Env, count: u64, seed: u64, extra: &[&str]) -> (Value, std::path::PathBuf) {
-    let truth = scratch(&env.prefix).join(format!("truth-{seed}.json"));
-    let count = count.to_string();
-    let seed = seed.to_string();
-    let mut args = vec![
-        "--count",
-        &count,
-        "--seed",
-        &seed,
-        "--start",
-        "2021-08-16T01:00:00Z",
-        "--span",
-        "10m",
-        "--bad-fraction",
-        "0.02",
-        "--dup-fraction",
-        "0.04",
-        "--late-fraction",
-        "0.04",
-        "--truth",
-        truth.to_str().unwrap(),
-    ];
-    args.extend_from_slice(extra);
-    let out = env.run("vidpulse-gen", &args);
-    assert!(
-        out.status.success(),
-        "gen failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    (read_json(&truth), truth)
+    gen_truth(env, count, seed, extra)
 }
 
 fn ingest(env: &Env) -> Proc {
-    let port = free_port().to_string();
-    env.spawn(
-        "vidpulse-ingest",
-        &["--admin-addr", &format!("127.0.0.1:{port}")],
-        "ingest.log",
-    )
+    spawn_ingest(env)
 }
 
 /// An aggregator that makes every window visible quickly: early emission,
@@ -173,6 +141,7 @@ fn read_all(env: &Env, topic: &str) -> Vec<Rec> {
     }
     out
 }
+
 
 #[test]
 fn every_default_metric_and_leaderboard_equals_the_ground_truth() {
@@ -655,12 +624,11 @@ fn ingest_dims_monitor_aggregator_pipeline_equals_the_ground_truth() {
         ],
         "dim-builder.log",
     );
-    wait_for("dim-builder to catch up", Duration::from_secs(120), || {
-        let m = metrics(dims_port);
-        (m.keys().any(|k| k.starts_with("vidpulse_consumer_lag"))
-            && prom_sum(&m, "vidpulse_consumer_lag", &[]) == 0.0)
-            .then_some(())
-    });
+    env.wait_caught_up(
+        "vidpulse-dim-builder",
+        "vp.events.v1",
+        Duration::from_secs(120),
+    );
     dims.terminate();
 
     env.ctl(&["pool", "create", "all"]);

@@ -315,12 +315,11 @@ fn the_pipeline_on_a_2x2_cluster_stays_exact_through_a_killed_replica_and_a_seco
         ],
         "dim-builder.log",
     );
-    wait_for("dim-builder to catch up", Duration::from_secs(120), || {
-        let m = metrics(dims_port);
-        (m.keys().any(|k| k.starts_with("vidpulse_consumer_lag"))
-            && prom_sum(&m, "vidpulse_consumer_lag", &[]) == 0.0)
-            .then_some(())
-    });
+    env.wait_caught_up(
+        "vidpulse-dim-builder",
+        "vp.events.v1",
+        Duration::from_secs(120),
+    );
     dims.terminate();
     env.ctl(&["pool", "create", "all"]);
     let mut want = BTreeMap::new();
@@ -359,8 +358,8 @@ fn the_pipeline_on_a_2x2_cluster_stays_exact_through_a_killed_replica_and_a_seco
         .unwrap();
         assert_eq!(
             n,
-            locals.len() * 3,
-            "{node}: local, Distributed and view per table"
+            locals.len() * 3 + 1,
+            "{node}: local, Distributed and view per table, and the generation registry"
         );
     }
     let engine = sql(

@@ -11,8 +11,7 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::io::Write;
-use std::path::PathBuf;
-use std::process::{Command, Stdio};
+use std::process::Stdio;
 use std::time::Duration;
 
 use rdkafka::producer::{BaseRecord, Producer};
@@ -489,73 +488,6 @@ fn stage_keeps_room_hashes_with_ttls_replay_and_order_safe() {
 
 // ---------------------------------------------------------------------------
 // Redis outage in the middle of a run.
-
-/// A Redis of its own, run by scripts/stack on a free port with an AOF and
-/// its own state directory (`VIDPULSE_STACK_DIR`), so the test can stop it
-/// without disturbing other tests. Stop is only ever sent when the pid file
-/// in that directory names this instance's port: never the shared Redis.
-struct PrivateRedis {
-    dir: PathBuf,
-    port: u16,
-}
-
-impl PrivateRedis {
-    fn start(env: &Env) -> PrivateRedis {
-        let r = PrivateRedis {
-            dir: scratch(&env.prefix).join("stack"),
-            port: free_port(),
-        };
-        r.stack("start");
-        assert!(
-            r.is_ours(),
-            "scripts/stack did not start a private Redis under {} (is VIDPULSE_STACK_DIR supported?)",
-            r.dir.display()
-        );
-        r
-    }
-
-    fn url(&self) -> String {
-        format!("redis://127.0.0.1:{}", self.port)
-    }
-
-    /// The pid file in our directory names our port.
-    fn is_ours(&self) -> bool {
-        std::fs::read_to_string(self.dir.join("redis/redis.pid"))
-            .ok()
-            .and_then(|t| t.lines().nth(1).map(|p| p.trim() == self.port.to_string()))
-            .unwrap_or(false)
-    }
-
-    fn stack(&self, cmd: &str) {
-        if cmd == "stop" {
-            assert!(
-                self.is_ours(),
-                "refusing to stop a Redis that is not this test's"
-            );
-        }
-        let st = Command::new(repo_root().join("scripts/stack"))
-            .args([cmd, "redis"])
-            .env("VIDPULSE_STACK_DIR", &self.dir)
-            .env("VIDPULSE_REDIS_PORT", self.port.to_string())
-            .env("VIDPULSE_REDIS_PERSIST", "1")
-            .stdout(Stdio::null())
-            .status()
-            .unwrap();
-        assert!(
-            st.success(),
-            "scripts/stack {cmd} redis (port {}) failed",
-            self.port
-        );
-    }
-}
-
-impl Drop for PrivateRedis {
-    fn drop(&mut self) {
-        if self.is_ours() {
-            self.stack("stop");
-        }
-    }
-}
 
 /// Runs gen; returns how many events ingest will write for it.
 fn run_gen(env: &Env, seed: &str, start: &str, count: &str) -> i64 {

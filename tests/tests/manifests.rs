@@ -23,7 +23,7 @@ use std::time::Duration;
 use base64::Engine;
 use serde::Deserialize;
 use serde_json::{Map, Value, json};
-use vidpulse_e2e::{NOT_YET_EXPORTED, bin, repo_root};
+use vidpulse_e2e::{bin, repo_root};
 
 /// One stage Deployment.
 struct Stage {
@@ -1372,17 +1372,10 @@ fn alerts_ship_as_a_rules_file_and_an_equal_prometheus_rule_on_exported_metrics(
         let alert = s(r, "/alert");
         assert!(alert.starts_with("Vidpulse"), "{alert}");
         for m in metric_words(s(r, "/expr")) {
-            if NOT_YET_EXPORTED.contains(&m) {
-                assert!(
-                    !known.contains(m),
-                    "{m} is exported now: remove it from NOT_YET_EXPORTED in tests/src/lib.rs"
-                );
-            } else {
-                assert!(
-                    known.contains(m),
-                    "alert {alert} uses {m}, which no stage exports"
-                );
-            }
+            assert!(
+                known.contains(m),
+                "alert {alert} uses {m}, which no stage exports"
+            );
         }
         for key in [
             "/labels/severity",

@@ -4,8 +4,7 @@
 //! of deploy/prometheus/vidpulse-rules.yml loaded. Every expression of every
 //! Grafana panel (deploy/grafana/vidpulse-dashboard.json, Grafana's variables
 //! substituted) must return data, every rule must evaluate without error on
-//! the real series, and every metric the rules use must be scraped (except
-//! `NOT_YET_EXPORTED`, listed once in the test library).
+//! the real series, and every metric the rules use must be scraped.
 #![allow(clippy::unwrap_used)]
 
 use std::collections::{BTreeMap, BTreeSet};
@@ -468,17 +467,10 @@ fn prometheus_scrapes_the_pipeline_and_every_panel_and_rule_has_data() {
     }
     assert!(rule_data.len() >= 7, "{} rules loaded", rule_data.len());
     for m in &used {
-        if NOT_YET_EXPORTED.contains(&m.as_str()) {
-            assert!(
-                !names.contains(m),
-                "{m} is scraped now: remove it from NOT_YET_EXPORTED in tests/src/lib.rs"
-            );
-        } else {
-            assert!(
-                names.contains(m),
-                "the rules use {m}, which no stage exports"
-            );
-        }
+        assert!(
+            names.contains(m),
+            "the rules use {m}, which no stage exports"
+        );
     }
     stop.store(true, Ordering::Relaxed);
     writer.join().unwrap();

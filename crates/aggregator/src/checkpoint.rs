@@ -9,7 +9,11 @@
 //! current owner of the partition: each assignment increments the
 //! partition's epoch, and a write carrying an older epoch is refused
 //! (fencing a zombie that was thrown out of the group while it waited on a
-//! sink).
+//! sink). A store that lost its data (FLUSHALL, a restart without
+//! persistence, eviction) is told apart from a newer owner: the epoch key
+//! the owner created is gone, or the hash it wrote before is; the write is
+//! refused as [`Written::Lost`] and the owner replays the partition from its
+//! earliest offset, never mistaking the loss for fencing.
 
 use std::collections::HashMap;
 
@@ -62,36 +66,55 @@ redis.call('DEL', KEYS[1])
 return 1
 ";
 
-/// KEYS: hash, epoch. ARGV: epoch, number of fields to delete, those fields,
-/// then field/value pairs to set.
+/// KEYS: hash, epoch. ARGV: epoch, whether the hash must exist already
+/// (`1`: a checkpoint was restored or written under this epoch), number of
+/// fields to delete, those fields, then field/value pairs to set. Returns 1
+/// (written), 0 (fenced: another owner's epoch) or -1 (the store lost it).
 const WRITE: &str = r"
-if redis.call('GET', KEYS[2]) ~= ARGV[1] then return 0 end
-local n = tonumber(ARGV[2])
-for i = 3, 2 + n do
+local e = redis.call('GET', KEYS[2])
+if not e then return -1 end
+if e ~= ARGV[1] then return 0 end
+if ARGV[2] == '1' and redis.call('HEXISTS', KEYS[1], 'meta') == 0 then return -1 end
+local n = tonumber(ARGV[3])
+for i = 4, 3 + n do
   redis.call('HDEL', KEYS[1], ARGV[i])
 end
-for i = 3 + n, #ARGV, 2 do
+for i = 4 + n, #ARGV, 2 do
   redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1])
 end
 return 1
 ";
+
+/// What became of a checkpoint write.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Written {
+    Written,
+    /// Another owner holds the partition now.
+    Fenced,
+    /// The store lost the partition's state (epoch or hash gone).
+    Lost,
+}
 
 /// The write script (load once, reuse).
 pub fn write_script() -> redis::Script {
     redis::Script::new(WRITE)
 }
 
-/// Writes a delta atomically. `Ok(false)`: fenced, another owner has the
-/// partition; drop its state.
+/// Writes a delta atomically. `existing`: the hash must be there already
+/// (this owner restored or wrote it).
 pub async fn write(
     con: &mut ConnectionManager,
     script: &redis::Script,
     key: &str,
     epoch: i64,
+    existing: bool,
     delta: &CheckpointDelta,
-) -> redis::RedisResult<bool> {
+) -> redis::RedisResult<Written> {
     let mut inv = script.key(key);
-    inv.key(epoch_key(key)).arg(epoch).arg(delta.del.len());
+    inv.key(epoch_key(key))
+        .arg(epoch)
+        .arg(if existing { 1 } else { 0 })
+        .arg(delta.del.len());
     for f in &delta.del {
         inv.arg(f);
     }
@@ -99,7 +122,44 @@ pub async fn write(
         inv.arg(f).arg(v.as_slice());
     }
     let done: i64 = inv.invoke_async(con).await?;
-    Ok(done == 1)
+    Ok(match done {
+        1 => Written::Written,
+        0 => Written::Fenced,
+        _ => Written::Lost,
+    })
+}
+
+/// How the store keeps data: `Ok(None)` when it keeps it (persistence on,
+/// nothing evicted that has no TTL), else why not. CONFIG may be refused
+/// (managed Redis): then nothing is known (`Ok(None)`, logged by the caller).
+pub async fn durability(con: &mut ConnectionManager) -> Result<Option<String>, redis::RedisError> {
+    let get = |name: &'static str| {
+        let mut con = con.clone();
+        async move {
+            let v: Vec<String> = redis::cmd("CONFIG")
+                .arg("GET")
+                .arg(name)
+                .query_async(&mut con)
+                .await?;
+            Ok::<String, redis::RedisError>(v.get(1).cloned().unwrap_or_default())
+        }
+    };
+    let aof = get("appendonly").await?;
+    let save = get("save").await?;
+    let policy = get("maxmemory-policy").await?;
+    let mut why = Vec::new();
+    if aof != "yes" && save.trim().is_empty() {
+        why.push(
+            "no persistence (appendonly no, save \"\"): a restart loses every checkpoint"
+                .to_owned(),
+        );
+    }
+    if policy.starts_with("allkeys-") {
+        why.push(format!(
+            "maxmemory-policy {policy} evicts checkpoints under memory pressure; use noeviction"
+        ));
+    }
+    Ok((!why.is_empty()).then(|| why.join("; ")))
 }
 
 #[cfg(test)]

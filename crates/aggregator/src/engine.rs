@@ -297,6 +297,9 @@ struct Meta {
     fingerprint: String,
     next_offset: i64,
     clock: Clock,
+    /// The last record read: (offset, Kafka timestamp).
+    #[serde(default)]
+    anchor: Option<(i64, i64)>,
 }
 
 /// A checkpoint that cannot be used.
@@ -317,6 +320,10 @@ pub struct PartitionState {
     /// The next offset to read (`-1` before the first record: read from the
     /// beginning).
     pub next_offset: i64,
+    /// The last record read, (offset, Kafka timestamp): a new owner checks
+    /// it is still there before trusting the checkpoint (a topic deleted
+    /// and recreated has other records at the same offsets).
+    pub anchor: Option<(i64, i64)>,
     wm: Clock,
     metrics: Vec<BTreeMap<i64, Pane>>,
     boards: Vec<BTreeMap<i64, HashMap<Box<str>, Partial>>>,
@@ -384,6 +391,7 @@ impl PartitionState {
         PartitionState {
             input,
             next_offset: -1,
+            anchor: None,
             wm: Clock::new(plan.clock),
             metrics: vec![BTreeMap::new(); plan.spec.metrics.len()],
             boards: vec![BTreeMap::new(); plan.spec.leaderboards.len()],
@@ -479,7 +487,7 @@ impl PartitionState {
         // event id in ClickHouse already), and a duplicate is a duplicate
         // whether or not its windows are still open.
         let id = rec.event.event_id.as_str();
-        let dedup = (!id.is_empty() && !(targets.metrics.is_empty() && targets.lbs.is_empty()))
+        let dedup = (!(id.is_empty() || targets.metrics.is_empty() && targets.lbs.is_empty()))
             .then(|| (pane_start(t, DEDUP_BUCKET_MS), id_hash(id)));
         if let Some((second, h)) = dedup
             && self.dedup.get(&second).is_some_and(|ids| ids.contains(&h))
@@ -820,6 +828,7 @@ impl PartitionState {
             fingerprint: plan.fingerprint.clone(),
             next_offset: self.next_offset,
             clock: self.wm.clone(),
+            anchor: self.anchor,
         };
         d.set.push(("meta".into(), to_json(&meta)));
         if changed.rooms {
@@ -871,6 +880,7 @@ impl PartitionState {
         let mut s = PartitionState::new(plan, input);
         s.changed = Changed::default();
         s.next_offset = meta.next_offset;
+        s.anchor = meta.anchor;
         s.wm = meta.clock;
         if let Some(r) = fields.get("rooms") {
             s.rooms = from_json("rooms", r)?;
@@ -967,7 +977,7 @@ fn encode_ids(ids: &HashSet<u64>) -> Vec<u8> {
 }
 
 fn decode_ids(field: &str, bytes: &[u8]) -> Result<HashSet<u64>, RestoreError> {
-    if bytes.len() % 8 != 0 {
+    if !bytes.len().is_multiple_of(8) {
         return Err(RestoreError::Corrupt {
             field: field.to_owned(),
             message: format!("{} bytes is not a list of 8-byte hashes", bytes.len()),

@@ -1,15 +1,21 @@
-//! Live leaderboards in Redis sorted sets, replay-safe.
+//! Live leaderboards in Redis sorted sets, replay-safe and self-repairing.
 //!
 //! Each window (a UTC day by default) of a leaderboard is one sorted set,
 //! `<prefix><key>:{<YYYY-MM-DD>}` (the seed's `rankings`, per day). Next to
 //! it a hash `…:parts` holds, per source partition and member, the partial
 //! score that partition contributed and its version (the offset after the
-//! last record that changed it). A Lua script applies a batch atomically:
-//! for each partial newer than the stored one it adds `new − old` to the
-//! member's score (`ZINCRBY`) and stores the partial; an older or equal
-//! version is a no-op. So a replayed write changes nothing, and the score
-//! is always the sum of the partitions' latest partials: no plain ZINCRBY
-//! on replay.
+//! last record that changed it), and under `_gen` the generation that wrote
+//! them (`<registered ms>:<generation>`). A Lua script applies a batch
+//! atomically: for each partial newer than the stored one it adds
+//! `new − old` to the member's score (`ZINCRBY`) and stores the partial; an
+//! older or equal version is a no-op. So a replayed write changes nothing,
+//! and the score is always the sum of the partitions' latest partials.
+//!
+//! Whatever part is lost, a replay restores it: a set gone while its parts
+//! remain is rebuilt from them before the batch applies; parts gone (or of
+//! another generation: a new spec, `--reset-state`) empty the set, and the
+//! replay's partials fill both again. A writer of an older generation
+//! (an instance not yet rolled out) changes nothing.
 
 use std::collections::BTreeMap;
 
@@ -18,42 +24,83 @@ pub use vidpulse_query::boards::{board_key, parse_window_stamp, parts_key, windo
 use crate::engine::BoardRow;
 use vidpulse_query::spec::Leaderboard;
 
-/// KEYS: set₁, parts₁, set₂, parts₂, … ARGV: for each set in turn, its ttl
-/// in seconds, the number n of partials, then n (field, member, version,
-/// value) quadruples. Returns how many partials were newer and applied.
+/// KEYS: set₁, parts₁, set₂, parts₂, … ARGV: for each set in turn, the
+/// writer's generation stamp, its ttl in seconds, the number n of partials,
+/// then n (field, member, version, value) quadruples. Returns how many
+/// partials were newer and applied.
 const APPLY: &str = r"
+local function stamp_ms(s)
+  return tonumber(string.sub(s, 1, string.find(s, ':', 1, true) - 1))
+end
 local applied = 0
 local a = 1
 for k = 1, #KEYS, 2 do
   local set, parts = KEYS[k], KEYS[k + 1]
-  local ttl, n = tonumber(ARGV[a]), tonumber(ARGV[a + 1])
-  a = a + 2
-  for i = 1, n do
-    local field, member = ARGV[a], ARGV[a + 1]
-    local version, value = tonumber(ARGV[a + 2]), tonumber(ARGV[a + 3])
-    local old = redis.call('HGET', parts, field)
-    local oldv, oldval = -1, 0
-    if old then
-      local sep = string.find(old, ':', 1, true)
-      oldv = tonumber(string.sub(old, 1, sep - 1))
-      oldval = tonumber(string.sub(old, sep + 1))
+  local stamp, ttl, n = ARGV[a], tonumber(ARGV[a + 1]), tonumber(ARGV[a + 2])
+  a = a + 3
+  local have = redis.call('HGET', parts, '_gen')
+  local skip = false
+  if have ~= stamp then
+    if have and stamp_ms(have) > stamp_ms(stamp) then
+      skip = true
+    else
+      redis.call('DEL', set, parts)
+      redis.call('HSET', parts, '_gen', stamp)
     end
-    if version > oldv then
-      if value ~= oldval then
-        redis.call('ZINCRBY', set, value - oldval, member)
+  elseif redis.call('EXISTS', set) == 0 and redis.call('HLEN', parts) > 1 then
+    local all = redis.call('HGETALL', parts)
+    local sums = {}
+    for i = 1, #all, 2 do
+      local f = all[i]
+      if f ~= '_gen' then
+        local member = string.sub(f, string.find(f, '|', 1, true) + 1)
+        local v = all[i + 1]
+        local val = tonumber(string.sub(v, string.find(v, ':', 1, true) + 1))
+        sums[member] = (sums[member] or 0) + val
       end
-      redis.call('HSET', parts, field, ARGV[a + 2] .. ':' .. ARGV[a + 3])
-      applied = applied + 1
     end
-    a = a + 4
+    for member, score in pairs(sums) do
+      if score ~= 0 then
+        redis.call('ZADD', set, score, member)
+      end
+    end
   end
-  if ttl > 0 then
-    redis.call('EXPIRE', set, ttl)
-    redis.call('EXPIRE', parts, ttl)
+  if skip then
+    a = a + 4 * n
+  else
+    for i = 1, n do
+      local field, member = ARGV[a], ARGV[a + 1]
+      local version, value = tonumber(ARGV[a + 2]), tonumber(ARGV[a + 3])
+      local old = redis.call('HGET', parts, field)
+      local oldv, oldval = -1, 0
+      if old then
+        local sep = string.find(old, ':', 1, true)
+        oldv = tonumber(string.sub(old, 1, sep - 1))
+        oldval = tonumber(string.sub(old, sep + 1))
+      end
+      if version > oldv then
+        if value ~= oldval then
+          redis.call('ZINCRBY', set, value - oldval, member)
+        end
+        redis.call('HSET', parts, field, ARGV[a + 2] .. ':' .. ARGV[a + 3])
+        applied = applied + 1
+      end
+      a = a + 4
+    end
+    if ttl > 0 then
+      redis.call('EXPIRE', set, ttl)
+      redis.call('EXPIRE', parts, ttl)
+    end
   end
 end
 return applied
 ";
+
+/// A leaderboard generation's stamp in its `:parts` hashes: the
+/// registration time first, so the newer of two generations is known.
+pub fn stamp(registered_ms: u64, generation: u64) -> String {
+    format!("{registered_ms:013}:{generation:016x}")
+}
 
 /// The apply script (load once, reuse).
 pub fn script() -> redis::Script {
@@ -64,19 +111,29 @@ pub fn script() -> redis::Script {
 #[derive(Debug, Clone, PartialEq)]
 pub struct Batch {
     pub set_key: String,
+    /// The writer's generation ([`stamp`]).
+    pub stamp: String,
     pub ttl_secs: i64,
     /// (field, member, version, value)
     pub partials: Vec<(String, String, u64, i64)>,
 }
 
 /// Groups a partition's emitted partials by sorted set.
-pub fn batches(prefix: &str, boards: &[Leaderboard], part: &str, rows: &[BoardRow]) -> Vec<Batch> {
+/// `stamps`: each board's generation stamp, in spec order.
+pub fn batches(
+    prefix: &str,
+    boards: &[Leaderboard],
+    stamps: &[String],
+    part: &str,
+    rows: &[BoardRow],
+) -> Vec<Batch> {
     let mut by_key: BTreeMap<String, Batch> = BTreeMap::new();
     for r in rows {
         let b = &boards[r.board];
         let set_key = board_key(prefix, b, Some(r.window_start));
         let batch = by_key.entry(set_key.clone()).or_insert_with(|| Batch {
             set_key,
+            stamp: stamps[r.board].clone(),
             ttl_secs: b.ttl_ms / 1000,
             partials: Vec::new(),
         });
@@ -114,7 +171,7 @@ pub async fn apply(
     let mut inv = script.prepare_invoke();
     for b in batches {
         inv.key(&b.set_key).key(parts_key(&b.set_key));
-        inv.arg(b.ttl_secs).arg(b.partials.len());
+        inv.arg(&b.stamp).arg(b.ttl_secs).arg(b.partials.len());
         for (field, member, version, value) in &b.partials {
             inv.arg(field).arg(member).arg(*version).arg(*value);
         }

@@ -18,6 +18,7 @@
 pub mod checkpoint;
 pub mod engine;
 pub mod leaderboard;
+pub mod lineage;
 pub mod record;
 pub mod rowbinary;
 mod stage;
@@ -141,10 +142,23 @@ pub struct Args {
     )]
     pub sink_max_retries: u32,
 
-    /// Ignore (and delete) this group's checkpoints once at start: re-read
-    /// every input from the earliest offset with empty state.
+    /// Start every result over: ignore (and delete) this group's
+    /// checkpoints once at start, re-read every input from the earliest
+    /// offset with empty state, in a new lineage (readers switch to the new
+    /// rows and leaderboards; the old ones are no longer read). For
+    /// recreated topics and deliberate rebuilds; run one instance with it,
+    /// then scale up without it.
     #[arg(long, env = "VIDPULSE_AGGREGATOR_RESET_STATE")]
     pub reset_state: bool,
+
+    /// Go on when records this lineage needed were deleted by retention: a
+    /// replay into empty state (after a lost state store or a spec change)
+    /// that can no longer start where it first started, or a checkpoint
+    /// whose next records are gone. The windows holding deleted records
+    /// (and running levels after them) become partial. Without it the
+    /// aggregator stops and names them.
+    #[arg(long, env = "VIDPULSE_AGGREGATOR_ALLOW_PARTIAL_REPLAY")]
+    pub allow_partial_replay: bool,
 
     /// Topic late events are written to.
     #[arg(long, env = "VIDPULSE_AGGREGATOR_LATE_TOPIC", default_value = topics::LATE)]
@@ -192,6 +206,7 @@ pub struct Settings {
     pub sink_max_retries: u32,
     pub loop_: LoopSettings,
     pub reset_state: bool,
+    pub allow_partial_replay: bool,
     pub late_topic: String,
     pub dlq_topic: String,
     pub admin_addr: SocketAddr,
@@ -233,6 +248,7 @@ impl Settings {
             sink_max_retries: args.sink_max_retries,
             loop_: args.loop_.settings()?,
             reset_state: args.reset_state,
+            allow_partial_replay: args.allow_partial_replay,
             late_topic: args.kafka.topic(&args.late_topic),
             dlq_topic: args.kafka.topic(&args.loop_.dlq_topic),
             admin_addr: args.loop_.admin_addr,
@@ -259,6 +275,10 @@ pub enum AggError {
     GaveUp { attempts: u32, last: String },
     #[error("admin server: {0}")]
     Admin(std::io::Error),
+    #[error(transparent)]
+    Lineage(#[from] lineage::LineageError),
+    #[error(transparent)]
+    Kafka(#[from] rdkafka::error::KafkaError),
 }
 
 /// Runs the aggregator until `shutdown` is cancelled (then flushes what is

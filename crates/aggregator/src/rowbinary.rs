@@ -37,8 +37,16 @@ fn val(buf: &mut Vec<u8>, ty: FieldType, v: &Val) {
     }
 }
 
-/// Appends one metric row (columns as [`metric_columns`]).
-pub fn encode_metric_row(buf: &mut Vec<u8>, m: &Metric, part: i32, row: &MetricRow) {
+/// Appends one metric row of generation `generation` (columns as
+/// [`metric_columns`]).
+pub fn encode_metric_row(
+    buf: &mut Vec<u8>,
+    m: &Metric,
+    generation: u64,
+    part: i32,
+    row: &MetricRow,
+) {
+    buf.extend_from_slice(&generation.to_le_bytes());
     datetime(buf, row.pane_start);
     for (g, v) in m.group_by.iter().zip(row.key.iter()) {
         val(buf, g.ty(), v);
@@ -66,8 +74,10 @@ pub fn encode_metric_row(buf: &mut Vec<u8>, m: &Metric, part: i32, row: &MetricR
     }
 }
 
-/// Appends one log row (columns as [`log_columns`]).
-pub fn encode_log_row(buf: &mut Vec<u8>, l: &Log, part: i32, row: &LogRow) {
+/// Appends one log row of generation `generation` (columns as
+/// [`log_columns`]).
+pub fn encode_log_row(buf: &mut Vec<u8>, l: &Log, generation: u64, part: i32, row: &LogRow) {
+    buf.extend_from_slice(&generation.to_le_bytes());
     datetime(
         buf,
         row.event_time_ms - row.event_time_ms.rem_euclid(60_000),
@@ -103,8 +113,9 @@ mod tests {
             ],
         };
         let mut b = Vec::new();
-        encode_metric_row(&mut b, m, 5, &row);
-        let mut want = vec![60, 0, 0, 0, 1, b'3', 5, 0, 0, 0];
+        encode_metric_row(&mut b, m, 7, 5, &row);
+        let mut want = 7u64.to_le_bytes().to_vec();
+        want.extend_from_slice(&[60, 0, 0, 0, 1, b'3', 5, 0, 0, 0]);
         want.extend_from_slice(&9u64.to_le_bytes());
         want.extend_from_slice(&(-2i64).to_le_bytes());
         want.extend_from_slice(&1u64.to_le_bytes());

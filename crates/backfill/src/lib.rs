@@ -23,13 +23,15 @@ use std::time::{Duration, Instant};
 
 use clap::Args;
 use vidpulse_aggregator::engine::Plan;
+use vidpulse_aggregator::leaderboard;
+use vidpulse_aggregator::lineage::{self, Generations};
 use vidpulse_aggregator::spec::Spec;
 use vidpulse_aggregator::window::ClockMode;
 use vidpulse_core::config::RedisArgs;
 use vidpulse_ingest::mapping::Mapping;
 use vidpulse_ingest::reject::Reason;
 use vidpulse_query::read::{Row, Target};
-use vidpulse_query::{ClickHouseArgs, SpecArgs};
+use vidpulse_query::{ClickHouseArgs, SpecArgs, generation};
 
 use crate::input::{BytesRead, Source};
 use crate::parse::{BadLine, Parser};
@@ -71,6 +73,12 @@ pub struct BackfillArgs {
     /// another name adds to them). Letters, digits, `_`, `-`, `.`.
     #[arg(long, env = "VIDPULSE_BACKFILL_NAME", default_value = "default")]
     pub name: String,
+
+    /// The aggregator's consumer group whose results the backfill adds to:
+    /// a definition the stream has not registered yet is registered in this
+    /// group's lineage, as its first start would (the topic prefix applies).
+    #[arg(long, env = "VIDPULSE_BACKFILL_GROUP", default_value = vidpulse_aggregator::DEFAULT_GROUP)]
+    pub group: String,
 
     /// Virtual partitions the events are split over by their key (as the
     /// stream's partitions; 1 to 1024). Rerun a backfill with the same
@@ -350,6 +358,78 @@ pub struct Report {
 /// How many bad lines the report names.
 pub const BAD_SAMPLE: usize = 10;
 
+/// Each definition's current generation, the one the stream writes and
+/// `vidpulse query` reads: the registry's when the stream (or an earlier
+/// backfill) registered it; else registered now in `group`'s lineage with
+/// the aggregator's default flags, as the group's first start would, so
+/// the stream then writes the same generation. A later change of the
+/// definition (or `--reset-state`) starts a new generation without the
+/// backfill's rows: rerun the backfill then.
+async fn generations(
+    ch: &clickhouse::Client,
+    tables: &vidpulse_query::Tables,
+    redis: &mut redis::aio::ConnectionManager,
+    spec: &Spec,
+    group: &str,
+) -> Result<Generations, BackfillError> {
+    let ch_err = |e: vidpulse_query::ChError| BackfillError::Write {
+        sink: "clickhouse",
+        message: e.message,
+    };
+    let mut current = generation::current_all(ch, tables).await.map_err(ch_err)?;
+    let entries = generation::entries(
+        spec,
+        generation::Defaults {
+            grace_ms: AGGREGATOR_GRACE_MS,
+            out_of_orderness_ms: AGGREGATOR_OUT_OF_ORDERNESS_MS,
+            clock: "in-band",
+        },
+    );
+    let key = |e: &generation::Entry| (e.kind.as_str().to_owned(), e.name.clone());
+    let missing: Vec<generation::Entry> = entries
+        .iter()
+        .filter(|e| !current.contains_key(&key(e)))
+        .cloned()
+        .collect();
+    if !missing.is_empty() {
+        let (lineage, _) = lineage::resolve(redis, ch, tables, group, false)
+            .await
+            .map_err(|e| match e {
+                lineage::LineageError::Redis(e) => BackfillError::Write {
+                    sink: "redis",
+                    message: e.to_string(),
+                },
+                lineage::LineageError::ClickHouse(e) => ch_err(e),
+            })?;
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_millis() as u64);
+        let registered = generation::register(ch, tables, group, lineage, &missing, now)
+            .await
+            .map_err(ch_err)?;
+        for (e, (r, _)) in missing.iter().zip(registered) {
+            current.insert(key(e), r);
+        }
+    }
+    let mut g = Generations::default();
+    for e in &entries {
+        let r = current[&key(e)];
+        match e.kind {
+            generation::Kind::Metric => g.metrics.push(r.generation),
+            generation::Kind::Log => g.logs.push(r.generation),
+            generation::Kind::Leaderboard => g
+                .boards
+                .push(leaderboard::stamp(r.registered_ms, r.generation)),
+        }
+    }
+    Ok(g)
+}
+
+/// The aggregator's defaults (`--grace`, `--out-of-orderness`), part of a
+/// definition's fingerprint.
+const AGGREGATOR_GRACE_MS: i64 = 60_000;
+const AGGREGATOR_OUT_OF_ORDERNESS_MS: i64 = 5_000;
+
 /// Runs a backfill. `prefix` is the pipeline's topic prefix (it names the
 /// tables and leaderboard keys).
 pub async fn run(args: &BackfillArgs, prefix: &str) -> Result<Report, BackfillError> {
@@ -383,10 +463,13 @@ pub async fn run(args: &BackfillArgs, prefix: &str) -> Result<Report, BackfillEr
                 sink: "redis",
                 message: e.to_string(),
             })?;
+        let mut redis = redis;
+        let gens = generations(&ch, &tables, &mut redis, &settings.spec, &format!("{prefix}{}", args.group)).await?;
         Some(sink::Sink {
             ch,
             tables: &tables,
             redis,
+            gens,
             prefix,
             name: &args.name,
             slot: sink::slot(&args.name),

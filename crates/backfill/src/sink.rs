@@ -16,6 +16,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use vidpulse_aggregator::leaderboard;
+use vidpulse_aggregator::lineage::Generations;
 use vidpulse_aggregator::rowbinary;
 use vidpulse_aggregator::spec::{Input, Spec};
 use vidpulse_query::Tables;
@@ -63,6 +64,8 @@ pub struct Sink<'a> {
     pub prefix: &'a str,
     pub name: &'a str,
     pub slot: u32,
+    /// The generation of everything written, in spec order.
+    pub gens: Generations,
 }
 
 impl Sink<'_> {
@@ -78,7 +81,7 @@ impl Sink<'_> {
             for e in emitted {
                 let part = part(self.slot, e.partition) as i32;
                 for r in e.emission.rows.iter().filter(|r| r.metric == i) {
-                    rowbinary::encode_metric_row(&mut buf, m, part, r);
+                    rowbinary::encode_metric_row(&mut buf, m, self.gens.metrics[i], part, r);
                     n += 1;
                     if n == INSERT_ROWS {
                         self.insert(&m.name, std::mem::take(&mut buf)).await?;
@@ -99,7 +102,7 @@ impl Sink<'_> {
             for e in emitted {
                 let part = part(self.slot, e.partition) as i32;
                 for r in e.emission.logs.iter().filter(|r| r.log == i) {
-                    rowbinary::encode_log_row(&mut buf, l, part, r);
+                    rowbinary::encode_log_row(&mut buf, l, self.gens.logs[i], part, r);
                     n += 1;
                     if n == INSERT_ROWS {
                         self.insert(&l.name, std::mem::take(&mut buf)).await?;
@@ -123,13 +126,20 @@ impl Sink<'_> {
             let part = format!("backfill:{}:{input}:{}", self.name, e.partition);
             written.partials += e.emission.boards.len();
             for b in
-                leaderboard::batches(self.prefix, &spec.leaderboards, &part, &e.emission.boards)
+                leaderboard::batches(
+                self.prefix,
+                &spec.leaderboards,
+                &self.gens.boards,
+                &part,
+                &e.emission.boards,
+            )
             {
                 // One set's partials in several calls: each partial is
                 // applied on its own version, so splitting changes nothing.
                 for chunk in b.partials.chunks(SCRIPT_PARTIALS) {
                     batches.push(leaderboard::Batch {
                         set_key: b.set_key.clone(),
+                        stamp: b.stamp.clone(),
                         ttl_secs: b.ttl_secs,
                         partials: chunk.to_vec(),
                     });

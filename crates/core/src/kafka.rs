@@ -123,6 +123,75 @@ pub fn partition_count(
         }))
 }
 
+/// (topic, partition) → (low, end) offsets.
+pub type Bounds = HashMap<(String, i32), (i64, i64)>;
+
+/// Low (first retained) and end offsets of each (topic, partition), from
+/// two ListOffsets requests; partitions that did not answer are left out.
+pub fn partition_bounds(
+    consumer: &BaseConsumer,
+    parts: &[(&str, i32)],
+    timeout: Duration,
+) -> Result<Bounds, rdkafka::error::KafkaError> {
+    let list = |at: rdkafka::Offset| {
+        let mut tpl = rdkafka::TopicPartitionList::new();
+        for (t, p) in parts {
+            let _ = tpl.add_partition_offset(t, *p, at);
+        }
+        tpl
+    };
+    let highs = consumer.offsets_for_times(list(rdkafka::Offset::End), timeout)?;
+    let lows = consumer.offsets_for_times(list(rdkafka::Offset::Beginning), timeout)?;
+    let get = |tpl: &rdkafka::TopicPartitionList, t: &str, p: i32| {
+        tpl.find_partition(t, p)
+            .and_then(|e| e.offset().to_raw())
+            .filter(|o| *o >= 0)
+    };
+    let mut out = HashMap::new();
+    for (t, p) in parts {
+        if let (Some(low), Some(high)) = (get(&lows, t, *p), get(&highs, t, *p)) {
+            out.insert(((*t).to_owned(), *p), (low, high));
+        }
+    }
+    Ok(out)
+}
+
+/// Reads `topic`/`partition` from `offset` (blocking, up to `timeout`)
+/// until `pick` returns something for a record: that. `pick` sees each
+/// record's payload and whether it is a control record (an in-band
+/// watermark).
+pub fn scan_from<T>(
+    cfg: &ClientConfig,
+    topic: &str,
+    partition: i32,
+    offset: i64,
+    timeout: Duration,
+    mut pick: impl FnMut(Option<&[u8]>, bool) -> Option<T>,
+) -> Result<Option<T>, rdkafka::error::KafkaError> {
+    use rdkafka::Message as _;
+    use rdkafka::message::Headers as _;
+    let consumer: BaseConsumer = cfg.create()?;
+    let mut tpl = rdkafka::TopicPartitionList::new();
+    tpl.add_partition_offset(topic, partition, rdkafka::Offset::Offset(offset))?;
+    consumer.assign(&tpl)?;
+    let until = std::time::Instant::now() + timeout;
+    while std::time::Instant::now() < until {
+        match consumer.poll(Duration::from_millis(200)) {
+            Some(Ok(m)) => {
+                let control = m
+                    .headers()
+                    .is_some_and(|hs| hs.iter().any(|h| h.key == crate::watermark::CONTROL_HEADER));
+                if let Some(v) = pick(m.payload(), control) {
+                    return Ok(Some(v));
+                }
+            }
+            Some(Err(e)) => return Err(e),
+            None => {}
+        }
+    }
+    Ok(None)
+}
+
 /// Fails when an input topic does not exist (`Err(Some(topic))`), naming it.
 pub fn missing_topic<C: ConsumerContext>(
     consumer: &impl Consumer<C>,

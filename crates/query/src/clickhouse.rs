@@ -129,23 +129,31 @@ impl From<clickhouse::error::Error> for ChError {
             }
             cause = c.source();
         }
-        // Server-side exceptions come back as "bad response: Code: N, ...".
-        let rejected = message.contains("Code: ")
-            && ![
-                "Code: 159",
-                "Code: 202",
-                "Code: 209",
-                "Code: 210",
-                "Code: 241",
-                "Code: 252",
-            ]
-            .iter()
-            .any(|c| message.contains(c));
+        // Server-side exceptions come back as "bad response: Code: N, ...":
+        // retried when the code says the server (or a shard or replica
+        // behind it, or ZooKeeper) may manage later, not for SQL it rejects.
+        let rejected = server_code(&message).is_some_and(|c| !TRANSIENT_CODES.contains(&c));
         ChError {
             message,
             retriable: !rejected,
         }
     }
+}
+
+/// Server error codes that may clear by themselves: end of stream and
+/// network errors (a shard or replica restarting: 3, 32, 209, 210, 279,
+/// 1000), timeouts and load (159, 202, 203, 241, 252), ZooKeeper or Keeper
+/// away (225, 242, 999), replicas too few or an insert's fate unknown (285,
+/// 286, 319), a cancelled query (394).
+const TRANSIENT_CODES: [u32; 19] = [
+    3, 32, 159, 202, 203, 209, 210, 225, 241, 242, 252, 279, 285, 286, 319, 394, 999, 1000, 425,
+];
+
+/// The first `Code: N` of a server exception.
+fn server_code(message: &str) -> Option<u32> {
+    let rest = &message[message.find("Code: ")? + 6..];
+    let digits: String = rest.chars().take_while(char::is_ascii_digit).collect();
+    digits.parse().ok()
 }
 
 /// How long one ClickHouse request may take before it counts as failed.
@@ -209,4 +217,25 @@ pub async fn insert(client: &clickhouse::Client, table: &str, data: Bytes) -> Re
         ins.end().await
     };
     timed(send).await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn transient_server_errors_are_retried() {
+        assert_eq!(
+            server_code(
+                "bad response: Code: 32, e.displayText() = DB::Exception: Attempt to read after eof"
+            ),
+            Some(32)
+        );
+        assert_eq!(server_code("no code"), None);
+        assert!(TRANSIENT_CODES.contains(&32) && !TRANSIENT_CODES.contains(&320));
+        assert_eq!(
+            server_code("Code: 60. DB::Exception: Table x doesn't exist"),
+            Some(60)
+        );
+    }
 }

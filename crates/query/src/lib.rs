@@ -12,6 +12,7 @@
 pub mod boards;
 pub mod clickhouse;
 pub mod field;
+pub mod generation;
 pub mod read;
 pub mod rollup;
 pub mod schema;

@@ -2,9 +2,11 @@
 //! types, DDL, and the start-up check that existing tables match.
 //!
 //! Rows are idempotent. Each table is a `ReplacingMergeTree(version)` keyed
-//! by window, group key and source partition (`part`); a row re-sent after
-//! a replay has the same key, version and content, so `FINAL` keeps one.
-//! Final values combine partitions at query time ([`crate::sql`]). The SQL
+//! by generation ([`crate::generation`]), window, group key and source
+//! partition (`part`); a row re-sent after a replay has the same key,
+//! version and content, so `FINAL` keeps one. Final values combine
+//! partitions at query time ([`crate::sql`]), from the current generation
+//! only. The SQL
 //! runs on ClickHouse 18.16 and on current versions.
 //!
 //! On a cluster (`--clickhouse-cluster`) every statement runs `ON CLUSTER`.
@@ -135,7 +137,10 @@ fn agg_type(f: &AggFn) -> &'static str {
 
 /// The columns of a metric table, in insert order.
 pub fn metric_columns(m: &Metric) -> Vec<(String, &'static str)> {
-    let mut v = vec![("window_start".to_owned(), "DateTime")];
+    let mut v = vec![
+        ("generation".to_owned(), "UInt64"),
+        ("window_start".to_owned(), "DateTime"),
+    ];
     v.extend(m.group_by.iter().map(|g| (g.name.clone(), group_type(g))));
     v.push(("part".into(), "UInt32"));
     v.push(("version".into(), "UInt64"));
@@ -150,6 +155,7 @@ pub fn metric_columns(m: &Metric) -> Vec<(String, &'static str)> {
 /// The columns of a log table, in insert order.
 pub fn log_columns(l: &Log) -> Vec<(String, &'static str)> {
     let mut v = vec![
+        ("generation".to_owned(), "UInt64"),
         ("event_minute".to_owned(), "DateTime"),
         ("event_time".to_owned(), "Int64"),
         ("event_id".to_owned(), "String"),
@@ -175,7 +181,7 @@ struct Layout {
 
 fn metric_layout(m: &Metric) -> Layout {
     let groups: Vec<String> = m.group_by.iter().map(|g| g.name.clone()).collect();
-    let mut order = vec!["window_start".to_owned()];
+    let mut order = vec!["generation".to_owned(), "window_start".to_owned()];
     order.extend(groups.iter().cloned());
     order.push("part".into());
     let mut shard_by = vec!["window_start".to_owned()];
@@ -191,7 +197,11 @@ fn metric_layout(m: &Metric) -> Layout {
 fn log_layout(l: &Log) -> Layout {
     Layout {
         cols: log_columns(l),
-        order: vec!["event_minute".to_owned(), "event_id".to_owned()],
+        order: vec![
+            "generation".to_owned(),
+            "event_minute".to_owned(),
+            "event_id".to_owned(),
+        ],
         part_col: "event_minute",
         shard_by: vec!["event_id".to_owned()],
     }
@@ -310,6 +320,15 @@ pub async fn ensure_schema(
         )
         .await?;
     }
+    let registry = table_name(&t.prefix, crate::generation::REGISTRY);
+    if !exists(&registry) {
+        crate::generation::ensure_registry(client, t).await?;
+    }
+    let want: Vec<(String, String)> = crate::generation::REGISTRY_COLUMNS
+        .iter()
+        .map(|(n, ty)| ((*n).to_owned(), (*ty).to_owned()))
+        .collect();
+    check_columns(client, &crate::generation::registry(t), &want).await?;
     // (name, table DDL, expected columns, view SQL)
     type Planned = (String, Vec<String>, Vec<(String, &'static str)>, String);
     let mut tables: Vec<Planned> = Vec::new();
@@ -338,23 +357,7 @@ pub async fn ensure_schema(
             check.push(t.local(&name));
         }
         for table in check {
-            let have = describe(client, &table).await?;
-            if have != want {
-                return Err(ChError {
-                    message: format!(
-                        "table {table} exists with other columns ({}) than the spec needs ({}); drop it, rename the metric, or use another --clickhouse-database",
-                        have.iter()
-                            .map(|(n, t)| format!("{n} {t}"))
-                            .collect::<Vec<_>>()
-                            .join(", "),
-                        want.iter()
-                            .map(|(n, t)| format!("{n} {t}"))
-                            .collect::<Vec<_>>()
-                            .join(", ")
-                    ),
-                    retriable: false,
-                });
-            }
+            check_columns(client, &table, &want).await?;
         }
         // Views hold no data: re-create them so they follow the spec (on a
         // cluster only when the stored one differs).
@@ -426,6 +429,14 @@ fn check_names(t: &Tables, spec: &Spec) -> Result<(), ChError> {
         .collect();
     let mut seen: std::collections::BTreeMap<String, &str> = Default::default();
     for n in &names {
+        if crate::generation::is_reserved(n) {
+            return Err(ChError {
+                message: format!(
+                    "{n:?}: the name of vidpulse's generation registry; rename it in the spec"
+                ),
+                retriable: false,
+            });
+        }
         let mut made = vec![(t.qualified(n), "table"), (t.view(n), "view")];
         if t.cluster.is_some() {
             made.push((t.local(n), "local table"));
@@ -483,6 +494,32 @@ async fn check_cluster(client: &clickhouse::Client, cluster: &str) -> Result<(),
     Ok(())
 }
 
+/// Table `table` must have exactly the columns `want`.
+async fn check_columns(
+    client: &clickhouse::Client,
+    table: &str,
+    want: &[(String, String)],
+) -> Result<(), ChError> {
+    let have = describe(client, table).await?;
+    if have == want {
+        return Ok(());
+    }
+    let list = |c: &[(String, String)]| {
+        c.iter()
+            .map(|(n, t)| format!("{n} {t}"))
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    Err(ChError {
+        message: format!(
+            "table {table} exists with other columns ({}) than this version needs ({}): tables made by an older vidpulse or another spec; drop it, rename the metric, or use another --clickhouse-database",
+            list(&have),
+            list(want)
+        ),
+        retriable: false,
+    })
+}
+
 async fn describe(
     client: &clickhouse::Client,
     table: &str,
@@ -512,6 +549,7 @@ pub fn describe_schema(t: &Tables, spec: &Spec) -> String {
         ident(&t.database),
         t.on_cluster()
     );
+    let _ = writeln!(s, "{};", crate::generation::registry_ddl(t));
     let targets = spec
         .metrics
         .iter()
@@ -564,12 +602,12 @@ mod tests {
         assert_eq!(
             ddl[..],
             [
-                "CREATE TABLE IF NOT EXISTS `vidpulse`.`gifts_by_type_1m` (`window_start` DateTime, `gift_type` String, `part` UInt32, `version` UInt64, `amount` Int64, `gifts` UInt64, `givers` Array(String)) ENGINE = ReplacingMergeTree(version) PARTITION BY toYYYYMM(`window_start`) ORDER BY (`window_start`, `gift_type`, `part`)"
+                "CREATE TABLE IF NOT EXISTS `vidpulse`.`gifts_by_type_1m` (`generation` UInt64, `window_start` DateTime, `gift_type` String, `part` UInt32, `version` UInt64, `amount` Int64, `gifts` UInt64, `givers` Array(String)) ENGINE = ReplacingMergeTree(version) PARTITION BY toYYYYMM(`window_start`) ORDER BY (`generation`, `window_start`, `gift_type`, `part`)"
             ]
         );
         let log = log_ddl(&t, spec.log("live_viewer_log").unwrap());
         assert!(
-            log[0].contains("ORDER BY (`event_minute`, `event_id`)"),
+            log[0].contains("ORDER BY (`generation`, `event_minute`, `event_id`)"),
             "{log:?}"
         );
         assert_eq!(t.insert_target("x"), t.qualified("x"));
@@ -583,8 +621,8 @@ mod tests {
         assert_eq!(
             ddl[..],
             [
-                "CREATE TABLE IF NOT EXISTS `vidpulse`.`p_gifts_by_type_1m_local` ON CLUSTER `c1` (`window_start` DateTime, `gift_type` String, `part` UInt32, `version` UInt64, `amount` Int64, `gifts` UInt64, `givers` Array(String)) ENGINE = ReplicatedReplacingMergeTree('/clickhouse/tables/{shard}/vidpulse/p_gifts_by_type_1m', '{replica}', version) PARTITION BY toYYYYMM(`window_start`) ORDER BY (`window_start`, `gift_type`, `part`)",
-                "CREATE TABLE IF NOT EXISTS `vidpulse`.`p_gifts_by_type_1m` ON CLUSTER `c1` (`window_start` DateTime, `gift_type` String, `part` UInt32, `version` UInt64, `amount` Int64, `gifts` UInt64, `givers` Array(String)) ENGINE = Distributed('c1', 'vidpulse', 'p_gifts_by_type_1m_local', cityHash64(`window_start`, `gift_type`))",
+                "CREATE TABLE IF NOT EXISTS `vidpulse`.`p_gifts_by_type_1m_local` ON CLUSTER `c1` (`generation` UInt64, `window_start` DateTime, `gift_type` String, `part` UInt32, `version` UInt64, `amount` Int64, `gifts` UInt64, `givers` Array(String)) ENGINE = ReplicatedReplacingMergeTree('/clickhouse/tables/{shard}/vidpulse/p_gifts_by_type_1m', '{replica}', version) PARTITION BY toYYYYMM(`window_start`) ORDER BY (`generation`, `window_start`, `gift_type`, `part`)",
+                "CREATE TABLE IF NOT EXISTS `vidpulse`.`p_gifts_by_type_1m` ON CLUSTER `c1` (`generation` UInt64, `window_start` DateTime, `gift_type` String, `part` UInt32, `version` UInt64, `amount` Int64, `gifts` UInt64, `givers` Array(String)) ENGINE = Distributed('c1', 'vidpulse', 'p_gifts_by_type_1m_local', cityHash64(`window_start`, `gift_type`))",
             ]
         );
         // Inserts and reads use the Distributed table; the sharding key is

@@ -6,6 +6,7 @@
 
 use crate::clickhouse::{ident, literal};
 use crate::field::FieldType;
+use crate::generation::{self, Kind};
 use crate::read::{Filters, QueryError, Target};
 use crate::rollup::{self, Rollup};
 use crate::schema::Tables;
@@ -186,7 +187,8 @@ fn metric_sql(t: &Tables, m: &Metric, f: &Filters) -> Result<FinalQuery, QueryEr
     let g_alias: Vec<String> = (0..m.group_by.len()).map(|i| format!("_g{i}")).collect();
     let c_alias: Vec<String> = (0..m.aggregates.len()).map(|i| format!("_c{i}")).collect();
 
-    let (conds, post) = group_conds(m, f)?;
+    let (mut conds, post) = group_conds(m, f)?;
+    conds.insert(0, generation::current_cond(t, Kind::Metric, &m.name));
     let from_s = f.from_ms.map(secs_ceil);
     let to_s = f.to_ms.map(secs_ceil);
     let groups_sel: Vec<String> = m
@@ -349,7 +351,8 @@ fn rollup_sql(t: &Tables, m: &Metric, f: &Filters, r: Rollup) -> Result<FinalQue
     let table = t.qualified(&m.name);
     let g_alias: Vec<String> = (0..m.group_by.len()).map(|i| format!("_g{i}")).collect();
     let c_alias: Vec<String> = (0..m.aggregates.len()).map(|i| format!("_c{i}")).collect();
-    let (conds, post) = group_conds(m, f)?;
+    let (mut conds, post) = group_conds(m, f)?;
+    conds.insert(0, generation::current_cond(t, Kind::Metric, &m.name));
     let groups_sel: Vec<String> = m
         .group_by
         .iter()
@@ -503,7 +506,7 @@ fn log_sql(t: &Tables, l: &Log, f: &Filters) -> Result<FinalQuery, QueryError> {
             l.name
         )));
     }
-    let mut conds = Vec::new();
+    let mut conds = vec![generation::current_cond(t, Kind::Log, &l.name)];
     if let Some(fr) = f.from_ms {
         conds.push(format!(
             "event_minute >= toDateTime({})",

@@ -751,10 +751,16 @@ fn a_china_day_ends_at_china_midnight_for_boards_and_metrics() {
     let days: BTreeMap<i64, i64> = e.boards.iter().map(|b| (b.window_start, b.value)).collect();
     let (d16, d17) = (cst("2021-08-16T00:00:00"), cst("2021-08-17T00:00:00"));
     assert_eq!(days, BTreeMap::from([(d16, 5), (d17, 7)]));
-    let keys: Vec<String> = crate::leaderboard::batches("", &p.spec.leaderboards, "0", &e.boards)
-        .into_iter()
-        .map(|b| b.set_key)
-        .collect();
+    let keys: Vec<String> = crate::leaderboard::batches(
+        "",
+        &p.spec.leaderboards,
+        &vec![String::new(); p.spec.leaderboards.len()],
+        "0",
+        &e.boards,
+    )
+    .into_iter()
+    .map(|b| b.set_key)
+    .collect();
     assert_eq!(
         keys,
         vec!["rankings:gifts:{2021-08-16}", "rankings:gifts:{2021-08-17}"]

@@ -24,6 +24,7 @@ use super::metrics::{PARTIALS_WRITTEN, ROWS_WRITTEN};
 use crate::checkpoint;
 use crate::engine::{CheckpointDelta, Emission, Plan};
 use crate::leaderboard;
+use crate::lineage::Generations;
 use crate::rowbinary;
 
 /// One table's insert.
@@ -39,6 +40,8 @@ pub(crate) struct Checkpoint {
     pub part: InputPartition,
     pub key: String,
     pub epoch: i64,
+    /// The hash must exist already (restored or written under this epoch).
+    pub existing: bool,
     pub next_offset: i64,
     pub delta: CheckpointDelta,
     pub done: bool,
@@ -53,6 +56,9 @@ pub(crate) struct Pending {
     pub checkpoints: Vec<Checkpoint>,
     /// Partitions whose checkpoint was refused: another owner has them.
     pub fenced: Vec<InputPartition>,
+    /// Partitions whose checkpoint the store lost (with the next offset
+    /// they had reached): replayed from their earliest offset.
+    pub lost: Vec<(InputPartition, i64)>,
     /// Failed attempts so far (for `--sink-max-retries`).
     pub attempts: u32,
 }
@@ -81,6 +87,7 @@ impl Pending {
     pub fn new(
         plan: &Plan,
         prefix: &str,
+        gens: &Generations,
         emitted: &[(InputPartition, &'static str, Emission)],
         checkpoints: Vec<Checkpoint>,
     ) -> Pending {
@@ -91,12 +98,18 @@ impl Pending {
         for (p, _, e) in emitted {
             for r in &e.rows {
                 let (buf, n) = &mut metric_bufs[r.metric];
-                rowbinary::encode_metric_row(buf, &spec.metrics[r.metric], p.partition, r);
+                rowbinary::encode_metric_row(
+                    buf,
+                    &spec.metrics[r.metric],
+                    gens.metrics[r.metric],
+                    p.partition,
+                    r,
+                );
                 *n += 1;
             }
             for r in &e.logs {
                 let (buf, n) = &mut log_bufs[r.log];
-                rowbinary::encode_log_row(buf, &spec.logs[r.log], p.partition, r);
+                rowbinary::encode_log_row(buf, &spec.logs[r.log], gens.logs[r.log], p.partition, r);
                 *n += 1;
             }
         }
@@ -132,6 +145,7 @@ impl Pending {
             rows.extend(leaderboard::batches(
                 prefix,
                 &spec.leaderboards,
+                &gens.boards,
                 &part,
                 &e.boards,
             ));
@@ -150,6 +164,7 @@ impl Pending {
             boards,
             checkpoints,
             fenced: Vec::new(),
+            lost: Vec::new(),
             attempts: 0,
         }
     }
@@ -198,23 +213,31 @@ impl Pending {
     /// script per partition). Call once everything they cover is
     /// acknowledged.
     pub async fn write_checkpoints(&mut self, sinks: &Sinks) -> Result<(), StageError> {
-        let fenced = &mut self.fenced;
+        let (fenced, lost) = (&mut self.fenced, &mut self.lost);
         let writes = self.checkpoints.iter_mut().filter(|c| !c.done).map(|c| {
             let mut con = sinks.redis.clone();
             async move {
-                let r = checkpoint::write(&mut con, &sinks.ckpt_script, &c.key, c.epoch, &c.delta)
-                    .await;
+                let r = checkpoint::write(
+                    &mut con,
+                    &sinks.ckpt_script,
+                    &c.key,
+                    c.epoch,
+                    c.existing,
+                    &c.delta,
+                )
+                .await;
                 if r.is_ok() {
                     c.done = true;
                 }
-                (c.part, r)
+                (c.part, c.next_offset, r)
             }
         });
         let mut first = None;
-        for (part, r) in join_all(writes).await {
+        for (part, next, r) in join_all(writes).await {
             match r {
-                Ok(true) => {}
-                Ok(false) => fenced.push(part),
+                Ok(checkpoint::Written::Written) => {}
+                Ok(checkpoint::Written::Fenced) => fenced.push(part),
+                Ok(checkpoint::Written::Lost) => lost.push((part, next)),
                 Err(e) => {
                     first.get_or_insert(e);
                 }

@@ -29,3 +29,6 @@ pub const UNFLUSHED: &str = "vidpulse_aggregator_records_unflushed";
 pub const FENCED: &str = "vidpulse_aggregator_fenced_total";
 /// Event ids remembered to recognise duplicates (over owned partitions).
 pub const REMEMBERED_IDS: &str = "vidpulse_aggregator_remembered_ids";
+/// Partitions whose checkpoint the store lost (each then replayed from its
+/// earliest offset).
+pub const STORE_LOST: &str = "vidpulse_aggregator_store_lost_total";

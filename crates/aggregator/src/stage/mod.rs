@@ -18,6 +18,7 @@
 
 mod flush;
 mod metrics;
+mod report;
 mod restore;
 
 use std::collections::{HashMap, HashSet};
@@ -38,17 +39,27 @@ use vidpulse_query::schema::{self, Tables};
 use vidpulse_query::spec::{Input, Spec};
 
 use crate::engine::{Outcome, PartitionState, Plan};
+use crate::lineage::{self, Generations};
 use crate::record::Rec;
 use crate::{AggError, Args, Settings, checkpoint, leaderboard};
 use flush::Pending;
 pub use metrics::*;
+use restore::{Gap, TakeOver};
 
 pub(crate) const STAGE: &str = "aggregator";
+/// Longest wait for the state store to connect or answer one call (a
+/// leaderboard script of thousands of partials included).
+const REDIS_TIMEOUT: Duration = Duration::from_secs(20);
 
 /// A partition this instance owns.
 struct Owned {
     epoch: i64,
+    /// The record the checkpoint was taken after, (offset, timestamp), to
+    /// check once reading resumes there.
+    verify: Option<(i64, i64)>,
     key: String,
+    /// Its checkpoint hash exists in the store (restored or written).
+    existing: bool,
     state: PartitionState,
     last_record: Instant,
     watermark: Gauge,
@@ -63,6 +74,8 @@ pub(crate) struct Sinks {
     board_script: redis::Script,
     ckpt_script: redis::Script,
     prefix: String,
+    /// The generation of every row and partial written.
+    gens: Generations,
 }
 
 struct Aggregator {
@@ -72,6 +85,12 @@ struct Aggregator {
     topics: Vec<(String, Input)>,
     /// Consumer group, full name (it names the checkpoints).
     group: String,
+    /// This state's lineage ([`crate::lineage`]).
+    lineage: u64,
+    /// Partition bounds (ListOffsets), and the reader config for the first
+    /// record kept (messages).
+    probe: Arc<rdkafka::consumer::BaseConsumer>,
+    reader: rdkafka::ClientConfig,
     parts: HashMap<InputPartition, Owned>,
     sinks: Sinks,
     /// A flush that is not acknowledged yet; nothing new is flushed (or
@@ -89,6 +108,10 @@ struct Aggregator {
     /// The source last reported as holding the watermark back.
     held_by: Option<String>,
     last_report: Instant,
+    /// Partitions replayed after the store lost their state, with the
+    /// offset they had reached: not ready until they are back there.
+    recovering: HashMap<InputPartition, i64>,
+    recovering_reported: bool,
 }
 
 fn wall_ms() -> i64 {
@@ -155,13 +178,88 @@ pub(crate) async fn run(
         Component::Redis,
         &shutdown,
         |_: &redis::RedisError| true,
-        || redis::aio::ConnectionManager::new(redis_client.clone()),
+        || {
+            // Bounded calls: a store that hangs is a failing store (retried
+            // with back-pressure), never a stage that stops answering.
+            let cfg = redis::aio::ConnectionManagerConfig::new()
+                .set_connection_timeout(REDIS_TIMEOUT)
+                .set_response_timeout(REDIS_TIMEOUT)
+                .set_number_of_retries(1);
+            redis::aio::ConnectionManager::new_with_config(redis_client.clone(), cfg)
+        },
     )
     .await;
-    let redis = match redis {
+    let mut redis = match redis {
         None => return Ok(()),
         Some(r) => r?,
     };
+    // Checkpoints must survive the store: say loudly when they cannot.
+    match checkpoint::durability(&mut redis).await {
+        Ok(None) => {}
+        Ok(Some(why)) => {
+            tracing::error!(%why, "The checkpoint store (Redis) may lose data: a loss is detected and replayed from the earliest offsets, which is exact but slow. Turn on persistence (appendonly yes) and maxmemory-policy noeviction.");
+            health.set_detail("checkpoint store", Some(format!("may lose data: {why}")));
+        }
+        Err(error) => {
+            tracing::warn!(%error, "Cannot read the checkpoint store's configuration (CONFIG GET refused?); make sure it persists data and never evicts keys.");
+        }
+    }
+
+    // The lineage, then the generation of everything written.
+    let group = args.kafka.topic(&settings.group);
+    let resolved =
+        retry(
+            &mut backoff,
+            &health,
+            Component::Checkpoints,
+            &shutdown,
+            |e: &lineage::LineageError| match e {
+                lineage::LineageError::Redis(_) => true,
+                lineage::LineageError::ClickHouse(c) => c.retriable,
+            },
+            || {
+                let mut con = redis.clone();
+                let (client, tables, group) = (&client, &tables, &group);
+                async move {
+                    lineage::resolve(&mut con, client, tables, group, settings.reset_state).await
+                }
+            },
+        )
+        .await;
+    let (lineage_id, origin) = match resolved {
+        None => return Ok(()),
+        Some(r) => r?,
+    };
+    let clock = match settings.clock {
+        crate::window::ClockMode::InBand => "in-band",
+        crate::window::ClockMode::MaxEventTime => "max-event-time",
+    };
+    let defaults = vidpulse_query::generation::Defaults {
+        grace_ms: settings.default_grace_ms,
+        out_of_orderness_ms: settings.out_of_orderness_ms,
+        clock,
+    };
+    let registered = retry(
+        &mut backoff,
+        &health,
+        Component::ClickHouse,
+        &shutdown,
+        |e: &vidpulse_query::ChError| e.retriable,
+        || lineage::register(&client, &tables, &plan.spec, defaults, &group, lineage_id),
+    )
+    .await;
+    let (gens, new) = match registered {
+        None => return Ok(()),
+        Some(r) => r?,
+    };
+    tracing::info!(
+        lineage = format!("{lineage_id:016x}"),
+        ?origin,
+        new_generations = %if new.is_empty() { "none".to_owned() } else { new.join(", ") },
+        "Lineage and generations settled."
+    );
+    let reader = vidpulse_core::kafka::reader_config(&args.kafka)?;
+    let probe: rdkafka::consumer::BaseConsumer = reader.create()?;
 
     let topics: Vec<(String, Input)> = plan
         .spec
@@ -181,7 +279,10 @@ pub(crate) async fn run(
     };
     let aggregator = Aggregator {
         plan,
-        group: args.kafka.topic(&settings.group),
+        group,
+        lineage: lineage_id,
+        probe: Arc::new(probe),
+        reader,
         topics,
         parts: HashMap::new(),
         sinks: Sinks {
@@ -191,6 +292,7 @@ pub(crate) async fn run(
             board_script: leaderboard::script(),
             ckpt_script: checkpoint::write_script(),
             prefix: args.kafka.topic_prefix.clone(),
+            gens,
         },
         pending: None,
         reset_done: HashSet::new(),
@@ -203,6 +305,8 @@ pub(crate) async fn run(
         health: health.clone(),
         held_by: None,
         last_report: Instant::now(),
+        recovering: HashMap::new(),
+        recovering_reported: false,
         settings,
     };
     runtime::run(&args.kafka, stage_settings, aggregator, health, shutdown).await?;
@@ -212,7 +316,7 @@ pub(crate) async fn run(
 impl Stage for Aggregator {
     async fn process(&mut self, batch: &[Record<'_>], out: &mut Outputs) -> Result<(), StageError> {
         for (i, r) in batch.iter().enumerate() {
-            self.handle(i, r, out);
+            self.handle(i, r, out)?;
         }
         self.unflushed.set(self.since_flush as f64);
         Ok(())
@@ -222,26 +326,61 @@ impl Stage for Aggregator {
         &mut self,
         parts: &[InputPartition],
     ) -> Result<Vec<(InputPartition, StartAt)>, StageError> {
+        let bounds = self.bounds(parts).await?;
         let mut starts = Vec::with_capacity(parts.len());
         for p in parts {
-            let (topic, input) = &self.topics[p.topic as usize];
-            let key = checkpoint::key(&self.group, topic, p.partition);
+            let (topic, input) = self.topics[p.topic as usize].clone();
+            let key = checkpoint::key(&self.group, &topic, p.partition);
             let reset = self.settings.reset_state && !self.reset_done.contains(&key);
-            let (epoch, state) =
-                restore::restore(&mut self.sinks.redis, &self.plan, &key, *input, reset)
-                    .await
-                    .map_err(|e| StageError::retriable(Component::Checkpoints, e))?;
+            let restore::Restored {
+                epoch,
+                state,
+                existing,
+            } = restore::restore(&mut self.sinks.redis, &self.plan, &key, input, reset)
+                .await
+                .map_err(|e| StageError::retriable(Component::Checkpoints, e))?;
             if reset {
                 self.reset_done.insert(key.clone());
             }
-            starts.push((
-                *p,
-                if state.next_offset >= 0 {
-                    StartAt::Offset(state.next_offset)
-                } else {
-                    StartAt::Beginning
-                },
-            ));
+            let Some(&(low, end)) = bounds.get(&(topic.clone(), p.partition)) else {
+                return Err(StageError::retriable(
+                    Component::Kafka,
+                    format!("no offsets for {topic}/{}", p.partition),
+                ));
+            };
+            let mut verify = None;
+            let start = if existing && state.next_offset >= 0 {
+                match restore::check_resume(&state, (low, end), self.settings.allow_partial_replay)
+                {
+                    Ok(true) => {
+                        verify = state.anchor;
+                        StartAt::Offset(state.next_offset - 1)
+                    }
+                    Ok(false) => StartAt::Offset(state.next_offset),
+                    Err(Gap::BeyondEnd { next, end }) => {
+                        return Err(StageError::fatal(TakeOver::BeyondEnd {
+                            topic,
+                            partition: p.partition,
+                            next,
+                            end,
+                        }));
+                    }
+                    Err(Gap::Deleted { from, low }) => {
+                        let windows = self.spoiled(&topic, p.partition, low).await;
+                        return Err(StageError::fatal(TakeOver::DeletedUnread {
+                            topic,
+                            partition: p.partition,
+                            from,
+                            low,
+                            windows,
+                        }));
+                    }
+                }
+            } else {
+                self.check_replay(&topic, p.partition, low).await?;
+                StartAt::Beginning
+            };
+            starts.push((*p, start));
             let labels = [
                 ("topic", topic.clone()),
                 ("partition", p.partition.to_string()),
@@ -250,7 +389,9 @@ impl Stage for Aggregator {
                 *p,
                 Owned {
                     epoch,
+                    verify,
                     key,
+                    existing,
                     state,
                     last_record: Instant::now(),
                     watermark: gauge!(WATERMARK, &labels),
@@ -274,6 +415,7 @@ impl Stage for Aggregator {
         if self.last_report.elapsed() >= Duration::from_secs(1) {
             self.last_report = Instant::now();
             self.report_watermarks();
+            self.report_recovery();
         }
         if self.pending.is_none() {
             let due = self.flush_due() || (tick.last && !self.parts.is_empty());
@@ -327,16 +469,31 @@ impl Aggregator {
 
     /// One record into its partition's state machine; late records and
     /// dead letters go out tied to it.
-    fn handle(&mut self, i: usize, r: &Record<'_>, out: &mut Outputs) {
+    fn handle(&mut self, i: usize, r: &Record<'_>, out: &mut Outputs) -> Result<(), StageError> {
         let Some(owned) = self.parts.get_mut(&r.part) else {
             // Not restored: not ours to count.
-            return;
+            return Ok(());
         };
         owned.last_record = Instant::now();
         let offset = r.offset;
-        if offset < owned.state.next_offset {
-            return;
+        if let Some((at, want)) = owned.verify.take()
+            && offset == at
+            && r.timestamp_ms != Some(want)
+        {
+            return Err(StageError::fatal(TakeOver::Recreated {
+                topic: r.topic.to_owned(),
+                partition: r.partition,
+                offset,
+                found: r
+                    .timestamp_ms
+                    .map_or_else(|| "none".to_owned(), |t| t.to_string()),
+                want,
+            }));
         }
+        if offset < owned.state.next_offset {
+            return Ok(());
+        }
+        owned.state.anchor = r.timestamp_ms.map(|t| (offset, t));
         self.since_flush += 1;
         if let Some(control) = r.control() {
             // A watermark record (or a control record of a newer kind,
@@ -349,7 +506,7 @@ impl Aggregator {
                 }
                 None => owned.state.skip(offset),
             }
-            return;
+            return Ok(());
         }
         let input = self.topics[r.part.topic as usize].1;
         let payload = r.payload.unwrap_or_default();
@@ -392,13 +549,13 @@ impl Aggregator {
                         &format!("not a {}: {detail}", input_kind(&input)),
                     ),
                 );
-                return;
+                return Ok(());
             }
         };
         let Some(rec) = Rec::new(&event, &pools, enrichment.as_ref()) else {
             owned.state.skip(offset);
             counter!(m::RECORDS_DROPPED, "stage" => STAGE, "reason" => "unknown_kind").increment(1);
-            return;
+            return Ok(());
         };
         match owned.state.process(&self.plan, &rec, offset) {
             Outcome::Stale | Outcome::Ignored => {}
@@ -427,6 +584,110 @@ impl Aggregator {
                         },
                     );
                 }
+            }
+        }
+        Ok(())
+    }
+
+    /// Low and end offsets of `parts` (ListOffsets, off the loop's thread).
+    async fn bounds(
+        &self,
+        parts: &[InputPartition],
+    ) -> Result<vidpulse_core::kafka::Bounds, StageError> {
+        let names: Vec<(String, i32)> = parts
+            .iter()
+            .map(|p| (self.topics[p.topic as usize].0.clone(), p.partition))
+            .collect();
+        let probe = self.probe.clone();
+        tokio::task::spawn_blocking(move || {
+            let refs: Vec<(&str, i32)> = names.iter().map(|(t, p)| (t.as_str(), *p)).collect();
+            vidpulse_core::kafka::partition_bounds(&probe, &refs, Duration::from_secs(10))
+        })
+        .await
+        .map_err(|e| StageError::retriable(Component::Kafka, e))?
+        .map_err(|e| StageError::retriable(Component::Kafka, e))
+    }
+
+    /// The windows records before `low` were in, for messages: from the
+    /// event time of the first data record kept.
+    async fn spoiled(&self, topic: &str, partition: i32, low: i64) -> String {
+        let (cfg, topic_owned) = (self.reader.clone(), topic.to_owned());
+        let input = self
+            .topics
+            .iter()
+            .find(|(t, _)| t == topic)
+            .map_or(Input::Events, |(_, i)| *i);
+        let first = tokio::task::spawn_blocking(move || {
+            vidpulse_core::kafka::scan_from(
+                &cfg,
+                &topic_owned,
+                partition,
+                low,
+                Duration::from_secs(5),
+                |payload, control| {
+                    let payload = payload.filter(|_| !control)?;
+                    match input {
+                        Input::Events => Event::decode(payload).ok().map(|e| e.event_time_ms),
+                        Input::Monitored => MonitoredEvent::decode(payload)
+                            .ok()
+                            .and_then(|m| m.event)
+                            .map(|e| e.event_time_ms),
+                    }
+                },
+            )
+        })
+        .await
+        .ok()
+        .and_then(Result::ok)
+        .flatten();
+        restore::spoiled_windows(&self.plan, first)
+    }
+
+    /// A partition replayed into empty state must start where this lineage
+    /// first read it (else the windows of deleted records are rewritten
+    /// partial); the first time, that start is recorded.
+    async fn check_replay(&self, topic: &str, partition: i32, low: i64) -> Result<(), StageError> {
+        let (ch, t) = (&self.sinks.ch, &self.sinks.tables);
+        let retriable = |e: vidpulse_query::ChError| {
+            if e.retriable {
+                StageError::retriable(Component::ClickHouse, e)
+            } else {
+                StageError::fatal(e)
+            }
+        };
+        let input = vidpulse_query::generation::LineageInput {
+            group: &self.group,
+            lineage: self.lineage,
+            topic,
+            partition,
+        };
+        let first = vidpulse_query::generation::first_read(ch, t, input)
+            .await
+            .map_err(retriable)?;
+        match first {
+            None => vidpulse_query::generation::record_first_read(
+                ch,
+                t,
+                input,
+                low,
+                u64::try_from(wall_ms()).unwrap_or(0),
+            )
+            .await
+            .map_err(retriable),
+            Some(start) if start < low && !self.settings.allow_partial_replay => {
+                Err(StageError::fatal(TakeOver::PartialReplay {
+                    topic: topic.to_owned(),
+                    partition,
+                    start,
+                    low,
+                    windows: self.spoiled(topic, partition, low).await,
+                }))
+            }
+            Some(start) => {
+                if start < low {
+                    tracing::warn!(topic, partition, start, low, windows = %self.spoiled(topic, partition, low).await, "--allow-partial-replay: replaying from the records retention kept; these windows become partial.");
+                }
+                Ok(())
             }
         }
     }
@@ -472,6 +733,7 @@ impl Aggregator {
                     part: *p,
                     key: owned.key.clone(),
                     epoch: owned.epoch,
+                    existing: owned.existing,
                     next_offset: owned.state.next_offset,
                     delta: owned.state.checkpoint_delta(&self.plan),
                     done: false,
@@ -482,60 +744,13 @@ impl Aggregator {
         self.unflushed.set(0.0);
         gauge!(REMEMBERED_IDS, "stage" => STAGE).set(remembered as f64);
         self.report_watermarks();
-        Pending::new(&self.plan, &self.sinks.prefix, &emitted, checkpoints)
-    }
-
-    /// The watermark gauges (and how far behind the wall clock each is),
-    /// and on `/readyz` (in the log, when it changes) which source holds
-    /// back the partition furthest behind.
-    fn report_watermarks(&mut self) {
-        let wall = wall_ms();
-        for owned in self.parts.values() {
-            let wm = owned.state.watermark();
-            owned.watermark.set(wm.max(0) as f64);
-            owned.watermark_lag.set(if wm == watermark::NONE {
-                f64::NAN
-            } else {
-                (wall - wm) as f64 / 1000.0
-            });
-        }
-        let furthest = self
-            .parts
-            .iter()
-            .map(|(p, o)| (p, o.state.watermark(), o.state.watermark_holder()))
-            .min_by_key(|(_, wm, _)| *wm);
-        let text = furthest.and_then(|(p, wm, holder)| {
-            let holder = holder?;
-            let behind = if wm == watermark::NONE {
-                "no watermark yet".to_owned()
-            } else {
-                format!("{} s behind the wall clock", (wall - wm) / 1000)
-            };
-            let at = if holder.at == watermark::NONE {
-                "has not reported".to_owned()
-            } else {
-                format!("is at {}", vidpulse_query::read::rfc3339(holder.at, true))
-            };
-            Some(format!(
-                "{}/{} is {behind}; held by source {}/{} of {} (it {at})",
-                self.topics[p.topic as usize].0,
-                p.partition,
-                holder.topic,
-                holder.partition,
-                holder.writer,
-            ))
-        });
-        let source = text
-            .as_ref()
-            .and_then(|t| t.split("held by ").nth(1))
-            .map(str::to_owned);
-        if source != self.held_by {
-            if let Some(t) = &text {
-                tracing::info!(watermark = %t, "Watermark holder changed.");
-            }
-            self.held_by = source;
-        }
-        self.health.set_detail("watermark", text);
+        Pending::new(
+            &self.plan,
+            &self.sinks.prefix,
+            &self.sinks.gens,
+            &emitted,
+            checkpoints,
+        )
     }
 
     /// Writes the pending flush; on success reports the checkpointed
@@ -565,10 +780,34 @@ impl Aggregator {
         let Some(done) = self.pending.take() else {
             return Ok(());
         };
+        let lost: Vec<InputPartition> = done.lost.iter().map(|(p, _)| *p).collect();
         for c in &done.checkpoints {
-            if c.next_offset >= 0 && !done.fenced.contains(&c.part) {
+            if done.fenced.contains(&c.part) || lost.contains(&c.part) {
+                continue;
+            }
+            if let Some(owned) = self.parts.get_mut(&c.part) {
+                owned.existing = true;
+            }
+            if c.next_offset >= 0 {
                 tick.durable(c.part, c.next_offset);
             }
+        }
+        if !done.lost.is_empty()
+            && let Err(error) =
+                lineage::remember(&mut self.sinks.redis, &self.group, self.lineage).await
+        {
+            tracing::warn!(%error, "Cannot write the lineage back to the state store; the next start reads it from ClickHouse.");
+        }
+        for (p, reached) in &done.lost {
+            // Its state is gone from the store (and maybe the leaderboards
+            // with it): replay the partition from its earliest offset into
+            // empty state. Rows come out identical; partials the store lost
+            // are written again.
+            tracing::error!(topic = %self.topics[p.topic as usize].0, partition = p.partition, reached, "The checkpoint store lost this partition's state (FLUSHALL, a restart without persistence, or eviction); replaying it from its earliest offset.");
+            counter!(STORE_LOST, "stage" => STAGE).increment(1);
+            self.recovering.insert(*p, *reached);
+            self.parts.remove(p);
+            tick.restart(*p);
         }
         for p in &done.fenced {
             counter!(FENCED, "stage" => STAGE).increment(1);

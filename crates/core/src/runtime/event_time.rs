@@ -114,6 +114,8 @@ struct Probe {
     counts: Option<(Vec<i32>, i32)>,
 }
 
+// One per process: the size difference between the modes costs nothing.
+#[allow(clippy::large_enum_variant)]
 enum Mode {
     Source {
         ooo: Vec<i64>,
@@ -498,19 +500,17 @@ fn end_offsets(
     if parts.is_empty() {
         return out;
     }
+    let timeout = Duration::from_secs(2);
+    let names: Vec<(&str, i32)> = parts.iter().map(|(_, p, t, _)| (t.as_str(), *p)).collect();
+    let Ok(bounds) = kafka::partition_bounds(probe, &names, timeout) else {
+        return out;
+    };
     let list = |at: Offset, only_uncommitted: bool| {
         let mut tpl = TopicPartitionList::new();
         for (_, p, t, _) in parts.iter().filter(|x| !only_uncommitted || x.3) {
             let _ = tpl.add_partition_offset(t, *p, at);
         }
         tpl
-    };
-    let timeout = Duration::from_secs(2);
-    let (Ok(highs), Ok(lows)) = (
-        probe.offsets_for_times(list(Offset::End, false), timeout),
-        probe.offsets_for_times(list(Offset::Beginning, false), timeout),
-    ) else {
-        return out;
     };
     // Committed offsets only where nothing was read yet (it asks the group
     // coordinator: slower).
@@ -526,7 +526,7 @@ fn end_offsets(
             .filter(|o| *o >= 0)
     };
     for (ti, p, t, _) in parts {
-        let (Some(high), Some(low)) = (get(&highs, t, *p), get(&lows, t, *p)) else {
+        let Some(&(low, high)) = bounds.get(&(t.clone(), *p)) else {
             continue;
         };
         let committed = committed.as_ref().and_then(|c| get(c, t, *p));

@@ -177,13 +177,17 @@ impl Outputs {
         self.event_times.clear();
     }
 
-    pub(crate) fn take(&mut self) -> (Vec<(u32, Output)>, Vec<(u32, i64)>) {
+    /// The outputs (by batch index) and event times (by input) gathered.
+    pub(crate) fn take(&mut self) -> (Vec<(u32, Output)>, EventTimes) {
         (
             std::mem::take(&mut self.items),
             std::mem::take(&mut self.event_times),
         )
     }
 }
+
+/// Event times a batch's outputs carry: (input index, event time).
+pub(crate) type EventTimes = Vec<(u32, i64)>;
 
 /// Where reading a newly assigned partition starts.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -262,6 +266,7 @@ pub struct Tick<'r> {
     pub last: bool,
     pub(crate) shared: &'r callbacks::Shared,
     pub(crate) durable: Vec<(InputPartition, i64)>,
+    pub(crate) restart: Vec<InputPartition>,
 }
 
 impl Tick<'_> {
@@ -275,6 +280,14 @@ impl Tick<'_> {
     /// be committed ([`Commit::WhenDurable`]).
     pub fn durable(&mut self, part: InputPartition, next_offset: i64) {
         self.durable.push((part, next_offset));
+    }
+
+    /// Takes `part` over again, as if it had been revoked and assigned: the
+    /// stage's `on_revoke` and `on_assign` run for it, records in flight for
+    /// it are dropped, and reading starts where `on_assign` says (say, after
+    /// the stage's state store lost it).
+    pub fn restart(&mut self, part: InputPartition) {
+        self.restart.push(part);
     }
 }
 

@@ -493,6 +493,39 @@ impl<'c, S: Stage> Runner<'c, S> {
         self.backoff.reset();
     }
 
+    /// Takes partitions over again locally (no rebalance): a new generation,
+    /// paused, nothing in flight counted; `on_revoke` and `on_assign` run at
+    /// the top of the loop.
+    fn restart(&mut self, parts: &[InputPartition]) {
+        if parts.is_empty() {
+            return;
+        }
+        let owned: Vec<InputPartition> = match (
+            self.shared.partitions.lock(),
+            self.shared.tracker.lock(),
+            self.shared.durable.lock(),
+            self.shared.stored.lock(),
+        ) {
+            (Ok(mut ps), Ok(mut t), Ok(mut d), Ok(mut st)) => {
+                let owned = ps.revoke(parts);
+                ps.assign(&owned);
+                for p in &owned {
+                    t.forget(*p);
+                    d.remove(p);
+                    st.remove(p);
+                }
+                owned
+            }
+            _ => Vec::new(),
+        };
+        self.pause(&owned);
+        tracing::warn!(stage = self.s.stage, partitions = ?owned, "Taking partitions over again.");
+        if let Ok(mut c) = self.shared.changes.lock() {
+            c.push(Change::Revoked(owned.clone()));
+            c.push(Change::Assigned(owned));
+        }
+    }
+
     /// Runs `on_tick`, retrying while it fails retriably. `false` when
     /// `stop` came first.
     async fn tick(&mut self, last: bool, stop: &CancellationToken) -> Result<bool, RuntimeError> {
@@ -501,9 +534,12 @@ impl<'c, S: Stage> Runner<'c, S> {
                 last,
                 shared: &self.shared,
                 durable: Vec::new(),
+                restart: Vec::new(),
             };
             let result = self.stage.on_tick(&mut t).await;
             let durable = std::mem::take(&mut t.durable);
+            let restart = std::mem::take(&mut t.restart);
+            self.restart(&restart);
             match result {
                 Ok(()) => {
                     self.last_tick = Instant::now();
@@ -608,11 +644,11 @@ impl<'c, S: Stage> Runner<'c, S> {
                 Err(StageError::Fatal(e)) => return Err(RuntimeError::Stage(e)),
             }
         }
-        if let Some(et) = self.event_time.as_mut() {
-            if !deliver_control {
-                for (r, g) in records.iter().filter(|(r, _)| r.control().is_some()) {
-                    et.control(r, *g);
-                }
+        if let Some(et) = self.event_time.as_mut()
+            && !deliver_control
+        {
+            for (r, g) in records.iter().filter(|(r, _)| r.control().is_some()) {
+                et.control(r, *g);
             }
         }
         let (items, event_times) = out.take();
@@ -726,7 +762,13 @@ impl<'c, S: Stage> Runner<'c, S> {
             })
         };
         if clean && !self.shared.fatal_token.is_cancelled() {
-            match self.tick(true, &stop).await {
+            // A call that hangs (a dependency that accepts but never
+            // answers) is abandoned at the deadline like a failing one.
+            let last = tokio::select! {
+                r = self.tick(true, &stop) => r,
+                _ = stop.cancelled() => Ok(false),
+            };
+            match last {
                 Ok(true) => {}
                 Ok(false) => tracing::warn!(
                     stage = self.s.stage,
