@@ -222,7 +222,7 @@ fn every_client_talks_tls_to_a_tls_only_broker() {
         .unwrap();
     let count = |topic: &str| {
         let mut c = tls_cmd(&env, &broker, &props, "vidpulse");
-        c.args(["topics", "describe", topic]);
+        c.args(["topics", "describe", topic, "--data"]);
         records(&ok(c))
     };
     wait_for(

@@ -5,7 +5,8 @@
 use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
 use std::sync::OnceLock;
 
-/// Records read from an input topic. Labels: `stage`, `topic`.
+/// Data records read from an input topic (in-band watermark records are
+/// not counted here). Labels: `stage`, `topic`.
 pub const RECORDS_RECEIVED: &str = "vidpulse_records_received_total";
 /// Records produced and acknowledged. Labels: `stage`, `topic`.
 pub const RECORDS_PRODUCED: &str = "vidpulse_records_produced_total";

@@ -13,7 +13,7 @@ use rdkafka::Offset;
 use rdkafka::config::FromClientConfigAndContext;
 use rdkafka::consumer::{CommitMode, Consumer, StreamConsumer};
 use rdkafka::error::KafkaError;
-use rdkafka::message::{BorrowedMessage, Message};
+use rdkafka::message::{BorrowedMessage, Headers as _, Message};
 use tokio::sync::{Notify, Semaphore};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
@@ -270,7 +270,14 @@ impl<'c, S: Stage> Runner<'c, S> {
         drop(parts);
         match decision {
             Admit::Yes(generation) => {
-                self.received[topic as usize].increment(1);
+                // Data records only: in-band watermarks are counted apart.
+                let control = msg.headers().is_some_and(|hs| {
+                    hs.iter()
+                        .any(|h| h.key == crate::watermark::CONTROL_HEADER)
+                });
+                if !control {
+                    self.received[topic as usize].increment(1);
+                }
                 Some(generation)
             }
             Admit::NotOwned => None,
