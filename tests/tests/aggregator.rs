@@ -11,18 +11,16 @@
 //! time.
 #![allow(clippy::unwrap_used)]
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::collections::{BTreeSet, HashMap};
+use std::sync::{Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::message::{Headers, Message as _};
-use rdkafka::producer::{BaseRecord, Producer};
 use rdkafka::{ClientConfig, Offset, TopicPartitionList};
 use serde_json::Value;
 use vidpulse_e2e::*;
-use vidpulse_proto::{Event, Message as _, MonitoredEvent, event};
+use vidpulse_proto::{Event, Message as _, event};
 
 const EVENTS: &str = "vp.events.v1";
 const MONITORED: &str = "vp.monitored.v1";

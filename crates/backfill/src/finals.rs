@@ -171,9 +171,11 @@ fn metric_rows<'a>(
         panes
     };
     // Levels: running sums over each group's windows.
+    /// A group's windows: (window start, accumulators).
+    type GroupWindows = Vec<(i64, Vec<Acc>)>;
     let windows = if m.is_level() {
         let mut running: HashMap<Box<[Val]>, Vec<i64>> = HashMap::new();
-        let mut by_group: BTreeMap<Box<[Val]>, Vec<(i64, Vec<Acc>)>> = BTreeMap::new();
+        let mut by_group: BTreeMap<Box<[Val]>, GroupWindows> = BTreeMap::new();
         for ((ws, key), acc) in windows {
             by_group.entry(key).or_default().push((ws, acc));
         }

@@ -514,7 +514,7 @@ pub async fn run(args: &BackfillArgs, prefix: &str) -> Result<Report, BackfillEr
         by.entry(b.reason.code()).or_insert((b.reason, 0)).1 += 1;
     }
     report.bad_by_reason = by.into_values().collect();
-    report.bad_by_reason.sort_by(|a, b| b.1.cmp(&a.1));
+    report.bad_by_reason.sort_by_key(|r| std::cmp::Reverse(r.1));
     report.bad_sample = out
         .bad
         .iter()

@@ -198,7 +198,7 @@ impl Job<'_> {
     fn parse_worker(
         &self,
         work: &Mutex<Receiver<Chunk>>,
-        owners: &[std::sync::mpsc::Sender<(u64, Vec<(u32, Event)>)>],
+        owners: &[std::sync::mpsc::Sender<Parsed>],
         bad_tx: &std::sync::mpsc::Sender<(u64, u64, Vec<BadLine>)>,
     ) {
         loop {
@@ -275,3 +275,6 @@ fn next<R: std::io::Read>(
         error: e,
     })
 }
+
+/// A parsed chunk for one owner: (chunk sequence, (virtual partition, event)).
+type Parsed = (u64, Vec<(u32, Event)>);
