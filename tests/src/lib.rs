@@ -4,6 +4,9 @@
 #![forbid(unsafe_code)]
 #![allow(clippy::unwrap_used)] // test harness: a failed step should panic with context
 
+pub mod forwarder;
+pub use forwarder::{Forwarder, wait_events, with_even_pool};
+
 use std::collections::{BTreeMap, BTreeSet};
 use std::io::{Read, Write};
 use std::net::TcpStream;

@@ -2,6 +2,7 @@
 //! errors to exit codes (1 = failed, 2 = bad usage, from clap).
 #![forbid(unsafe_code)]
 
+mod backfill;
 mod dims;
 mod dlq;
 mod lag;
@@ -51,6 +52,11 @@ enum Command {
     /// Dead letters: re-drive them after a fix (`dlq replay`).
     #[command(subcommand)]
     Dlq(dlq::DlqCmd),
+    /// Archived raw logs (JSON lines, plain or gzip) through a preset or
+    /// mapping and the metrics spec into the metric tables and leaderboards,
+    /// without Kafka: exact, idempotent, nothing late (every window closes
+    /// when the input ends). `--dry-run` prints the final values instead.
+    Backfill(vidpulse_backfill::BackfillArgs),
 }
 
 #[tokio::main]
@@ -66,6 +72,7 @@ async fn main() -> std::process::ExitCode {
         Command::Query(args) => query::run(&cli.kafka, args).await,
         Command::Lag(args) => lag::run(&cli.kafka, args).await,
         Command::Dlq(cmd) => dlq::run(&cli.kafka, cmd).await,
+        Command::Backfill(args) => backfill::run(&cli.kafka, args).await,
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,
