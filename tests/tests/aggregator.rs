@@ -140,7 +140,6 @@ fn read_all(env: &Env, topic: &str) -> Vec<Rec> {
     out
 }
 
-
 #[test]
 fn every_default_metric_and_leaderboard_equals_the_ground_truth() {
     let _serial = serial();

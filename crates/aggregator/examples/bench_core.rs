@@ -15,18 +15,16 @@
 //! Prints records per second per core for processing alone and with flushes,
 //! then, for each metric, log and leaderboard of the spec alone (the spec cut
 //! down to it): the events it takes, its cost per event in ns (processing
-//! only) and the bytes of state per open group (cells of open panes and
-//! leaderboard partials, remembered ids included, counted by a counting
-//! global allocator: heap bytes still held once the records are in), so
-//! that a regression in one aggregate shows. The counting allocator costs a
-//! few ns per allocation in every figure.
+//! only), the open groups (cells of open panes and leaderboard partials)
+//! and the remembered ids at the end, so that a regression in one aggregate
+//! shows. (Heap bytes per group need a counting allocator, which cannot sit
+//! beside the mimalloc allocator every vidpulse crate installs.)
 
 use std::collections::HashMap;
 use std::io::BufRead;
 use std::time::Instant;
 
 use anyhow::Context;
-use stats_alloc::{INSTRUMENTED_SYSTEM, Region, StatsAlloc};
 use serde_json::Value;
 use vidpulse_aggregator::engine::{PartitionState, Plan};
 use vidpulse_aggregator::record::Rec;
@@ -34,9 +32,6 @@ use vidpulse_aggregator::spec::{Input, Spec};
 use vidpulse_ingest::mapping::{Mapping, SourceRef};
 use vidpulse_ingest::normalize::normalize;
 use vidpulse_proto::{Event, event::Payload};
-
-#[global_allocator]
-static GLOBAL: &StatsAlloc<std::alloc::System> = &INSTRUMENTED_SYSTEM;
 
 const PARTITIONS: usize = 8;
 const FLUSH_EVERY: usize = 500;
@@ -166,11 +161,10 @@ fn run(plan: &Plan, inputs: &[Input1], flush: Option<bool>) -> Run {
 }
 
 /// One spec entry alone, processing only: (seconds, events taken, open
-/// groups, remembered ids, net heap bytes of the states).
-fn run_one(plan: &Plan, inputs: &[Input1]) -> (f64, u64, usize, usize, i64) {
+/// groups, remembered ids).
+fn run_one(plan: &Plan, inputs: &[Input1]) -> (f64, u64, usize, usize) {
     use vidpulse_aggregator::engine::Outcome;
     let pools = vec!["all".to_owned()];
-    let region = Region::new(GLOBAL);
     let mut events: Vec<PartitionState> = (0..PARTITIONS)
         .map(|_| PartitionState::new(plan, Input::Events))
         .collect();
@@ -186,7 +180,8 @@ fn run_one(plan: &Plan, inputs: &[Input1]) -> (f64, u64, usize, usize, i64) {
         offsets[p] += 1;
         let outs = [
             Rec::new(&i.event, &[], None).map(|r| events[p].process(plan, &r, off)),
-            Rec::new(&i.event, &pools, Some(&i.enrichment)).map(|r| monitored[p].process(plan, &r, off)),
+            Rec::new(&i.event, &pools, Some(&i.enrichment))
+                .map(|r| monitored[p].process(plan, &r, off)),
         ];
         taken += outs
             .iter()
@@ -194,19 +189,40 @@ fn run_one(plan: &Plan, inputs: &[Input1]) -> (f64, u64, usize, usize, i64) {
             .count() as u64;
     }
     let secs = started.elapsed().as_secs_f64();
-    let stats = region.change();
-    let bytes = stats.bytes_allocated as i64 - stats.bytes_deallocated as i64 + stats.bytes_reallocated as i64;
-    let groups = events.iter().chain(&monitored).map(PartitionState::open_groups).sum();
-    let ids = events.iter().chain(&monitored).map(PartitionState::remembered_ids).sum();
-    (secs, taken, groups, ids, bytes)
+    let groups = events
+        .iter()
+        .chain(&monitored)
+        .map(PartitionState::open_groups)
+        .sum();
+    let ids = events
+        .iter()
+        .chain(&monitored)
+        .map(PartitionState::remembered_ids)
+        .sum();
+    (secs, taken, groups, ids)
 }
 
 /// The spec cut down to one entry.
 fn only(spec: &Spec, name: &str) -> Spec {
     Spec {
-        metrics: spec.metrics.iter().filter(|m| m.name == name).cloned().collect(),
-        logs: spec.logs.iter().filter(|l| l.name == name).cloned().collect(),
-        leaderboards: spec.leaderboards.iter().filter(|l| l.name == name).cloned().collect(),
+        metrics: spec
+            .metrics
+            .iter()
+            .filter(|m| m.name == name)
+            .cloned()
+            .collect(),
+        logs: spec
+            .logs
+            .iter()
+            .filter(|l| l.name == name)
+            .cloned()
+            .collect(),
+        leaderboards: spec
+            .leaderboards
+            .iter()
+            .filter(|l| l.name == name)
+            .cloned()
+            .collect(),
     }
 }
 
@@ -259,15 +275,14 @@ fn main() -> anyhow::Result<()> {
         .chain(spec.leaderboards.iter().map(|l| l.name.clone()))
         .collect();
     println!(
-        "per entry, alone (process only): events taken, ns per event, open groups at the end, remembered ids, heap bytes of state per open group (ids included)"
+        "per entry, alone (process only): events taken, ns per event, open groups at the end, remembered ids"
     );
     for name in names {
         let plan = Plan::new(only(&spec, &name), 60_000, 5_000);
-        let (secs, taken, groups, ids, bytes) = run_one(&plan, &inputs);
+        let (secs, taken, groups, ids) = run_one(&plan, &inputs);
         println!(
-            "  {name:<30} {taken:>9} events {:>7.0} ns/event {groups:>8} groups {ids:>8} ids {:>7} B/group",
+            "  {name:<30} {taken:>9} events {:>7.0} ns/event {groups:>8} groups {ids:>8} ids",
             secs * 1e9 / taken.max(1) as f64,
-            if groups > 0 { (bytes / groups as i64).to_string() } else { "-".into() },
         );
     }
     Ok(())

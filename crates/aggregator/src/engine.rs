@@ -421,8 +421,19 @@ impl PartitionState {
     /// Open groups: cells of open panes and leaderboard partials (for the
     /// bench's bytes of state per group).
     pub fn open_groups(&self) -> usize {
-        let cells: usize = self.metrics.iter().flat_map(BTreeMap::values).map(|p| p.cells.len()).sum();
-        cells + self.boards.iter().flat_map(BTreeMap::values).map(HashMap::len).sum::<usize>()
+        let cells: usize = self
+            .metrics
+            .iter()
+            .flat_map(BTreeMap::values)
+            .map(|p| p.cells.len())
+            .sum();
+        cells
+            + self
+                .boards
+                .iter()
+                .flat_map(BTreeMap::values)
+                .map(HashMap::len)
+                .sum::<usize>()
     }
 
     /// Event ids remembered for duplicate suppression.

@@ -464,7 +464,14 @@ pub async fn run(args: &BackfillArgs, prefix: &str) -> Result<Report, BackfillEr
                 message: e.to_string(),
             })?;
         let mut redis = redis;
-        let gens = generations(&ch, &tables, &mut redis, &settings.spec, &format!("{prefix}{}", args.group)).await?;
+        let gens = generations(
+            &ch,
+            &tables,
+            &mut redis,
+            &settings.spec,
+            &format!("{prefix}{}", args.group),
+        )
+        .await?;
         Some(sink::Sink {
             ch,
             tables: &tables,

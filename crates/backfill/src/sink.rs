@@ -125,15 +125,13 @@ impl Sink<'_> {
             };
             let part = format!("backfill:{}:{input}:{}", self.name, e.partition);
             written.partials += e.emission.boards.len();
-            for b in
-                leaderboard::batches(
+            for b in leaderboard::batches(
                 self.prefix,
                 &spec.leaderboards,
                 &self.gens.boards,
                 &part,
                 &e.emission.boards,
-            )
-            {
+            ) {
                 // One set's partials in several calls: each partial is
                 // applied on its own version, so splitting changes nothing.
                 for chunk in b.partials.chunks(SCRIPT_PARTIALS) {

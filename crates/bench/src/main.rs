@@ -144,17 +144,25 @@ async fn main() -> anyhow::Result<()> {
                 }
                 std::thread::sleep(Duration::from_millis(200));
             }
-            let (mut first, mut last, mut n) = (i64::MAX, i64::MIN, 0);
-            for t in &topics {
-                let (count, parts) = total(&consumer, t)?;
-                n += count;
-                for (p, lo, hi) in parts {
-                    if hi > lo {
-                        first = first.min(timestamp(&consumer, t, p, lo)?);
-                        last = last.max(timestamp(&consumer, t, p, hi - 1)?);
+            // Data records only: in-band watermark records (forwarded with
+            // their original, older timestamps) are neither counted nor timed.
+            let (first, last, n) = loop {
+                let (mut first, mut last, mut n) = (i64::MAX, i64::MIN, 0i64);
+                for t in &topics {
+                    let (_, parts) = total(&consumer, t)?;
+                    for (p, lo, hi) in parts {
+                        for ts in data_timestamps(&consumer, t, p, lo, hi)? {
+                            first = first.min(ts);
+                            last = last.max(ts);
+                            n += 1;
+                        }
                     }
                 }
-            }
+                if n >= expect || started.elapsed() > timeout {
+                    break (first, last, n);
+                }
+                std::thread::sleep(Duration::from_millis(500));
+            };
             let secs = ((last - first).max(1)) as f64 / 1000.0;
             println!(
                 "{label}: {n} records in {secs:.2} s = {:.0} records/s",
@@ -186,22 +194,42 @@ fn total(c: &BaseConsumer, topic: &str) -> anyhow::Result<(i64, Vec<Watermarks>)
     Ok((n, parts))
 }
 
-/// Timestamp (ms) of the record at `offset`.
-fn timestamp(c: &BaseConsumer, topic: &str, partition: i32, offset: i64) -> anyhow::Result<i64> {
+/// Timestamps (ms) of the data records of `topic`/`partition` in
+/// `[lo, hi)` (control records skipped).
+fn data_timestamps(
+    c: &BaseConsumer,
+    topic: &str,
+    partition: i32,
+    lo: i64,
+    hi: i64,
+) -> anyhow::Result<Vec<i64>> {
+    use rdkafka::message::Headers as _;
+    let mut out = Vec::new();
+    if hi <= lo {
+        return Ok(out);
+    }
     let mut tpl = TopicPartitionList::new();
-    tpl.add_partition_offset(topic, partition, Offset::Offset(offset))?;
+    tpl.add_partition_offset(topic, partition, Offset::Offset(lo))?;
     c.assign(&tpl)?;
-    let deadline = Instant::now() + Duration::from_secs(10);
+    let deadline = Instant::now() + Duration::from_secs(60);
     while Instant::now() < deadline {
-        if let Some(m) = c.poll(Duration::from_millis(500)) {
-            let m = m?;
-            if m.partition() == partition && m.offset() == offset {
-                return m
-                    .timestamp()
-                    .to_millis()
-                    .context("record without timestamp");
-            }
+        let Some(m) = c.poll(Duration::from_millis(500)) else {
+            continue;
+        };
+        let m = m?;
+        if m.partition() != partition {
+            continue;
+        }
+        let control = m.headers().is_some_and(|hs| {
+            hs.iter()
+                .any(|h| h.key == vidpulse_core::watermark::CONTROL_HEADER)
+        });
+        if !control {
+            out.push(m.timestamp().to_millis().context("record without timestamp")?);
+        }
+        if m.offset() >= hi - 1 {
+            return Ok(out);
         }
     }
-    bail!("could not read {topic}/{partition}@{offset}")
+    bail!("could not read {topic}/{partition} up to offset {hi}")
 }

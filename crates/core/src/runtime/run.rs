@@ -271,10 +271,9 @@ impl<'c, S: Stage> Runner<'c, S> {
         match decision {
             Admit::Yes(generation) => {
                 // Data records only: in-band watermarks are counted apart.
-                let control = msg.headers().is_some_and(|hs| {
-                    hs.iter()
-                        .any(|h| h.key == crate::watermark::CONTROL_HEADER)
-                });
+                let control = msg
+                    .headers()
+                    .is_some_and(|hs| hs.iter().any(|h| h.key == crate::watermark::CONTROL_HEADER));
                 if !control {
                     self.received[topic as usize].increment(1);
                 }
