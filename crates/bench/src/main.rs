@@ -225,7 +225,11 @@ fn data_timestamps(
                 .any(|h| h.key == vidpulse_core::watermark::CONTROL_HEADER)
         });
         if !control {
-            out.push(m.timestamp().to_millis().context("record without timestamp")?);
+            out.push(
+                m.timestamp()
+                    .to_millis()
+                    .context("record without timestamp")?,
+            );
         }
         if m.offset() >= hi - 1 {
             return Ok(out);

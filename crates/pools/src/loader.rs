@@ -285,7 +285,12 @@ pub struct ReaderCtx;
 
 impl rdkafka::ClientContext for ReaderCtx {
     fn error(&self, error: KafkaError, reason: &str) {
-        if !matches!(error, KafkaError::PartitionEOF(_)) {
+        let eof = matches!(error, KafkaError::PartitionEOF(_))
+            || matches!(
+                error,
+                KafkaError::Global(rdkafka::types::RDKafkaErrorCode::PartitionEOF)
+            );
+        if !eof {
             tracing::warn!(%error, reason, "Pool reader error; it retries.");
         }
     }
