@@ -100,6 +100,21 @@ pub struct Env {
 
 static SEQ: AtomicU32 = AtomicU32::new(0);
 
+/// Metrics of the default spec that read vp.monitored.v1.
+pub const FROM_MONITORED: [&str; 3] = [
+    "gifts_by_module_1m",
+    "pool_production_1m",
+    "pool_consumption_1m",
+];
+
+static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+/// One test at a time within a test binary (for tests that stop shared
+/// services or share a consumer group).
+pub fn serial() -> std::sync::MutexGuard<'static, ()> {
+    SERIAL.lock().unwrap_or_else(|e| e.into_inner())
+}
+
 impl Env {
     pub fn new(name: &str) -> Env {
         let nanos = std::time::SystemTime::now()

@@ -12,7 +12,6 @@
 #![allow(clippy::unwrap_used)]
 
 use std::collections::{BTreeSet, HashMap};
-use std::sync::{Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use rdkafka::consumer::{BaseConsumer, Consumer};
@@ -26,19 +25,6 @@ const EVENTS: &str = "vp.events.v1";
 const MONITORED: &str = "vp.monitored.v1";
 const LATE: &str = "vp.late.v1";
 const DLQ: &str = "vp.dlq.v1";
-
-/// Metrics of the default spec that read vp.monitored.v1.
-const FROM_MONITORED: [&str; 3] = [
-    "gifts_by_module_1m",
-    "pool_production_1m",
-    "pool_consumption_1m",
-];
-
-static SERIAL: Mutex<()> = Mutex::new(());
-
-fn serial() -> MutexGuard<'static, ()> {
-    SERIAL.lock().unwrap_or_else(|e| e.into_inner())
-}
 
 /// Drops a test's ClickHouse tables and views when dropped (also when the
 /// test fails).

@@ -13,7 +13,6 @@
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
-use std::sync::{Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use rdkafka::ClientConfig;
@@ -21,19 +20,6 @@ use rdkafka::admin::{AdminClient, AdminOptions};
 use rdkafka::client::DefaultClientContext;
 use serde_json::Value;
 use vidpulse_e2e::*;
-
-/// Metrics of the default spec that read vp.monitored.v1 (no monitor here).
-const FROM_MONITORED: [&str; 3] = [
-    "gifts_by_module_1m",
-    "pool_production_1m",
-    "pool_consumption_1m",
-];
-
-static SERIAL: Mutex<()> = Mutex::new(());
-
-fn serial() -> MutexGuard<'static, ()> {
-    SERIAL.lock().unwrap_or_else(|e| e.into_inner())
-}
 
 /// gen writing `count` records at `rate` per second in the background.
 struct LiveGen {

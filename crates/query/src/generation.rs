@@ -206,17 +206,21 @@ pub async fn lineage_of(
         ),
     )
     .await?;
-    let Some(r) = rows.first() else {
-        return Ok(None);
-    };
+    Ok(value_if_any(&rows, "l"))
+}
+
+/// Column `column` (a number as text) of an aggregate's single row, when
+/// its count `n` says any row matched.
+fn value_if_any<T: std::str::FromStr>(rows: &[serde_json::Value], column: &str) -> Option<T> {
+    let r = rows.first()?;
     let n = r["n"]
         .as_u64()
         .or_else(|| r["n"].as_str().and_then(|s| s.parse().ok()))
         .unwrap_or(0);
     if n == 0 {
-        return Ok(None);
+        return None;
     }
-    Ok(r["l"].as_str().and_then(|s| s.parse().ok()))
+    r[column].as_str().and_then(|s| s.parse().ok())
 }
 
 /// Makes `entries` current in lineage `lineage`: each one whose latest
@@ -341,17 +345,7 @@ pub async fn first_read(
         ),
     )
     .await?;
-    let Some(r) = rows.first() else {
-        return Ok(None);
-    };
-    let n = r["n"]
-        .as_u64()
-        .or_else(|| r["n"].as_str().and_then(|s| s.parse().ok()))
-        .unwrap_or(0);
-    if n == 0 {
-        return Ok(None);
-    }
-    Ok(r["o"].as_str().and_then(|s| s.parse().ok()))
+    Ok(value_if_any(&rows, "o"))
 }
 
 /// Records that `input`'s lineage starts reading its partition at `offset`
