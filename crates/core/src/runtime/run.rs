@@ -262,8 +262,13 @@ impl<'c, S: Stage> Runner<'c, S> {
         let mut parts = self.shared.partitions.lock().ok()?;
         let decision = match parts.admit(part, msg.offset()) {
             Admit::Yes(_) if !self.stage.readable(part) => {
-                parts.hold(part, Hold::Gate);
-                parts.admit(part, msg.offset())
+                // The hold marks it paused: the pause it asks for must
+                // still reach the consumer.
+                let pause = parts.hold(part, Hold::Gate);
+                match parts.admit(part, msg.offset()) {
+                    Admit::Held { pause: p } => Admit::Held { pause: pause || p },
+                    d => d,
+                }
             }
             d => d,
         };
