@@ -20,7 +20,7 @@
 //! shows. (Heap bytes per group need a counting allocator, which cannot sit
 //! beside the mimalloc allocator every vidpulse crate installs.)
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::io::BufRead;
 use std::time::Instant;
 
@@ -95,6 +95,27 @@ fn load(path: &str) -> anyhow::Result<Vec<Input1>> {
     Ok(out)
 }
 
+/// Fields and bytes of a delta by field kind (the tag before the first `:`).
+fn tally(
+    by: &mut BTreeMap<String, (usize, usize)>,
+    d: &vidpulse_aggregator::engine::CheckpointDelta,
+) {
+    for (f, v) in &d.set {
+        let e = by
+            .entry(f.split(':').next().unwrap_or("").to_owned())
+            .or_default();
+        e.0 += 1;
+        e.1 += f.len() + v.len();
+    }
+    for f in &d.del {
+        let e = by
+            .entry(format!("del {}", f.split(':').next().unwrap_or("")))
+            .or_default();
+        e.0 += 1;
+        e.1 += f.len();
+    }
+}
+
 fn fnv(s: &str) -> u64 {
     let mut h: u64 = 0xcbf2_9ce4_8422_2325;
     for b in s.as_bytes() {
@@ -108,6 +129,10 @@ struct Run {
     records: usize,
     rows: usize,
     checkpoint_bytes: usize,
+    /// Checkpoint bytes written in each quarter of the input.
+    quarters: [usize; 4],
+    /// Estimated state bytes over all partitions at the end of each quarter.
+    state: [usize; 4],
     secs: f64,
 }
 
@@ -123,8 +148,12 @@ fn run(plan: &Plan, inputs: &[Input1], flush: Option<bool>) -> Run {
         .collect();
     let mut offsets = [0i64; PARTITIONS];
     let (mut rows, mut bytes, mut records) = (0, 0, 0);
+    let (mut quarters, mut state) = ([0usize; 4], [0usize; 4]);
+    let quarter = inputs.len().div_ceil(4).max(1);
+    let mut sizing = std::time::Duration::ZERO;
+    let mut by_tag: BTreeMap<String, (usize, usize)> = BTreeMap::new();
     let started = Instant::now();
-    for i in inputs {
+    for (n, i) in inputs.iter().enumerate() {
         let p = i.partition;
         let off = offsets[p];
         offsets[p] += 1;
@@ -141,22 +170,43 @@ fn run(plan: &Plan, inputs: &[Input1], flush: Option<bool>) -> Run {
             for s in [&mut events[p], &mut monitored[p]] {
                 rows += s.emit(plan, early).len();
                 let d = s.checkpoint_delta(plan);
-                bytes += d.set.iter().map(|(k, v)| k.len() + v.len()).sum::<usize>();
+                tally(&mut by_tag, &d);
+                let b = d.bytes();
+                bytes += b;
+                quarters[n / quarter] += b;
             }
+        }
+        if flush.is_some() && (n + 1) % quarter == 0 {
+            // Sizing walks the state: not timed.
+            let t = Instant::now();
+            state[n / quarter] = events
+                .iter()
+                .chain(&monitored)
+                .map(PartitionState::state_bytes)
+                .sum();
+            sizing += t.elapsed();
         }
     }
     if let Some(early) = flush {
         for s in events.iter_mut().chain(monitored.iter_mut()) {
             rows += s.emit(plan, early).len();
             let d = s.checkpoint_delta(plan);
-            bytes += d.set.iter().map(|(k, v)| k.len() + v.len()).sum::<usize>();
+            tally(&mut by_tag, &d);
+            let b = d.bytes();
+            bytes += b;
+            quarters[3] += b;
         }
+    }
+    if std::env::var_os("BENCH_CORE_TAGS").is_some() {
+        eprintln!("checkpoint bytes by field kind (fields, bytes): {by_tag:?}");
     }
     Run {
         records,
         rows,
         checkpoint_bytes: bytes,
-        secs: started.elapsed().as_secs_f64(),
+        quarters,
+        state,
+        secs: (started.elapsed() - sizing).as_secs_f64(),
     }
 }
 
@@ -226,6 +276,24 @@ fn only(spec: &Spec, name: &str) -> Spec {
     }
 }
 
+fn print_checkpoints(full: &Run) {
+    let per_k = |b: usize| b as f64 / (full.records as f64 / 4.0 / 1000.0) / 1000.0;
+    println!(
+        "checkpoint KB per 1000 input records, by quarter of the input (with early emission): {:.1} / {:.1} / {:.1} / {:.1}",
+        per_k(full.quarters[0]),
+        per_k(full.quarters[1]),
+        per_k(full.quarters[2]),
+        per_k(full.quarters[3]),
+    );
+    println!(
+        "state MB (estimated, all partitions) at the end of each quarter: {:.1} / {:.1} / {:.1} / {:.1}",
+        full.state[0] as f64 / 1e6,
+        full.state[1] as f64 / 1e6,
+        full.state[2] as f64 / 1e6,
+        full.state[3] as f64 / 1e6,
+    );
+}
+
 fn main() -> anyhow::Result<()> {
     let path = std::env::args()
         .nth(1)
@@ -239,6 +307,12 @@ fn main() -> anyhow::Result<()> {
     );
     // Grace and out-of-orderness as in production; gen's data fits.
     let plan = Plan::new(Spec::default_spec(), 60_000, 5_000);
+    if std::env::var_os("BENCH_CORE_CHECKPOINTS").is_some() {
+        // Checkpoint figures only (bytes are deterministic; no timing).
+        let full = run(&plan, &inputs, Some(true));
+        print_checkpoints(&full);
+        return Ok(());
+    }
     // Warm-up, then the measured runs.
     let _ = run(&plan, &inputs[..inputs.len().min(20_000)], Some(true));
     let bare = run(&plan, &inputs, None);
@@ -266,6 +340,7 @@ fn main() -> anyhow::Result<()> {
         full.rows,
         full.checkpoint_bytes as f64 / 1e6
     );
+    print_checkpoints(&full);
     let spec = Spec::default_spec();
     let names: Vec<String> = spec
         .metrics

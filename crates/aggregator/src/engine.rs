@@ -40,6 +40,14 @@ const DEDUP_BUCKET_MS: i64 = 1_000;
 /// remembered to recognise duplicates.
 pub const DEFAULT_DEDUP_HORIZON_MS: i64 = 10 * 60_000;
 
+/// Default of how long (in event time) a room no event mentioned is kept
+/// in the room table.
+pub const DEFAULT_ROOM_IDLE_MS: i64 = 24 * 3_600_000;
+
+/// Rooms' last-seen times are kept to the minute, so an active room's
+/// checkpoint field changes once a minute, not on every event.
+const ROOM_SEEN_STEP_MS: i64 = 60_000;
+
 /// An event id as remembered: a 64-bit hash (xxh3), so an id costs 8 bytes
 /// whatever its length. Stable across builds and platforms (checkpoints
 /// keep them).
@@ -63,6 +71,13 @@ pub struct Plan {
     /// watermark): a duplicate within it counts once whatever its windows;
     /// one later than that counts again.
     pub dedup_horizon_ms: i64,
+    /// A room no event mentioned for this long (event time behind the
+    /// watermark) leaves the room table.
+    pub room_idle_ms: i64,
+    /// An ended room leaves the room table this long after its end: the
+    /// longest window plus its grace, so every window its events can still
+    /// count in finds its profile.
+    pub room_after_end_ms: i64,
 }
 
 #[derive(Debug, Default)]
@@ -117,16 +132,33 @@ impl Plan {
             }
         }
         // A checkpoint of another clock or checkpoint format is not restored
-        // (the partition replays under this one): "c2" is the format with
-        // remembered ids as hashes by event second.
+        // (the partition replays under this one): "c3" is the format with
+        // remembered ids as hashes by event second, distinct members and
+        // remembered ids in appended chunks, and one field per room.
         let fingerprint = match clock {
             ClockMode::InBand => {
-                spec.fingerprint(default_grace_ms, out_of_orderness_ms) + "-c2-inband"
+                spec.fingerprint(default_grace_ms, out_of_orderness_ms) + "-c3-inband"
             }
             ClockMode::MaxEventTime => {
-                spec.fingerprint(default_grace_ms, out_of_orderness_ms) + "-c2"
+                spec.fingerprint(default_grace_ms, out_of_orderness_ms) + "-c3"
             }
         };
+        // A day in a zone is up to 25 hours long.
+        let longest =
+            |w: crate::spec::Window| w.size_ms + if w.zone.is_some() { 3_600_000 } else { 0 };
+        let room_after_end_ms = metric_grace
+            .iter()
+            .zip(&spec.metrics)
+            .map(|(g, m)| longest(m.window).saturating_add(*g))
+            .chain(
+                lb_grace
+                    .iter()
+                    .zip(&spec.leaderboards)
+                    .map(|(g, b)| longest(b.window()).saturating_add(*g)),
+            )
+            .chain([default_grace_ms])
+            .max()
+            .unwrap_or(0);
         Plan {
             spec,
             out_of_orderness_ms,
@@ -136,7 +168,16 @@ impl Plan {
             fingerprint,
             clock,
             dedup_horizon_ms: DEFAULT_DEDUP_HORIZON_MS,
+            room_idle_ms: DEFAULT_ROOM_IDLE_MS.max(room_after_end_ms),
+            room_after_end_ms,
         }
+    }
+
+    /// The same plan keeping rooms no event mentioned for `ms` of event
+    /// time (at least as long as an ended room is kept).
+    pub fn with_room_idle(mut self, ms: i64) -> Plan {
+        self.room_idle_ms = ms.max(self.room_after_end_ms);
+        self
     }
 
     /// The same plan remembering ids for `ms` of event time.
@@ -170,8 +211,74 @@ impl Agg {
     }
 }
 
+/// How a set that only grows (a cell's distinct members, a second's
+/// remembered ids) is kept in a checkpoint: chunk fields `0..n`, chunk 0
+/// the base written whole, the others what each checkpoint since added.
+/// A checkpoint appends the members added since the last one as a new
+/// chunk, so an unchanged set writes nothing and a growing one writes its
+/// new members; once the appended chunks hold as many members as the base
+/// (or there are [`Chunks::MAX`] of them) the set is written whole again as
+/// the new base and the other chunks are deleted. The base at least doubles
+/// each time, so every member is written a bounded number of times on
+/// average, and a restore reads at most `MAX` chunks per set.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+struct Chunks {
+    /// Chunk fields written.
+    n: u16,
+    /// Members in chunk 0.
+    base: u32,
+    /// Members in the chunks after it.
+    tail: u32,
+}
+
+/// Where a checkpoint puts the members added to a set.
+#[derive(Debug, PartialEq, Eq)]
+enum ChunkWrite {
+    /// As chunk `seq`.
+    Append(u16),
+    /// The whole set as chunk 0; chunk fields `1..stale` are deleted.
+    Rewrite { stale: u16 },
+}
+
+impl Chunks {
+    const MAX: u16 = 128;
+    /// Sets up to this size stay in their cell's own field (rewritten with
+    /// it: a few members cost less than a chunk field).
+    const INLINE: usize = 16;
+
+    /// Plans the write of `added` new members to a set now holding `total`.
+    fn next(&mut self, added: usize, total: usize) -> ChunkWrite {
+        let added = u32::try_from(added).unwrap_or(u32::MAX);
+        if self.n == 0 || self.n >= Chunks::MAX || self.tail.saturating_add(added) >= self.base {
+            let stale = self.n;
+            *self = Chunks {
+                n: 1,
+                base: u32::try_from(total).unwrap_or(u32::MAX),
+                tail: 0,
+            };
+            ChunkWrite::Rewrite { stale }
+        } else {
+            let seq = self.n;
+            self.n += 1;
+            self.tail += added;
+            ChunkWrite::Append(seq)
+        }
+    }
+
+    /// Takes chunk `seq` of `len` members, read back from a checkpoint.
+    fn restored(&mut self, seq: u16, len: usize) {
+        let len = u32::try_from(len).unwrap_or(u32::MAX);
+        self.n = self.n.max(seq.saturating_add(1));
+        if seq == 0 {
+            self.base = len;
+        } else {
+            self.tail = self.tail.saturating_add(len);
+        }
+    }
+}
+
 /// The state of one group in one pane.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Cell {
     /// Offset + 1 of the last record that changed it.
     pub version: u64,
@@ -179,8 +286,120 @@ pub struct Cell {
     pub dirty: bool,
     pub aggs: Vec<Agg>,
     /// Changed since the last checkpoint (not persisted).
-    #[serde(skip)]
     ck: bool,
+    /// Distinct members added since the last checkpoint: (aggregate, member).
+    added: Vec<(usize, Box<str>)>,
+    /// Where its distinct members are in the checkpoint.
+    chunks: Chunks,
+    /// Its field is in the checkpoint: a field never written is not
+    /// deleted.
+    written: bool,
+}
+
+impl Cell {
+    /// Its checkpoint field: `[version, dirty, aggregates…]` as a JSON array
+    /// (the spec says which aggregate each is): numbers, `null` for an empty
+    /// min or max, a distinct set's members while they are few, else `null`
+    /// (its members are in chunk fields).
+    fn head(&self) -> Vec<u8> {
+        use std::fmt::Write as _;
+        let mut out = String::with_capacity(16 + 8 * self.aggs.len());
+        // Writing to a String cannot fail.
+        let _ = write!(out, "[{},{}", self.version, u8::from(self.dirty));
+        for a in &self.aggs {
+            let _ = match a {
+                Agg::Count(n) => write!(out, ",{n}"),
+                Agg::Sum(n) | Agg::Level(n) | Agg::Min(Some(n)) | Agg::Max(Some(n)) => {
+                    write!(out, ",{n}")
+                }
+                Agg::Distinct(set) if self.chunks.n == 0 => {
+                    out.push(',');
+                    out.push_str(&String::from_utf8_lossy(&to_json(set)));
+                    Ok(())
+                }
+                Agg::Min(None) | Agg::Max(None) | Agg::Distinct(_) => write!(out, ",null"),
+            };
+        }
+        out.push(']');
+        out.into_bytes()
+    }
+
+    /// A cell from its head field (distinct sets empty until its chunks
+    /// are read).
+    fn from_head(funcs: &[AggFn], field: &str, bytes: &[u8]) -> Result<Cell, RestoreError> {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum HeadVal {
+            Num(i64),
+            Set(BTreeSet<Box<str>>),
+        }
+        let mut v: Vec<Option<HeadVal>> = from_json(field, bytes)?;
+        if v.len() != funcs.len() + 2 {
+            return Err(corrupt(
+                field,
+                "the cell does not have the metric's aggregates",
+            ));
+        }
+        let num = |v: &Option<HeadVal>| match v {
+            Some(HeadVal::Num(n)) => Some(*n),
+            _ => None,
+        };
+        let (version, dirty) = (num(&v[0]).unwrap_or(0), num(&v[1]) == Some(1));
+        let aggs = funcs
+            .iter()
+            .zip(v.drain(2..))
+            .map(|(f, x)| match Agg::new(f) {
+                Agg::Count(_) => Agg::Count(u64::try_from(num(&x).unwrap_or(0)).unwrap_or(0)),
+                Agg::Sum(_) => Agg::Sum(num(&x).unwrap_or(0)),
+                Agg::Level(_) => Agg::Level(num(&x).unwrap_or(0)),
+                Agg::Min(_) => Agg::Min(num(&x)),
+                Agg::Max(_) => Agg::Max(num(&x)),
+                Agg::Distinct(_) => Agg::Distinct(match x {
+                    Some(HeadVal::Set(s)) => s,
+                    _ => BTreeSet::new(),
+                }),
+            })
+            .collect();
+        Ok(Cell {
+            version: u64::try_from(version).unwrap_or(0),
+            dirty,
+            aggs,
+            ck: false,
+            added: Vec::new(),
+            chunks: Chunks::default(),
+            written: true,
+        })
+    }
+
+    fn members(&self) -> usize {
+        self.aggs
+            .iter()
+            .map(|a| match a {
+                Agg::Distinct(s) => s.len(),
+                _ => 0,
+            })
+            .sum()
+    }
+
+    /// A chunk: per aggregate, the members it holds (empty for others).
+    fn chunk<'a>(&'a self, members: impl Iterator<Item = (usize, &'a str)>) -> Vec<u8> {
+        let mut lists: Vec<Vec<&str>> = vec![Vec::new(); self.aggs.len()];
+        for (a, m) in members {
+            if let Some(l) = lists.get_mut(a) {
+                l.push(m);
+            }
+        }
+        to_json(&lists)
+    }
+}
+
+/// One event-time second's remembered event ids.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+struct Bucket {
+    ids: HashSet<u64>,
+    /// Added since the last checkpoint.
+    added: Vec<u64>,
+    chunks: Chunks,
 }
 
 /// A group key: the group-by values in spec order.
@@ -189,6 +408,8 @@ pub type Key = Box<[Val]>;
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 struct Pane {
     fired: bool,
+    /// Its `fired` field is in the checkpoint.
+    fired_written: bool,
     cells: HashMap<Key, Cell>,
 }
 
@@ -201,6 +422,10 @@ pub struct Partial {
     /// Changed since the last checkpoint (not persisted).
     #[serde(skip)]
     ck: bool,
+    /// In the checkpoint (not persisted): a field never written is not
+    /// deleted.
+    #[serde(skip)]
+    written: bool,
 }
 
 /// Everything the partition wrote since the last checkpoint, as hash fields.
@@ -210,6 +435,17 @@ pub struct CheckpointDelta {
     pub del: Vec<String>,
 }
 
+impl CheckpointDelta {
+    /// Bytes sent to the store: field names and values.
+    pub fn bytes(&self) -> usize {
+        self.set
+            .iter()
+            .map(|(f, v)| f.len() + v.len())
+            .sum::<usize>()
+            + self.del.iter().map(String::len).sum::<usize>()
+    }
+}
+
 /// What changed since the last checkpoint. Cells and partials carry their
 /// own flag; these sets say where to look.
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
@@ -217,9 +453,10 @@ struct Changed {
     panes: BTreeSet<(usize, i64)>,
     days: BTreeSet<(usize, i64)>,
     dedup: BTreeSet<i64>,
-    /// Fields of closed panes and windows and of forgotten id buckets.
+    /// Fields of closed panes and windows, of forgotten id buckets and of
+    /// pruned rooms.
     gone: Vec<String>,
-    rooms: bool,
+    rooms: BTreeSet<String>,
     meta: bool,
 }
 
@@ -329,7 +566,7 @@ pub struct PartitionState {
     boards: Vec<BTreeMap<i64, HashMap<Box<str>, Partial>>>,
     /// Event second → hashes of the event ids counted in it, for the dedup
     /// horizon.
-    dedup: BTreeMap<i64, HashSet<u64>>,
+    dedup: BTreeMap<i64, Bucket>,
     rooms: RoomTable,
     logs: Vec<LogRow>,
     changed: Changed,
@@ -438,7 +675,59 @@ impl PartitionState {
 
     /// Event ids remembered for duplicate suppression.
     pub fn remembered_ids(&self) -> usize {
-        self.dedup.values().map(HashSet::len).sum()
+        self.dedup.values().map(|b| b.ids.len()).sum()
+    }
+
+    /// Rooms in the room table.
+    pub fn rooms(&self) -> usize {
+        self.rooms.len()
+    }
+
+    /// An estimate of the heap bytes the state holds (panes, partials,
+    /// remembered ids, rooms), counting each entry's data and a fixed
+    /// overhead per map entry; O(open groups + distinct members), so the
+    /// stage samples it now and then.
+    pub fn state_bytes(&self) -> usize {
+        const ENTRY: usize = 16; // hash or tree bookkeeping per entry
+        let val = |v: &Val| {
+            std::mem::size_of::<Val>()
+                + match v {
+                    Val::S(s) => s.len(),
+                    Val::I(_) => 0,
+                }
+        };
+        let mut n = 0;
+        for cell_map in self.metrics.iter().flat_map(BTreeMap::values) {
+            n += std::mem::size_of::<Pane>() + ENTRY;
+            for (key, cell) in &cell_map.cells {
+                n += std::mem::size_of::<(Key, Cell)>() + ENTRY;
+                n += key.iter().map(val).sum::<usize>();
+                n += cell.aggs.capacity() * std::mem::size_of::<Agg>();
+                n += cell.added.capacity() * std::mem::size_of::<(usize, Box<str>)>();
+                for a in &cell.aggs {
+                    if let Agg::Distinct(set) = a {
+                        n += set
+                            .iter()
+                            .map(|m| m.len() + std::mem::size_of::<Box<str>>() + ENTRY)
+                            .sum::<usize>();
+                    }
+                }
+            }
+        }
+        for members in self.boards.iter().flat_map(BTreeMap::values) {
+            n += members.capacity() * (std::mem::size_of::<(Box<str>, Partial)>() + 1)
+                + members.keys().map(|m| m.len()).sum::<usize>();
+        }
+        for b in self.dedup.values() {
+            n += std::mem::size_of::<Bucket>() + ENTRY;
+            n += b.ids.capacity() * (8 + 1) + b.added.capacity() * 8;
+        }
+        for (id, r) in self.rooms.iter() {
+            n += std::mem::size_of::<(String, RoomInfo)>() + ENTRY + id.len();
+            n += r.room_type.len() + r.client.len() + r.title.len();
+            n += r.address.len() + r.anchor_id.len() + r.module_id.len();
+        }
+        n
     }
 
     /// Whether an advancing watermark could close or fire anything.
@@ -470,10 +759,17 @@ impl PartitionState {
         self.changed.meta = true;
         let version = (offset + 1) as u64;
 
+        let t = rec.event.event_time_ms;
+        self.wm.observe_event(t, plan.out_of_orderness_ms);
+        let wm = self.wm.current();
+        self.rooms
+            .set_clock(wm, plan.room_idle_ms, plan.room_after_end_ms);
+        let seen = pane_start(t, ROOM_SEEN_STEP_MS);
         if let Some((id, room)) = rec.room_profile() {
             let info = RoomInfo::from_room(room);
-            let entry = self.rooms.entry(id.to_owned()).or_default();
+            let entry = self.rooms.entry(id);
             // An end event may carry a bare profile: keep what is known.
+            let ended = matches!(rec.kind, Kind::LiveRoomEnded);
             let merged = RoomInfo {
                 room_type: pick(&info.room_type, &entry.room_type),
                 client: pick(&info.client, &entry.client),
@@ -481,16 +777,28 @@ impl PartitionState {
                 address: pick(&info.address, &entry.address),
                 anchor_id: pick(&info.anchor_id, &entry.anchor_id),
                 module_id: pick(&info.module_id, &entry.module_id),
+                seen_ms: entry.seen_ms.max(seen),
+                // The latest of a room's starts and ends says whether it is
+                // on air.
+                ended_ms: if t >= entry.changed_ms {
+                    ended.then_some(t)
+                } else {
+                    entry.ended_ms
+                },
+                changed_ms: entry.changed_ms.max(t),
             };
             if *entry != merged {
                 *entry = merged;
-                self.changed.rooms = true;
+                self.changed.rooms.insert(id.to_owned());
             }
+        } else if !rec.event.room_id.is_empty()
+            && let Some(entry) = self.rooms.get_mut(rec.event.room_id.as_str())
+            && entry.seen_ms < seen
+        {
+            entry.seen_ms = seen;
+            self.changed.rooms.insert(rec.event.room_id.clone());
         }
 
-        let t = rec.event.event_time_ms;
-        self.wm.observe_event(t, plan.out_of_orderness_ms);
-        let wm = self.wm.current();
         let Some(targets) = plan.targets.get(&(self.input, rec.kind)) else {
             return Outcome::Ignored;
         };
@@ -500,8 +808,14 @@ impl PartitionState {
         let id = rec.event.event_id.as_str();
         let dedup = (!(id.is_empty() || targets.metrics.is_empty() && targets.lbs.is_empty()))
             .then(|| (pane_start(t, DEDUP_BUCKET_MS), id_hash(id)));
+        // A second past the horizon is forgotten whether or not the last
+        // emission removed it yet (what a record sees must not depend on
+        // when the stage flushed).
+        let remembered =
+            |second: i64| second.saturating_add(DEDUP_BUCKET_MS + plan.dedup_horizon_ms) > wm;
         if let Some((second, h)) = dedup
-            && self.dedup.get(&second).is_some_and(|ids| ids.contains(&h))
+            && remembered(second)
+            && self.dedup.get(&second).is_some_and(|b| b.ids.contains(&h))
         {
             return Outcome::Duplicate;
         }
@@ -550,9 +864,11 @@ impl PartitionState {
         let windowed = !(metrics.is_empty() && boards.is_empty());
         if let (true, Some((second, h))) = (windowed, dedup)
             // Older than the horizon: forgotten at once, not remembered.
-            && second.saturating_add(DEDUP_BUCKET_MS + plan.dedup_horizon_ms) > wm
+            && remembered(second)
         {
-            self.dedup.entry(second).or_default().insert(h);
+            let bucket = self.dedup.entry(second).or_default();
+            bucket.ids.insert(h);
+            bucket.added.push(h);
             self.changed.dedup.insert(second);
         }
 
@@ -636,8 +952,11 @@ impl PartitionState {
                     .map(|a| Agg::new(&a.func))
                     .collect(),
                 ck: false,
+                added: Vec::new(),
+                chunks: Chunks::default(),
+                written: false,
             });
-            for (agg, input) in cell.aggs.iter_mut().zip(&inputs) {
+            for (i, (agg, input)) in cell.aggs.iter_mut().zip(&inputs).enumerate() {
                 let Some(input) = input else { continue };
                 match (agg, input) {
                     (Agg::Count(n), _) => *n += 1,
@@ -646,6 +965,7 @@ impl PartitionState {
                     (Agg::Max(x), AggInput::Num(v)) => *x = Some(x.map_or(*v, |x| x.max(*v))),
                     (Agg::Distinct(set), AggInput::Text(v)) if !set.contains(v) => {
                         set.insert(v.clone());
+                        cell.added.push((i, v.clone()));
                     }
                     (Agg::Level(l), AggInput::Num(d)) => *l += d,
                     _ => {}
@@ -680,6 +1000,7 @@ impl PartitionState {
                 version: 0,
                 dirty: false,
                 ck: false,
+                written: false,
             });
         p.value = p.value.saturating_add(add);
         p.version = version;
@@ -773,9 +1094,14 @@ impl PartitionState {
             let name = &plan.spec.metrics[m].name;
             for start in closed {
                 if let Some(pane) = panes.remove(&start) {
-                    self.changed.gone.push(fired_field(name, start));
-                    for key in pane.cells.keys() {
+                    if pane.fired_written {
+                        self.changed.gone.push(fired_field(name, start));
+                    }
+                    for (key, cell) in pane.cells.iter().filter(|(_, c)| c.written) {
                         self.changed.gone.push(cell_field(name, start, key));
+                        for seq in 0..cell.chunks.n {
+                            self.changed.gone.push(chunk_field(name, start, seq, key));
+                        }
                     }
                 }
                 self.changed.panes.remove(&(m, start));
@@ -807,7 +1133,7 @@ impl PartitionState {
             }
             for start in closed {
                 if let Some(members) = days.remove(&start) {
-                    for member in members.keys() {
+                    for member in members.iter().filter(|(_, p)| p.written).map(|(m, _)| m) {
                         self.changed
                             .gone
                             .push(member_field(&board.name, start, member));
@@ -821,9 +1147,17 @@ impl PartitionState {
             if wm < second.saturating_add(DEDUP_BUCKET_MS + plan.dedup_horizon_ms) {
                 break;
             }
-            entry.remove();
+            let bucket = entry.remove();
             self.changed.dedup.remove(&second);
-            self.changed.gone.push(dedup_field(second));
+            for seq in 0..bucket.chunks.n {
+                self.changed.gone.push(dedup_field(second, seq));
+            }
+        }
+        self.rooms
+            .set_clock(wm, plan.room_idle_ms, plan.room_after_end_ms);
+        for id in self.rooms.prune() {
+            self.changed.rooms.remove(&id);
+            self.changed.gone.push(room_field(&id));
         }
         out
     }
@@ -842,18 +1176,49 @@ impl PartitionState {
             anchor: self.anchor,
         };
         d.set.push(("meta".into(), to_json(&meta)));
-        if changed.rooms {
-            d.set.push(("rooms".into(), to_json(&self.rooms)));
+        d.del = changed.gone;
+        for id in changed.rooms {
+            if let Some(r) = self.rooms.get(&id) {
+                d.set.push((room_field(&id), to_json(r)));
+            }
         }
         for (m, start) in changed.panes {
             let name = &plan.spec.metrics[m].name;
             if let Some(p) = self.metrics[m].get_mut(&start) {
-                if p.fired {
+                if p.fired && !p.fired_written {
+                    p.fired_written = true;
                     d.set.push((fired_field(name, start), b"1".to_vec()));
                 }
                 for (key, cell) in p.cells.iter_mut().filter(|(_, c)| c.ck) {
                     cell.ck = false;
-                    d.set.push((cell_field(name, start, key), to_json(cell)));
+                    cell.written = true;
+                    let added = std::mem::take(&mut cell.added);
+                    let total = cell.members();
+                    if added.is_empty() || cell.chunks.n == 0 && total <= Chunks::INLINE {
+                        // Unchanged members, or few enough to stay inline.
+                        d.set.push((cell_field(name, start, key), cell.head()));
+                        continue;
+                    }
+                    match cell.chunks.next(added.len(), total) {
+                        ChunkWrite::Append(seq) => {
+                            let v = cell.chunk(added.iter().map(|(a, m)| (*a, &**m)));
+                            d.set.push((chunk_field(name, start, seq, key), v));
+                        }
+                        ChunkWrite::Rewrite { stale } => {
+                            let all = cell.aggs.iter().enumerate().flat_map(|(i, a)| {
+                                let set = match a {
+                                    Agg::Distinct(set) => Some(set),
+                                    _ => None,
+                                };
+                                set.into_iter().flatten().map(move |m| (i, &**m))
+                            });
+                            let v = cell.chunk(all);
+                            d.set.push((chunk_field(name, start, 0, key), v));
+                            d.del
+                                .extend((1..stale).map(|seq| chunk_field(name, start, seq, key)));
+                        }
+                    }
+                    d.set.push((cell_field(name, start, key), cell.head()));
                 }
             }
         }
@@ -862,16 +1227,30 @@ impl PartitionState {
             if let Some(members) = self.boards[b].get_mut(&start) {
                 for (member, p) in members.iter_mut().filter(|(_, p)| p.ck) {
                     p.ck = false;
+                    p.written = true;
                     d.set.push((member_field(name, start, member), to_json(p)));
                 }
             }
         }
         for second in changed.dedup {
-            if let Some(ids) = self.dedup.get(&second) {
-                d.set.push((dedup_field(second), encode_ids(ids)));
+            let Some(bucket) = self.dedup.get_mut(&second) else {
+                continue;
+            };
+            let added = std::mem::take(&mut bucket.added);
+            if added.is_empty() {
+                continue;
+            }
+            match bucket.chunks.next(added.len(), bucket.ids.len()) {
+                ChunkWrite::Append(seq) => {
+                    d.set.push((dedup_field(second, seq), encode_ids(added)));
+                }
+                ChunkWrite::Rewrite { stale } => {
+                    let all = bucket.ids.iter().copied().collect();
+                    d.set.push((dedup_field(second, 0), encode_ids(all)));
+                    d.del.extend((1..stale).map(|seq| dedup_field(second, seq)));
+                }
             }
         }
-        d.del = changed.gone;
         d
     }
 
@@ -893,10 +1272,20 @@ impl PartitionState {
         s.next_offset = meta.next_offset;
         s.anchor = meta.anchor;
         s.wm = meta.clock;
-        if let Some(r) = fields.get("rooms") {
-            s.rooms = from_json("rooms", r)?;
-        }
+        // Chunks of distinct members, applied once their cells are known.
+        let mut chunks: Vec<ChunkRead<'_>> = Vec::new();
+        let mut bucket_chunks: BTreeMap<i64, u16> = BTreeMap::new();
+        let funcs: Vec<Vec<AggFn>> = plan
+            .spec
+            .metrics
+            .iter()
+            .map(|m| m.aggregates.iter().map(|a| a.func.clone()).collect())
+            .collect();
         for (field, value) in fields {
+            if let Some(id) = field.strip_prefix("r:") {
+                s.rooms.insert(id.to_owned(), from_json(field, value)?);
+                continue;
+            }
             let mut parts = field.splitn(4, ':');
             let (Some(tag), Some(name), Some(n)) = (parts.next(), parts.next(), parts.next())
             else {
@@ -904,7 +1293,7 @@ impl PartitionState {
             };
             let rest = parts.next();
             match tag {
-                "f" | "c" => {
+                "f" | "c" | "s" => {
                     let (Some(m), Ok(start)) = (
                         plan.spec.metrics.iter().position(|m| m.name == name),
                         n.parse::<i64>(),
@@ -912,11 +1301,26 @@ impl PartitionState {
                         continue;
                     };
                     let pane = s.metrics[m].entry(start).or_default();
-                    if tag == "f" {
-                        pane.fired = true;
-                    } else if let Some(key) = rest {
-                        let key: Key = from_json(field, key.as_bytes())?;
-                        pane.cells.insert(key, from_json(field, value)?);
+                    match (tag, rest) {
+                        ("f", _) => {
+                            pane.fired = true;
+                            pane.fired_written = true;
+                        }
+                        ("c", Some(key)) => {
+                            let key: Key = from_json(field, key.as_bytes())?;
+                            pane.cells
+                                .insert(key, Cell::from_head(&funcs[m], field, value)?);
+                        }
+                        ("s", Some(rest)) => {
+                            let Some((seq, key)) = rest
+                                .split_once(':')
+                                .and_then(|(q, k)| Some((q.parse::<u16>().ok()?, k)))
+                            else {
+                                return Err(corrupt(field, "no chunk number"));
+                            };
+                            chunks.push((m, start, seq, key, value, field));
+                        }
+                        _ => {}
                     }
                 }
                 "l" => {
@@ -927,21 +1331,83 @@ impl PartitionState {
                     ) else {
                         continue;
                     };
+                    let mut p: Partial = from_json(field, value)?;
+                    p.written = true;
                     s.boards[b]
                         .entry(start)
                         .or_default()
-                        .insert(member.into(), from_json(field, value)?);
+                        .insert(member.into(), p);
                 }
                 "d" => {
-                    let Ok(second) = name.parse::<i64>() else {
+                    let (Ok(second), Ok(seq)) = (name.parse::<i64>(), n.parse::<u16>()) else {
                         continue;
                     };
-                    s.dedup.insert(second, decode_ids(field, value)?);
+                    let ids = decode_ids(field, value)?;
+                    let bucket = s.dedup.entry(second).or_default();
+                    bucket.chunks.restored(seq, ids.len());
+                    bucket.ids.extend(ids);
+                    *bucket_chunks.entry(second).or_insert(0) += 1;
                 }
                 _ => {}
             }
         }
+        let mut cell_chunks: HashMap<(usize, i64, Key), u16> = HashMap::new();
+        for (m, start, seq, key, value, field) in chunks {
+            let key: Key = from_json(field, key.as_bytes())?;
+            let Some(cell) = s.metrics[m]
+                .get_mut(&start)
+                .and_then(|p| p.cells.get_mut(&key))
+            else {
+                return Err(corrupt(
+                    field,
+                    "a chunk of distinct members without its cell",
+                ));
+            };
+            let lists: Vec<Vec<Box<str>>> = from_json(field, value)?;
+            let mut len = 0;
+            for (agg, list) in cell.aggs.iter_mut().zip(lists) {
+                if let Agg::Distinct(set) = agg {
+                    len += list.len();
+                    set.extend(list);
+                }
+            }
+            cell.chunks.restored(seq, len);
+            *cell_chunks.entry((m, start, key)).or_insert(0) += 1;
+        }
+        // Chunks are written as 0..n, with disjoint members: anything else
+        // is a lost or mixed-up write.
+        for ((m, start, key), read) in cell_chunks {
+            if let Some(cell) = s.metrics[m].get(&start).and_then(|p| p.cells.get(&key))
+                && (cell.chunks.n != read
+                    || cell.members() != (cell.chunks.base + cell.chunks.tail) as usize)
+            {
+                let field = chunk_field(&plan.spec.metrics[m].name, start, 0, &key);
+                return Err(corrupt(
+                    &field,
+                    "distinct members do not match their chunks",
+                ));
+            }
+        }
+        for (second, read) in bucket_chunks {
+            if let Some(b) = s.dedup.get(&second)
+                && (b.chunks.n != read || b.ids.len() != (b.chunks.base + b.chunks.tail) as usize)
+            {
+                let field = dedup_field(second, 0);
+                return Err(corrupt(&field, "remembered ids do not match their chunks"));
+            }
+        }
         Ok(s)
+    }
+}
+
+/// A chunk field read back: (metric, pane, chunk, group key as JSON, value,
+/// field name).
+type ChunkRead<'a> = (usize, i64, u16, &'a str, &'a [u8], &'a str);
+
+fn corrupt(field: &str, message: &str) -> RestoreError {
+    RestoreError::Corrupt {
+        field: field.to_owned(),
+        message: message.to_owned(),
     }
 }
 
@@ -957,9 +1423,11 @@ enum AggInput {
 }
 
 // Checkpoint fields, one per unit that changes on its own: `f:<metric>:<pane>`
-// (fired), `c:<metric>:<pane>:<group key as JSON>` (a cell),
-// `l:<board>:<window>:<member>` (a partial), `d:<keep-until>:<second>:`
-// (remembered ids), plus `meta` and `rooms`.
+// (fired), `c:<metric>:<pane>:<group key as JSON>` (a cell without its
+// distinct members), `s:<metric>:<pane>:<chunk>:<group key as JSON>` (a
+// chunk of its distinct members, see [`Chunks`]), `l:<board>:<window>:<member>`
+// (a partial), `d:<second>:<chunk>:` (a chunk of remembered ids),
+// `r:<room id>` (a room), plus `meta`.
 
 fn fired_field(metric: &str, start: i64) -> String {
     format!("f:{metric}:{start}")
@@ -976,18 +1444,28 @@ fn member_field(board: &str, start: i64, member: &str) -> String {
     format!("l:{board}:{start}:{member}")
 }
 
-fn dedup_field(second: i64) -> String {
-    format!("d:{second}::")
+fn chunk_field(metric: &str, start: i64, seq: u16, key: &Key) -> String {
+    format!(
+        "s:{metric}:{start}:{seq}:{}",
+        String::from_utf8_lossy(&to_json(key))
+    )
+}
+
+fn dedup_field(second: i64, seq: u16) -> String {
+    format!("d:{second}:{seq}:")
+}
+
+fn room_field(id: &str) -> String {
+    format!("r:{id}")
 }
 
 /// Remembered id hashes as a checkpoint value: 8 bytes each, little-endian.
-fn encode_ids(ids: &HashSet<u64>) -> Vec<u8> {
-    let mut v: Vec<u64> = ids.iter().copied().collect();
+fn encode_ids(mut v: Vec<u64>) -> Vec<u8> {
     v.sort_unstable();
     v.iter().flat_map(|h| h.to_le_bytes()).collect()
 }
 
-fn decode_ids(field: &str, bytes: &[u8]) -> Result<HashSet<u64>, RestoreError> {
+fn decode_ids(field: &str, bytes: &[u8]) -> Result<Vec<u64>, RestoreError> {
     if !bytes.len().is_multiple_of(8) {
         return Err(RestoreError::Corrupt {
             field: field.to_owned(),

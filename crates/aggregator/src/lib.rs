@@ -110,6 +110,14 @@ pub struct Args {
     #[arg(long, env = "VIDPULSE_AGGREGATOR_DEDUP_HORIZON", default_value = "10m", value_parser = humantime::parse_duration)]
     pub dedup_horizon: Duration,
 
+    /// How long a live room no event mentioned stays in the room table (the
+    /// room profiles learned from start events, for room fields of events
+    /// that do not carry them), in event time behind the watermark. An ended
+    /// room is kept until its longest window and grace are over, whatever
+    /// this says; never less than that.
+    #[arg(long, env = "VIDPULSE_AGGREGATOR_ROOM_IDLE_TIMEOUT", default_value = "24h", value_parser = humantime::parse_duration)]
+    pub room_idle_timeout: Duration,
+
     /// Early emission: also write open windows' changed rows at this
     /// interval (live dashboards). 0s = only when a window ends, then on
     /// each correction within its grace.
@@ -199,6 +207,7 @@ pub struct Settings {
     pub out_of_orderness_ms: i64,
     pub clock: window::ClockMode,
     pub dedup_horizon_ms: i64,
+    pub room_idle_ms: i64,
     pub idle_timeout: Duration,
     pub early_emit: Option<Duration>,
     pub flush_max_rows: usize,
@@ -237,6 +246,7 @@ impl Settings {
             default_grace_ms: ms(args.grace),
             out_of_orderness_ms: ms(args.out_of_orderness),
             dedup_horizon_ms: ms(args.dedup_horizon),
+            room_idle_ms: ms(args.room_idle_timeout),
             clock: match args.watermarks {
                 WatermarkSource::InBand => window::ClockMode::InBand,
                 WatermarkSource::MaxEventTime => window::ClockMode::MaxEventTime,

@@ -29,6 +29,17 @@ pub struct RoomInfo {
     pub anchor_id: String,
     #[serde(default, skip_serializing_if = "String::is_empty")]
     pub module_id: String,
+    /// Event time (to the minute) of the last event that mentioned the
+    /// room: one idle longer than the plan's room timeout is pruned.
+    #[serde(default)]
+    pub seen_ms: i64,
+    /// When the room ended, if its latest start or end event is an end:
+    /// pruned once its windows can no longer take events.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ended_ms: Option<i64>,
+    /// Event time of its latest start or end event.
+    #[serde(default)]
+    pub changed_ms: i64,
 }
 
 impl RoomInfo {
@@ -40,6 +51,7 @@ impl RoomInfo {
             address: r.address.clone(),
             anchor_id: r.anchor_id.clone(),
             module_id: r.module_id.clone(),
+            ..RoomInfo::default()
         }
     }
 
@@ -56,8 +68,102 @@ impl RoomInfo {
     }
 }
 
-/// Room id → profile, learned from room events of one partition.
-pub type RoomTable = HashMap<String, RoomInfo>;
+/// Room id → profile, learned from room events of one partition. A room is
+/// live until the watermark passes its idle timeout or its end plus the
+/// longest window: from then on it is absent (whether or not
+/// [`RoomTable::prune`] removed it yet), so what a record sees does not
+/// depend on when the stage flushed.
+#[derive(Clone, Debug, Default)]
+pub struct RoomTable {
+    rooms: HashMap<String, RoomInfo>,
+    /// A room last seen at or before this is gone.
+    idle_cut: i64,
+    /// A room ended at or before this is gone.
+    end_cut: i64,
+}
+
+impl PartialEq for RoomTable {
+    fn eq(&self, other: &RoomTable) -> bool {
+        self.rooms == other.rooms
+    }
+}
+
+impl Eq for RoomTable {}
+
+impl RoomTable {
+    pub fn new() -> RoomTable {
+        RoomTable {
+            rooms: HashMap::new(),
+            idle_cut: i64::MIN,
+            end_cut: i64::MIN,
+        }
+    }
+
+    fn live(&self, r: &RoomInfo) -> bool {
+        r.seen_ms > self.idle_cut && r.ended_ms.is_none_or(|e| e > self.end_cut)
+    }
+
+    /// Sets the clock: at watermark `wm`, rooms idle for `idle_ms` or ended
+    /// `after_end_ms` ago are gone.
+    pub fn set_clock(&mut self, wm: i64, idle_ms: i64, after_end_ms: i64) {
+        self.idle_cut = wm.saturating_sub(idle_ms);
+        self.end_cut = wm.saturating_sub(after_end_ms);
+    }
+
+    /// A live room's profile.
+    pub fn get(&self, id: &str) -> Option<&RoomInfo> {
+        self.rooms.get(id).filter(|r| self.live(r))
+    }
+
+    /// A live room's profile, to update.
+    pub fn get_mut(&mut self, id: &str) -> Option<&mut RoomInfo> {
+        let (idle_cut, end_cut) = (self.idle_cut, self.end_cut);
+        self.rooms
+            .get_mut(id)
+            .filter(|r| r.seen_ms > idle_cut && r.ended_ms.is_none_or(|e| e > end_cut))
+    }
+
+    /// A live room's profile, or a fresh one in place of a gone room.
+    pub fn entry(&mut self, id: &str) -> &mut RoomInfo {
+        let live = self.get(id).is_some();
+        let r = self.rooms.entry(id.to_owned()).or_default();
+        if !live {
+            *r = RoomInfo::default();
+        }
+        r
+    }
+
+    pub fn insert(&mut self, id: String, info: RoomInfo) {
+        self.rooms.insert(id, info);
+    }
+
+    /// Removes the rooms that are gone; returns their ids.
+    pub fn prune(&mut self) -> Vec<String> {
+        let mut gone = Vec::new();
+        let (idle_cut, end_cut) = (self.idle_cut, self.end_cut);
+        self.rooms.retain(|id, r| {
+            let keep = r.seen_ms > idle_cut && r.ended_ms.is_none_or(|e| e > end_cut);
+            if !keep {
+                gone.push(id.clone());
+            }
+            keep
+        });
+        gone
+    }
+
+    /// Rooms held, live or not yet pruned.
+    pub fn len(&self) -> usize {
+        self.rooms.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.rooms.is_empty()
+    }
+
+    pub fn iter(&self) -> impl Iterator<Item = (&String, &RoomInfo)> {
+        self.rooms.iter()
+    }
+}
 
 /// One input record as the aggregator sees it.
 #[derive(Clone, Copy, Debug)]

@@ -946,3 +946,203 @@ fn in_band_watermarks_decide_windows_not_the_event_times_seen() {
         feed(&mut s, &p, &play("e", T0 + 5_000, "v1", "u5", None), 8),
     );
 }
+
+// ---- checkpoints proportional to change ---------------------------------------
+
+const GIVERS: &str = r#"
+[[metric]]
+name = "givers"
+kinds = ["gift_sent"]
+window = "1h"
+aggregates = [
+  { name = "gifts", fn = "count" },
+  { name = "givers", fn = "distinct", field = "user_id" },
+]
+"#;
+
+/// The checkpoint bytes of one more gift by a known giver and one by a new
+/// giver, after `n` givers are checkpointed.
+fn delta_after(n: usize) -> (usize, usize) {
+    let p = plan(GIVERS, 60_000, 0);
+    let mut s = PartitionState::new(&p, Input::Events);
+    for i in 0..n {
+        let e = gift(&format!("e{i}"), T0 + 1_000, &format!("u{i}"), 1);
+        feed(&mut s, &p, &e, i as i64);
+    }
+    s.checkpoint_delta(&p);
+    feed(&mut s, &p, &gift("again", T0 + 2_000, "u0", 1), n as i64);
+    let unchanged = s.checkpoint_delta(&p).bytes();
+    feed(
+        &mut s,
+        &p,
+        &gift("new", T0 + 3_000, "newcomer", 1),
+        n as i64 + 1,
+    );
+    let grown = s.checkpoint_delta(&p).bytes();
+    (unchanged, grown)
+}
+
+#[test]
+fn a_checkpoint_writes_what_changed_not_the_whole_distinct_set() {
+    let (small_same, small_grown) = delta_after(100);
+    let (big_same, big_grown) = delta_after(10_000);
+    // Only the cell's head (counts, version) and the new member: the same
+    // size whatever the set holds, give or take the digits of the counts.
+    assert!(big_same <= small_same + 16, "{big_same} vs {small_same}");
+    assert!(
+        big_grown <= small_grown + 16,
+        "{big_grown} vs {small_grown}"
+    );
+    assert!(big_grown < 600, "{big_grown} bytes for one new member");
+    // The remembered ids: 8 bytes for the new id, not the second's set.
+    assert!(big_grown < small_grown + 100);
+}
+
+#[test]
+fn a_growing_set_is_written_a_bounded_number_of_times_per_member() {
+    let p = plan(GIVERS, 60_000, 0);
+    let mut s = PartitionState::new(&p, Input::Events);
+    let mut store = HashMap::new();
+    let (mut written, mut most_fields) = (0usize, 0usize);
+    for i in 0..5_000usize {
+        let e = gift(&format!("e{i}"), T0 + 1_000, &format!("u{i}"), 1);
+        feed(&mut s, &p, &e, i as i64);
+        if i % 7 == 0 {
+            let d = s.checkpoint_delta(&p);
+            written += d
+                .set
+                .iter()
+                .filter(|(f, _)| f.starts_with("s:"))
+                .map(|(_, v)| v.len())
+                .sum::<usize>();
+            for f in &d.del {
+                store.remove(f);
+            }
+            store.extend(d.set);
+            most_fields = most_fields.max(store.keys().filter(|f| f.starts_with("s:")).count());
+        }
+    }
+    let d = s.checkpoint_delta(&p);
+    for f in &d.del {
+        store.remove(f);
+    }
+    store.extend(d.set);
+    // 5 000 members of ~8 bytes as JSON: written whole each checkpoint
+    // that would be ~15 MB; appended with doubling rewrites it is a few
+    // times the set.
+    let set_bytes = 5_000 * 8;
+    assert!(
+        written < 6 * set_bytes,
+        "{written} bytes written for a {set_bytes}-byte set"
+    );
+    assert!(
+        most_fields <= usize::from(Chunks::MAX),
+        "{most_fields} chunk fields"
+    );
+    let back = PartitionState::restore(&p, Input::Events, &store).unwrap();
+    assert_eq!(back, s);
+}
+
+#[test]
+fn chunks_append_until_the_tail_matches_the_base_then_rewrite() {
+    let mut c = Chunks::default();
+    assert_eq!(c.next(10, 10), ChunkWrite::Rewrite { stale: 0 });
+    assert_eq!(c.next(3, 13), ChunkWrite::Append(1));
+    assert_eq!(c.next(3, 16), ChunkWrite::Append(2));
+    // 3 + 3 + 4 ≥ 10: the whole set as the new base, chunks 1 and 2 gone.
+    assert_eq!(c.next(4, 20), ChunkWrite::Rewrite { stale: 3 });
+    assert_eq!(
+        c,
+        Chunks {
+            n: 1,
+            base: 20,
+            tail: 0
+        }
+    );
+    // Never more than MAX chunks, however slowly the set grows.
+    let mut c = Chunks::default();
+    c.next(1_000_000, 1_000_000);
+    let mut seen = 1;
+    while let ChunkWrite::Append(seq) = c.next(1, 0) {
+        seen = seq + 1;
+    }
+    assert_eq!(seen, Chunks::MAX);
+}
+
+fn room_event(id: &str, t: i64, room: &str, started: bool) -> Event {
+    use vidpulse_proto::{LiveRoomEnded, LiveRoomStarted, Room};
+    let r = Some(Room {
+        r#type: "game".into(),
+        module_id: "m1".into(),
+        ..Default::default()
+    });
+    Event {
+        event_id: id.into(),
+        event_time_ms: t,
+        room_id: room.into(),
+        payload: Some(if started {
+            Payload::LiveRoomStarted(LiveRoomStarted { room: r })
+        } else {
+            Payload::LiveRoomEnded(LiveRoomEnded { room: r })
+        }),
+        ..Default::default()
+    }
+}
+
+#[test]
+fn the_room_table_forgets_ended_and_idle_rooms() {
+    const HOUR: i64 = 3_600_000;
+    // Longest window: 1 h, grace 1 min: an ended room is kept 61 min.
+    let p = plan(GIVERS, MIN, 0).with_room_idle(3 * HOUR);
+    assert_eq!(p.room_after_end_ms, HOUR + MIN);
+    let mut s = PartitionState::new(&p, Input::Events);
+    let mut store = HashMap::new();
+    let mut ckpt = |s: &mut PartitionState| {
+        let d = s.checkpoint_delta(&p);
+        for f in &d.del {
+            store.remove(f);
+        }
+        store.extend(d.set);
+        store
+            .keys()
+            .filter(|f| f.starts_with("r:"))
+            .cloned()
+            .collect::<BTreeSet<_>>()
+    };
+    feed(&mut s, &p, &room_event("s1", T0, "ended", true), 0);
+    feed(&mut s, &p, &room_event("s2", T0, "idle", true), 1);
+    feed(&mut s, &p, &room_event("s3", T0, "busy", true), 2);
+    feed(&mut s, &p, &room_event("e1", T0 + MIN, "ended", false), 3);
+    assert_eq!(s.rooms(), 3);
+    assert_eq!(ckpt(&mut s).len(), 3, "one field per room");
+    // An hour later the ended room's windows are still open; gifts keep
+    // "busy" seen.
+    let mut off = 4;
+    for h in 1..=4 {
+        let e = Event {
+            room_id: "busy".into(),
+            ..gift(&format!("g{h}"), T0 + h * HOUR, "u1", 1)
+        };
+        feed(&mut s, &p, &e, off);
+        off += 1;
+        s.emit(&p, false);
+        let fields = ckpt(&mut s);
+        let rooms: Vec<&str> = fields.iter().map(|f| &f[2..]).collect();
+        match h {
+            1 => assert_eq!(rooms, ["busy", "ended", "idle"]),
+            2 => assert_eq!(rooms, ["busy", "idle"], "ended 61 min ago: pruned"),
+            3 => assert_eq!(rooms, ["busy"], "not seen for 3 h: pruned"),
+            _ => assert_eq!(rooms, ["busy"]),
+        }
+    }
+    let back = PartitionState::restore(&p, Input::Events, &store).unwrap();
+    assert_eq!(back, s);
+    // A room that starts again is back.
+    feed(
+        &mut s,
+        &p,
+        &room_event("s4", T0 + 4 * HOUR, "idle", true),
+        off,
+    );
+    assert_eq!(s.rooms(), 2);
+}

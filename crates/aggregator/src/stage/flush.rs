@@ -19,8 +19,9 @@ use vidpulse_core::health::Component;
 use vidpulse_core::runtime::{InputPartition, StageError};
 use vidpulse_query::clickhouse as ch;
 
+use super::STAGE;
 use super::Sinks;
-use super::metrics::{PARTIALS_WRITTEN, ROWS_WRITTEN};
+use super::metrics::{CHECKPOINT_BYTES, PARTIALS_WRITTEN, ROWS_WRITTEN};
 use crate::checkpoint;
 use crate::engine::{CheckpointDelta, Emission, Plan};
 use crate::leaderboard;
@@ -228,6 +229,7 @@ impl Pending {
                 .await;
                 if r.is_ok() {
                     c.done = true;
+                    counter!(CHECKPOINT_BYTES, "stage" => STAGE).increment(c.delta.bytes() as u64);
                 }
                 (c.part, c.next_offset, r)
             }

@@ -32,3 +32,11 @@ pub const REMEMBERED_IDS: &str = "vidpulse_aggregator_remembered_ids";
 /// Partitions whose checkpoint the store lost (each then replayed from its
 /// earliest offset).
 pub const STORE_LOST: &str = "vidpulse_aggregator_store_lost_total";
+/// Estimated heap bytes of the state of the partitions this instance owns
+/// (open panes, leaderboard partials, remembered ids, rooms), sampled at
+/// most every 10 s.
+pub const STATE_BYTES: &str = "vidpulse_aggregator_state_bytes";
+/// Rooms in the room tables of owned partitions.
+pub const ROOMS: &str = "vidpulse_aggregator_rooms";
+/// Bytes of checkpoint deltas written to Redis (field names and values).
+pub const CHECKPOINT_BYTES: &str = "vidpulse_aggregator_checkpoint_bytes_total";

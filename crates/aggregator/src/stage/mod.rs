@@ -101,6 +101,8 @@ struct Aggregator {
     since_flush: usize,
     last_flush: Instant,
     last_early: Instant,
+    /// When the state's size was last sampled.
+    last_sized: Option<Instant>,
     duplicates: Counter,
     owned_gauge: Gauge,
     unflushed: Gauge,
@@ -150,7 +152,8 @@ pub(crate) async fn run(
             settings.out_of_orderness_ms,
             settings.clock,
         )
-        .with_dedup_horizon(settings.dedup_horizon_ms),
+        .with_dedup_horizon(settings.dedup_horizon_ms)
+        .with_room_idle(settings.room_idle_ms),
     );
     let client = args.clickhouse.client();
     let mut backoff = Backoff::new(settings.loop_.min_backoff, settings.loop_.max_backoff);
@@ -299,6 +302,7 @@ pub(crate) async fn run(
         since_flush: 0,
         last_flush: Instant::now(),
         last_early: Instant::now(),
+        last_sized: None,
         duplicates: counter!(DUPLICATES, "stage" => STAGE),
         owned_gauge: gauge!(PARTITIONS_OWNED, "stage" => STAGE),
         unflushed: gauge!(UNFLUSHED, "stage" => STAGE),
@@ -743,6 +747,17 @@ impl Aggregator {
         self.since_flush = 0;
         self.unflushed.set(0.0);
         gauge!(REMEMBERED_IDS, "stage" => STAGE).set(remembered as f64);
+        if self
+            .last_sized
+            .is_none_or(|t| t.elapsed() >= Duration::from_secs(10))
+        {
+            self.last_sized = Some(Instant::now());
+            let (bytes, rooms) = self.parts.values().fold((0, 0), |(b, r), o| {
+                (b + o.state.state_bytes(), r + o.state.rooms())
+            });
+            gauge!(STATE_BYTES, "stage" => STAGE).set(bytes as f64);
+            gauge!(ROOMS, "stage" => STAGE).set(rooms as f64);
+        }
         self.report_watermarks();
         Pending::new(
             &self.plan,
