@@ -88,7 +88,7 @@ fn lua_scripts_agree_with_the_model_on_random_histories() {
     let url = redis_url();
     let mut con = redis(&url);
     let rt = rt();
-    let mut store = Store::open(&url, Duration::from_secs(10)).unwrap();
+    let mut store = Store::open(&url, false, Duration::from_secs(10)).unwrap();
     let mut rng = Rng(0x9E37_79B9_7F4A_7C15);
     let titles = ["A", "B", "C"];
     for trial in 0..150 {
@@ -819,7 +819,7 @@ fn loader_keeps_newer_live_fields_and_reports_bad_rows() {
     let url = redis_url();
     let mut con = redis(&url);
     let rt = rt();
-    let mut store = Store::open(&url, Duration::from_secs(10)).unwrap();
+    let mut store = Store::open(&url, false, Duration::from_secs(10)).unwrap();
     let rp = format!("{}room:", env.prefix);
     let vp = format!("{}viewer:", env.prefix);
     let ap = format!("{}anchor:", env.prefix);
