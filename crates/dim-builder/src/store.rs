@@ -100,7 +100,7 @@ impl Store {
     pub fn open(url: &str, cluster: bool, timeout: Duration) -> Result<Store, StoreError> {
         // The URL may hold a password: the message redacts it.
         let client = RedisClient::from_url(url, cluster).map_err(|e| StoreError {
-            message: format!("invalid Redis URL: {e}"),
+            message: e.to_string(),
             retriable: false,
         })?;
         let config = ConnectOptions::timeouts(timeout);
