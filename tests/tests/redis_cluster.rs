@@ -308,7 +308,7 @@ fn dimensions_loader_and_enrichment_on_a_cluster() {
 fn checkpoint_keys(env: &Env, topic: &str) -> Vec<String> {
     let group = env.topic("vidpulse-aggregator");
     let topic = env.topic(topic);
-    cluster::scan_all(&format!("vp:ckpt:{{{group}|{topic}|*}}"))
+    cluster::scan_all(&format!("vp:ckpt:{{{group}|{topic}|*"))
 }
 
 #[test]
