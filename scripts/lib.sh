@@ -178,6 +178,42 @@ vp_redis_ping() {
     fi
 }
 
+# True when VIDPULSE_REDIS_CLUSTER says the binaries talk to a Redis Cluster.
+vp_redis_is_cluster() {
+    case "${VIDPULSE_REDIS_CLUSTER:-}" in
+        1 | true | TRUE | True | yes | on) return 0 ;;
+        *) return 1 ;;
+    esac
+}
+
+# vp_redis_scan PATTERN: the keys matching PATTERN in the Redis of $VIDPULSE_REDIS_URL; on a Redis
+# Cluster (VIDPULSE_REDIS_CLUSTER) those of every master, asked through the URL's first seed (SCAN
+# on one node would see only that node's slots).
+vp_redis_scan() {
+    local pattern="$1" url="${VIDPULSE_REDIS_URL%%,*}"
+    if ! vp_redis_is_cluster; then
+        redis-cli -u "$url" --scan --pattern "$pattern"
+        return
+    fi
+    local scheme="${url%%://*}" rest="${url#*://}" auth="" addr
+    [[ "$rest" == *@* ]] && auth="${rest%@*}@"
+    redis-cli -u "$url" cluster nodes |
+        awk '$3 ~ /master/ && $3 !~ /fail/ && NF > 8 { split($2, a, "@"); print a[1] }' |
+        while read -r addr; do
+            redis-cli -u "$scheme://$auth$addr" --scan --pattern "$pattern"
+        done
+}
+
+# vp_redis_unlink KEY: UNLINK on the server, or on the master of KEY's slot (-c follows MOVED).
+vp_redis_unlink() {
+    local url="${VIDPULSE_REDIS_URL%%,*}"
+    if vp_redis_is_cluster; then
+        redis-cli -c -u "$url" unlink "$1"
+    else
+        redis-cli -u "$url" unlink "$1"
+    fi
+}
+
 # vp_clickhouse_ping [HTTP_PORT] [HOST]: true if ClickHouse answers SELECT 1 over HTTP.
 vp_clickhouse_ping() {
     local port="${1:-$VIDPULSE_CLICKHOUSE_HTTP_PORT}" host="${2:-127.0.0.1}"

@@ -4,6 +4,8 @@
 #![forbid(unsafe_code)]
 #![allow(clippy::unwrap_used)] // test harness: a failed step should panic with context
 
+pub mod cluster;
+pub mod dims;
 pub mod forwarder;
 pub use forwarder::{Forwarder, wait_events, with_even_pool};
 

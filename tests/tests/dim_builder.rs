@@ -9,7 +9,7 @@
 //! stopping it disturbs no one.
 #![allow(clippy::unwrap_used)]
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 use std::io::Write;
 use std::process::Stdio;
 use std::time::Duration;
@@ -88,7 +88,7 @@ fn lua_scripts_agree_with_the_model_on_random_histories() {
     let url = redis_url();
     let mut con = redis(&url);
     let rt = rt();
-    let mut store = Store::open(&url, Duration::from_secs(10)).unwrap();
+    let mut store = Store::open(&url, false, Duration::from_secs(10)).unwrap();
     let mut rng = Rng(0x9E37_79B9_7F4A_7C15);
     let titles = ["A", "B", "C"];
     for trial in 0..150 {
@@ -489,132 +489,6 @@ fn stage_keeps_room_hashes_with_ttls_replay_and_order_safe() {
 // ---------------------------------------------------------------------------
 // Redis outage in the middle of a run.
 
-/// Runs gen; returns how many events ingest will write for it.
-fn run_gen(env: &Env, seed: &str, start: &str, count: &str) -> i64 {
-    let truth = scratch(&env.prefix).join(format!("truth{seed}.json"));
-    let out = env.run(
-        "vidpulse-gen",
-        &[
-            "--formats",
-            "live_room_events,live_streaming_log",
-            "--rooms",
-            "30",
-            "--users",
-            "200",
-            "--count",
-            count,
-            "--seed",
-            seed,
-            "--start",
-            start,
-            "--dup-fraction",
-            "0.05",
-            "--late-fraction",
-            "0.05",
-            "--truth",
-            truth.to_str().unwrap(),
-        ],
-    );
-    assert!(
-        out.status.success(),
-        "gen: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    read_json(&truth)["expected"]["events"].as_i64().unwrap()
-}
-
-/// Expected hashes by key.
-type Hashes = HashMap<String, BTreeMap<String, String>>;
-
-/// The room and viewer hashes the events must produce, computed here from
-/// the events themselves: per room the newest start's profile, the newest
-/// start and end times; per viewer and field, the newest value.
-fn expected(events: &[Value], rp: &str, vp: &str) -> (Hashes, Hashes) {
-    let mut starts: HashMap<String, (i64, BTreeMap<String, String>)> = HashMap::new();
-    let mut ends: HashMap<String, i64> = HashMap::new();
-    let mut viewers: HashMap<String, BTreeMap<String, (i64, String)>> = HashMap::new();
-    for rec in events {
-        let v = &rec["value"];
-        let t = v["event_time_ms"].as_i64().unwrap();
-        let room = v["room_id"].as_str().unwrap_or("").to_owned();
-        let payload = &v["payload"];
-        if let Some(p) = payload.get("live_room_started") {
-            let profile: BTreeMap<String, String> = p["room"]
-                .as_object()
-                .map(|o| {
-                    o.iter()
-                        .filter_map(|(k, x)| {
-                            x.as_str()
-                                .filter(|s| !s.is_empty())
-                                .map(|s| (k.clone(), s.to_owned()))
-                        })
-                        .collect()
-                })
-                .unwrap_or_default();
-            let e = starts.entry(room).or_insert((i64::MIN, BTreeMap::new()));
-            if t > e.0 {
-                *e = (t, profile);
-            }
-        } else if payload.get("live_room_ended").is_some() {
-            let e = ends.entry(room).or_insert(i64::MIN);
-            *e = (*e).max(t);
-        } else if let Some(p) = payload
-            .get("viewer_arrived")
-            .or_else(|| payload.get("viewer_left"))
-        {
-            let user = v["user_id"].as_str().unwrap().to_owned();
-            let vw = &p["viewer"];
-            let mut fields = Vec::new();
-            for f in ["province", "region"] {
-                if let Some(s) = vw[f].as_str().filter(|s| !s.is_empty()) {
-                    fields.push((f, s.to_owned()));
-                }
-            }
-            if let Some(g) = vw["grade"].as_i64().filter(|g| *g != 0) {
-                fields.push(("grade", g.to_string()));
-            }
-            let e = viewers.entry(user).or_default();
-            for (f, s) in fields {
-                let slot = e.entry(f.to_owned()).or_insert((i64::MIN, String::new()));
-                if t > slot.0 {
-                    *slot = (t, s);
-                }
-            }
-        }
-    }
-    let mut rooms = HashMap::new();
-    for (room, (st, profile)) in &starts {
-        let mut h = profile.clone();
-        h.insert("started_at".into(), st.to_string());
-        let end = ends.get(room).copied();
-        if let Some(e) = end {
-            h.insert("ended_at".into(), e.to_string());
-        }
-        if h.contains_key("module_id") {
-            h.insert("_v.module_id".into(), st.to_string());
-        }
-        let live = end.is_none_or(|e| *st > e);
-        h.insert("status".into(), if live { "live" } else { "ended" }.into());
-        h.insert("_v".into(), end.map_or(*st, |e| e.max(*st)).to_string());
-        rooms.insert(format!("{rp}{room}"), h);
-    }
-    for room in ends.keys() {
-        assert!(starts.contains_key(room), "gen ends only rooms it started");
-    }
-    let viewers = viewers
-        .into_iter()
-        .map(|(u, fields)| {
-            let mut h = BTreeMap::new();
-            for (f, (t, s)) in fields {
-                h.insert(f.clone(), s);
-                h.insert(format!("_v.{f}"), t.to_string());
-            }
-            (format!("{vp}{u}"), h)
-        })
-        .collect();
-    (rooms, viewers)
-}
-
 #[test]
 fn redis_outage_mid_run_loses_nothing() {
     let env = Env::new("dimoutage");
@@ -651,7 +525,7 @@ fn redis_outage_mid_run_loses_nothing() {
     );
 
     // Phase 1: rooms start (some end) while Redis is up.
-    let n1 = run_gen(&env, "21", "2021-08-16T01:00:00Z", "3000");
+    let n1 = dims::gen_rooms(&env, "21", "2021-08-16T01:00:00Z", "3000");
     wait_for("phase 1 events", Duration::from_secs(120), || {
         (env.count(EVENTS) == n1).then_some(())
     });
@@ -660,7 +534,7 @@ fn redis_outage_mid_run_loses_nothing() {
     // Phase 2 (new profiles, more starts and ends, later times) arrives
     // while Redis is down: the stage stops, says not ready, and waits.
     redis_srv.stack("stop");
-    let n2 = n1 + run_gen(&env, "22", "2021-08-16T02:00:00Z", "3000");
+    let n2 = n1 + dims::gen_rooms(&env, "22", "2021-08-16T02:00:00Z", "3000");
     wait_for(
         "/readyz 503 while Redis is down",
         Duration::from_secs(60),
@@ -693,7 +567,7 @@ fn redis_outage_mid_run_loses_nothing() {
     // Every room and viewer hash is exactly what the events say.
     let events = env.tail_all(EVENTS);
     assert_eq!(events.len() as i64, total);
-    let (rooms, viewers) = expected(&events, &rp, &vp);
+    let (rooms, viewers) = dims::expected_hashes(&events, &rp, &vp);
     assert!(rooms.len() >= 20, "{} rooms", rooms.len());
     let mut con = redis(&redis_srv.url());
     let (mut live, mut ended) = (0, 0);
@@ -819,7 +693,7 @@ fn loader_keeps_newer_live_fields_and_reports_bad_rows() {
     let url = redis_url();
     let mut con = redis(&url);
     let rt = rt();
-    let mut store = Store::open(&url, Duration::from_secs(10)).unwrap();
+    let mut store = Store::open(&url, false, Duration::from_secs(10)).unwrap();
     let rp = format!("{}room:", env.prefix);
     let vp = format!("{}viewer:", env.prefix);
     let ap = format!("{}anchor:", env.prefix);

@@ -18,7 +18,7 @@
 use std::collections::HashMap;
 
 use redis::AsyncCommands;
-use redis::aio::ConnectionManager;
+use vidpulse_core::redis::RedisConn;
 
 use crate::engine::CheckpointDelta;
 
@@ -41,7 +41,7 @@ pub struct Loaded {
 }
 
 /// Takes ownership (new epoch) and reads the checkpoint.
-pub async fn load(con: &mut ConnectionManager, key: &str) -> redis::RedisResult<Loaded> {
+pub async fn load(con: &mut RedisConn, key: &str) -> redis::RedisResult<Loaded> {
     let epoch: i64 = con.incr(epoch_key(key), 1).await?;
     let fields: HashMap<String, Vec<u8>> = con.hgetall(key).await?;
     Ok(Loaded { epoch, fields })
@@ -50,7 +50,7 @@ pub async fn load(con: &mut ConnectionManager, key: &str) -> redis::RedisResult<
 /// Deletes a checkpoint that cannot be used (other spec, `--reset-state`),
 /// so the deltas written from now on start from an empty hash. Refused when
 /// another owner took over meanwhile.
-pub async fn clear(con: &mut ConnectionManager, key: &str, epoch: i64) -> redis::RedisResult<bool> {
+pub async fn clear(con: &mut RedisConn, key: &str, epoch: i64) -> redis::RedisResult<bool> {
     let done: i64 = redis::Script::new(CLEAR)
         .key(key)
         .key(epoch_key(key))
@@ -103,7 +103,7 @@ pub fn write_script() -> redis::Script {
 /// Writes a delta atomically. `existing`: the hash must be there already
 /// (this owner restored or wrote it).
 pub async fn write(
-    con: &mut ConnectionManager,
+    con: &mut RedisConn,
     script: &redis::Script,
     key: &str,
     epoch: i64,
@@ -132,32 +132,31 @@ pub async fn write(
 /// How the store keeps data: `Ok(None)` when it keeps it (persistence on,
 /// nothing evicted that has no TTL), else why not. CONFIG may be refused
 /// (managed Redis): then nothing is known (`Ok(None)`, logged by the caller).
-pub async fn durability(con: &mut ConnectionManager) -> Result<Option<String>, redis::RedisError> {
-    let get = |name: &'static str| {
-        let mut con = con.clone();
-        async move {
-            let v: Vec<String> = redis::cmd("CONFIG")
-                .arg("GET")
-                .arg(name)
-                .query_async(&mut con)
-                .await?;
-            Ok::<String, redis::RedisError>(v.get(1).cloned().unwrap_or_default())
-        }
-    };
-    let aof = get("appendonly").await?;
-    let save = get("save").await?;
-    let policy = get("maxmemory-policy").await?;
+/// On a Redis Cluster every master is asked (each holds its slots'
+/// checkpoints) and the reasons name the node.
+pub async fn durability(con: &mut RedisConn) -> Result<Option<String>, redis::RedisError> {
+    let aof = con.config_get("appendonly").await?;
+    let save = con.config_get("save").await?;
+    let policy = con.config_get("maxmemory-policy").await?;
     let mut why = Vec::new();
-    if aof != "yes" && save.trim().is_empty() {
-        why.push(
-            "no persistence (appendonly no, save \"\"): a restart loses every checkpoint"
-                .to_owned(),
-        );
-    }
-    if policy.starts_with("allkeys-") {
-        why.push(format!(
-            "maxmemory-policy {policy} evicts checkpoints under memory pressure; use noeviction"
-        ));
+    for (i, (node, aof)) in aof.iter().enumerate() {
+        let save = save.get(i).map_or("", |(_, v)| v.as_str());
+        let policy = policy.get(i).map_or("", |(_, v)| v.as_str());
+        let on = if node.is_empty() {
+            String::new()
+        } else {
+            format!("master {node}: ")
+        };
+        if aof != "yes" && save.trim().is_empty() {
+            why.push(format!(
+                "{on}no persistence (appendonly no, save \"\"): a restart loses every checkpoint"
+            ));
+        }
+        if policy.starts_with("allkeys-") {
+            why.push(format!(
+                "{on}maxmemory-policy {policy} evicts checkpoints under memory pressure; use noeviction"
+            ));
+        }
     }
     Ok((!why.is_empty()).then(|| why.join("; ")))
 }

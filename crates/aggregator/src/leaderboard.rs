@@ -164,7 +164,7 @@ pub fn by_slot(batches: Vec<Batch>) -> Vec<Vec<Batch>> {
 
 /// Applies batches whose keys share a hash slot, in one atomic script call.
 pub async fn apply(
-    con: &mut redis::aio::ConnectionManager,
+    con: &mut vidpulse_core::redis::RedisConn,
     script: &redis::Script,
     batches: &[Batch],
 ) -> Result<i64, redis::RedisError> {
@@ -183,6 +183,46 @@ pub async fn apply(
 mod tests {
     use super::*;
     use vidpulse_query::spec::Spec;
+
+    /// Keys one script call touches share a hash slot (Redis Cluster runs
+    /// a script only on keys of one slot).
+    #[test]
+    fn keys_used_together_share_a_hash_slot() {
+        use vidpulse_core::redis::{same_slot, slot};
+        let spec = Spec::default_spec();
+        let boards: Vec<Leaderboard> = spec.leaderboards.clone();
+        let stamps: Vec<String> = boards.iter().map(|_| stamp(1, 1)).collect();
+        let day = 86_400_000;
+        let mut rows = Vec::new();
+        for (board, _) in boards.iter().enumerate() {
+            for d in 0..5 {
+                rows.push(BoardRow {
+                    board,
+                    window_start: 1_629_072_000_000 + d * day,
+                    member: format!("m{d}").into(),
+                    version: 1,
+                    value: 1,
+                });
+            }
+        }
+        let groups = by_slot(batches("t1.", &boards, &stamps, "p0", &rows));
+        assert!(groups.len() >= 5, "one call per window");
+        for g in &groups {
+            let keys: Vec<String> = g
+                .iter()
+                .flat_map(|b| [b.set_key.clone(), parts_key(&b.set_key)])
+                .collect();
+            assert!(same_slot(&keys), "{keys:?}");
+        }
+        // The checkpoint scripts' two keys.
+        let k = crate::checkpoint::key("t1.vidpulse-aggregator", "t1.vp.events.v1", 3);
+        assert_eq!(slot(k.as_bytes()), slot(format!("{k}:epoch").as_bytes()));
+        // Partitions of one group spread over the slots.
+        let slots: std::collections::BTreeSet<u16> = (0..12)
+            .map(|p| slot(crate::checkpoint::key("g", "t", p).as_bytes()))
+            .collect();
+        assert!(slots.len() > 6, "{slots:?}");
+    }
 
     #[test]
     fn keys_carry_the_window_and_parse_back() {

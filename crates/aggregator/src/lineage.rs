@@ -12,7 +12,7 @@
 use std::hash::{BuildHasher, Hasher};
 
 use redis::AsyncCommands;
-use redis::aio::ConnectionManager;
+use vidpulse_core::redis::RedisConn;
 use vidpulse_query::generation;
 use vidpulse_query::schema::Tables;
 
@@ -66,7 +66,7 @@ fn fresh() -> u64 {
 /// The group's lineage: the store's, else the registry's (written back to
 /// the store), else a new one; `reset`: always a new one.
 pub async fn resolve(
-    con: &mut ConnectionManager,
+    con: &mut RedisConn,
     ch: &clickhouse::Client,
     tables: &Tables,
     group: &str,
@@ -95,11 +95,7 @@ pub async fn resolve(
 }
 
 /// Writes the lineage back after the store lost it (kept if present).
-pub async fn remember(
-    con: &mut ConnectionManager,
-    group: &str,
-    lineage: u64,
-) -> redis::RedisResult<()> {
+pub async fn remember(con: &mut RedisConn, group: &str, lineage: u64) -> redis::RedisResult<()> {
     let _: bool = con.set_nx(key(group), format!("{lineage:016x}")).await?;
     Ok(())
 }
@@ -150,7 +146,7 @@ pub async fn register(
     Ok((g, new))
 }
 
-async fn read(con: &mut ConnectionManager, k: &str) -> redis::RedisResult<Option<u64>> {
+async fn read(con: &mut RedisConn, k: &str) -> redis::RedisResult<Option<u64>> {
     let v: Option<String> = con.get(k).await?;
     Ok(v.and_then(|s| u64::from_str_radix(s.trim(), 16).ok()))
 }

@@ -259,7 +259,8 @@ pub struct Inner {
     pub tables: Tables,
     /// ClickHouse client with the API's guards (read-only, deadline).
     pub ch: clickhouse::Client,
-    pub redis_url: String,
+    /// The server or cluster (`--redis-url`, `--redis-cluster`).
+    pub redis: vidpulse_core::redis::RedisClient,
     pub settings: Settings,
     pub permits: tokio::sync::Semaphore,
     pub live: Arc<live::Live>,
@@ -291,7 +292,7 @@ pub fn state(args: &Args, shutdown: &CancellationToken) -> Result<AppState, Star
     Ok(Arc::new(Inner {
         tables: args.clickhouse.tables(&args.kafka.topic_prefix),
         ch: clickhouse_client(&args.clickhouse, settings.query_timeout),
-        redis_url: args.redis.redis_url.clone(),
+        redis: args.redis.client()?,
         permits: tokio::sync::Semaphore::new(settings.max_concurrent_queries),
         live: Arc::new(live::Live::new(settings.live.clone())),
         pools,

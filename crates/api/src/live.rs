@@ -425,7 +425,7 @@ async fn fetch(st: &Inner, t: &Target<'_>, f: Filters) -> Result<Vec<Row>, ApiEr
     deadline(
         st.settings.query_timeout,
         "the metric store",
-        query::run(&ch, &st.redis_url, &st.tables, t, &f),
+        query::run(&ch, &st.redis, &st.tables, t, &f),
     )
     .await
 }

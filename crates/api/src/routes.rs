@@ -190,7 +190,7 @@ async fn get_metric(
     let mut rows = deadline(
         st.settings.query_timeout,
         "the metric store",
-        query::run(&ch, &st.redis_url, &st.tables, &target, &filters),
+        query::run(&ch, &st.redis, &st.tables, &target, &filters),
     )
     .await?;
     let truncated = rows.len() > req.limit;
@@ -273,13 +273,7 @@ async fn get_ranking(
     let rows = deadline(
         st.settings.query_timeout,
         "Redis",
-        query::run(
-            &st.ch,
-            &st.redis_url,
-            &st.tables,
-            &Target::Board(b),
-            &filters,
-        ),
+        query::run(&st.ch, &st.redis, &st.tables, &Target::Board(b), &filters),
     )
     .await?;
     let start = b.start_of(req.at_ms);
@@ -361,10 +355,10 @@ async fn readyz(State(st): State<AppState>) -> (StatusCode, String) {
     })
     .await;
     let redis = deadline(wait, "Redis", async {
-        let c = redis::Client::open(st.redis_url.as_str())
-            .map_err(|e| ApiError::Unavailable(format!("redis: {e}")))?;
-        let mut con = c
-            .get_multiplexed_async_connection()
+        // On a cluster PING goes to every master: ready when all answer.
+        let mut con = st
+            .redis
+            .connect(vidpulse_core::redis::ConnectOptions::default())
             .await
             .map_err(|e| ApiError::Unavailable(format!("redis: {e}")))?;
         redis::cmd("PING")

@@ -368,7 +368,7 @@ pub const BAD_SAMPLE: usize = 10;
 async fn generations(
     ch: &clickhouse::Client,
     tables: &vidpulse_query::Tables,
-    redis: &mut redis::aio::ConnectionManager,
+    redis: &mut vidpulse_core::redis::RedisConn,
     spec: &Spec,
     group: &str,
 ) -> Result<Generations, BackfillError> {
@@ -455,9 +455,12 @@ pub async fn run(args: &BackfillArgs, prefix: &str) -> Result<Report, BackfillEr
                 sink: "clickhouse",
                 message: e.message,
             })?;
-        let client = redis::Client::open(args.redis.redis_url.as_str())
+        let client = args
+            .redis
+            .client()
             .map_err(|e| usage("--redis-url", e.to_string()))?;
-        let redis = redis::aio::ConnectionManager::new(client)
+        let redis = client
+            .connect_managed(vidpulse_core::redis::ConnectOptions::default())
             .await
             .map_err(|e| BackfillError::Write {
                 sink: "redis",

@@ -60,7 +60,7 @@ pub struct Written {
 pub struct Sink<'a> {
     pub ch: clickhouse::Client,
     pub tables: &'a Tables,
-    pub redis: redis::aio::ConnectionManager,
+    pub redis: vidpulse_core::redis::RedisConn,
     pub prefix: &'a str,
     pub name: &'a str,
     pub slot: u32,

@@ -43,7 +43,8 @@ pub struct KafkaArgs {
 #[derive(Args, Clone)]
 pub struct RedisArgs {
     /// Redis server: `redis://[:password@]host:port[/db]`, or `rediss://…`
-    /// for TLS. Never logged.
+    /// for TLS. With `--redis-cluster`: one or more seed nodes of the
+    /// cluster, comma-separated (the others are discovered). Never logged.
     #[arg(
         long = "redis-url",
         env = "VIDPULSE_REDIS_URL",
@@ -51,12 +52,27 @@ pub struct RedisArgs {
         default_value = "redis://127.0.0.1:6379"
     )]
     pub redis_url: String,
+
+    /// Talk to a Redis Cluster (keys spread over its masters by hash slot)
+    /// instead of one server. Keys used together by a script are hash-tagged
+    /// (docs/deploy.md, "Redis Cluster").
+    #[arg(long = "redis-cluster", env = "VIDPULSE_REDIS_CLUSTER")]
+    pub redis_cluster: bool,
+}
+
+impl RedisArgs {
+    /// The client for these flags (connects on first use); the error names
+    /// the flag.
+    pub fn client(&self) -> Result<crate::redis::RedisClient, ConfigError> {
+        crate::redis::RedisClient::open(self)
+    }
 }
 
 impl std::fmt::Debug for RedisArgs {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("RedisArgs")
             .field("redis_url", &redact_url(&self.redis_url))
+            .field("redis_cluster", &self.redis_cluster)
             .finish()
     }
 }
@@ -64,6 +80,25 @@ impl std::fmt::Debug for RedisArgs {
 /// A URL with its credentials (`user:password@`) replaced by `***`, for
 /// logs and errors.
 pub fn redact_url(url: &str) -> String {
+    // Seed lists (`--redis-cluster`): each URL on its own, unless a part is
+    // no URL (a comma inside a password): then the whole as one.
+    if url.contains(',') {
+        let parts: Vec<&str> = url.split(',').collect();
+        if parts
+            .iter()
+            .all(|p| p.trim().is_empty() || p.contains("://"))
+        {
+            return parts
+                .iter()
+                .map(|p| redact_one(p))
+                .collect::<Vec<_>>()
+                .join(",");
+        }
+    }
+    redact_one(url)
+}
+
+fn redact_one(url: &str) -> String {
     match (url.find("://"), url.rfind('@')) {
         (Some(s), Some(at)) if at > s => format!("{}://***@{}", &url[..s], &url[at + 1..]),
         _ => url.to_owned(),
@@ -404,9 +439,57 @@ mod tests {
     }
 
     #[test]
+    fn seed_lists_are_redacted_url_by_url() {
+        assert_eq!(
+            redact_url("redis://:a@h1:7101,redis://h2:7102"),
+            "redis://***@h1:7101,redis://h2:7102"
+        );
+        // A comma inside a password: redacted as one URL.
+        assert_eq!(redact_url("redis://:p,w@h1:7101"), "redis://***@h1:7101");
+    }
+
+    #[derive(clap::Parser, Debug)]
+    struct WithRedis {
+        #[command(flatten)]
+        redis: RedisArgs,
+    }
+
+    #[test]
+    fn redis_cluster_flag_and_env() {
+        use clap::Parser;
+        let a = WithRedis::try_parse_from(["x"]).unwrap();
+        assert!(!a.redis.redis_cluster);
+        assert!(!a.redis.client().unwrap().is_cluster());
+        let a = WithRedis::try_parse_from([
+            "x",
+            "--redis-cluster",
+            "--redis-url",
+            "redis://127.0.0.1:7101,redis://127.0.0.1:7102",
+        ])
+        .unwrap();
+        assert!(a.redis.redis_cluster);
+        assert!(a.redis.client().unwrap().is_cluster());
+        // Several seeds without the flag: an error naming it.
+        let a = WithRedis::try_parse_from([
+            "x",
+            "--redis-url",
+            "redis://127.0.0.1:7101,redis://127.0.0.1:7102",
+        ])
+        .unwrap();
+        let e = a.redis.client().unwrap_err().to_string();
+        assert!(e.contains("--redis-cluster"), "{e}");
+        let help = {
+            use clap::CommandFactory;
+            WithRedis::command().render_long_help().to_string()
+        };
+        assert!(help.contains("VIDPULSE_REDIS_CLUSTER"), "{help}");
+    }
+
+    #[test]
     fn redis_args_debug_hides_the_password() {
         let a = RedisArgs {
             redis_url: "redis://:hunter2@r:6379".into(),
+            redis_cluster: false,
         };
         let shown = format!("{a:?}");
         assert!(

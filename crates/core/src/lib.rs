@@ -14,6 +14,7 @@ pub mod kafka;
 pub mod metrics;
 pub mod offsets;
 pub mod produce;
+pub mod redis;
 pub mod retry;
 pub mod runtime;
 pub mod shutdown;

@@ -59,7 +59,8 @@ pub struct LoadArgs {
     #[arg(long, env = "VIDPULSE_DIMS_CHUNK", default_value_t = 1000)]
     chunk: usize,
     /// Rows per script call inside a pipeline (1 for a Redis Cluster proxy
-    /// that refuses multi-key scripts).
+    /// that refuses multi-key scripts; with --redis-cluster a call holds
+    /// rows of one hash slot only).
     #[arg(long, env = "VIDPULSE_DIMS_ROWS_PER_CALL", default_value_t = 100)]
     rows_per_call: usize,
     /// Pipelines in flight at once.
@@ -166,7 +167,11 @@ async fn run_load(a: LoadArgs) -> anyhow::Result<()> {
         )
     };
     let mut rows = Rows::new(settings.kind, format, reader)?;
-    let mut store = Store::open(&a.redis.server.redis_url, a.redis.redis_timeout)?;
+    let mut store = Store::open(
+        &a.redis.server.redis_url,
+        a.redis.server.redis_cluster,
+        a.redis.redis_timeout,
+    )?;
 
     let bar = progress_bar(size);
     let mut on_progress = |p: load::Progress| {
@@ -256,7 +261,11 @@ async fn run_show(a: ShowArgs) -> anyhow::Result<()> {
         }
         .to_owned()
     });
-    let mut store = Store::open(&a.redis.server.redis_url, a.redis.redis_timeout)?;
+    let mut store = Store::open(
+        &a.redis.server.redis_url,
+        a.redis.server.redis_cluster,
+        a.redis.redis_timeout,
+    )?;
     let mut conn = store.connection().await?;
     let mut out = std::io::stdout().lock();
     for id in &a.ids {

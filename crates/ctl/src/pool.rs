@@ -608,14 +608,13 @@ async fn sync(kafka_args: &KafkaArgs, a: SyncArgs) -> anyhow::Result<()> {
     };
     let consumer: BaseConsumer = kafka::reader_config(&kafka_args)?.create()?;
     let mut state = Follower::new(&consumer, &topic)?;
-    let redis = match &a.redis_set {
-        Some(_) => Some(
-            redis::Client::open(a.redis.redis_url.as_str()).with_context(|| {
+    let redis =
+        match &a.redis_set {
+            Some(_) => Some(a.redis.client().with_context(|| {
                 format!("invalid --redis-url {}", redact_url(&a.redis.redis_url))
-            })?,
-        ),
-        None => None,
-    };
+            })?),
+            None => None,
+        };
     let http = reqwest::Client::builder()
         .user_agent("vidpulse")
         .timeout(Duration::from_secs(30))
@@ -672,9 +671,12 @@ async fn sync(kafka_args: &KafkaArgs, a: SyncArgs) -> anyhow::Result<()> {
     }
 }
 
-async fn redis_set(client: &redis::Client, key: &str) -> anyhow::Result<HashSet<String>> {
+async fn redis_set(
+    client: &vidpulse_core::redis::RedisClient,
+    key: &str,
+) -> anyhow::Result<HashSet<String>> {
     let mut conn = client
-        .get_multiplexed_async_connection()
+        .connect(vidpulse_core::redis::ConnectOptions::default())
         .await
         .context("connecting to Redis")?;
     let mut out = HashSet::new();

@@ -140,7 +140,7 @@ pub async fn run(kafka: &KafkaArgs, args: QueryArgs) -> anyhow::Result<()> {
     let tables = args.clickhouse.tables(&kafka.topic_prefix);
     let rows = query::run(
         &args.clickhouse.client(),
-        &args.redis.redis_url,
+        &args.redis.client()?,
         &tables,
         &target,
         &filters,

@@ -128,6 +128,8 @@ impl vidpulse_core::config::StageArgs for Args {
 #[derive(Clone, Debug)]
 pub struct Settings {
     pub redis_url: String,
+    /// `--redis-cluster`: `redis_url` lists a cluster's seed nodes.
+    pub redis_cluster: bool,
     pub redis_timeout: Duration,
     pub planner: Planner,
     pub ttls: Ttls,
@@ -193,6 +195,7 @@ impl Settings {
         }
         Ok(Settings {
             redis_url: args.redis.redis_url.clone(),
+            redis_cluster: args.redis.redis_cluster,
             redis_timeout: args.redis_timeout,
             planner: Planner {
                 room_prefix: args.key_prefix.clone(),
@@ -218,7 +221,11 @@ pub async fn run(args: Args, shutdown: CancellationToken) -> Result<(), DimError
     vidpulse_core::metrics::register_stage(STAGE);
     // Connecting is left to the first batch, so the stage starts (not
     // ready) while Redis is down and catches up when it comes back.
-    let store = Store::open(&settings.redis_url, settings.redis_timeout)?;
+    let store = Store::open(
+        &settings.redis_url,
+        settings.redis_cluster,
+        settings.redis_timeout,
+    )?;
     tracing::info!(
         room_prefix = %settings.planner.room_prefix,
         viewer_prefix = ?settings.planner.viewer_prefix,

@@ -469,7 +469,7 @@ pub async fn load<R: BufRead>(
             break;
         }
         summary.rows += batch.len() as u64;
-        let chunk = build_chunk(s, &batch);
+        let chunk = build_chunk(s, &batch, store.is_cluster());
         let mut c = conn.clone();
         let pipe = chunk.pipe.clone();
         let handle = tokio::spawn(async move { store::exec(&mut c, &pipe).await });
@@ -505,7 +505,7 @@ pub async fn load<R: BufRead>(
 async fn connect(
     store: &mut Store,
     retries: u32,
-) -> Result<redis::aio::MultiplexedConnection, LoadError> {
+) -> Result<vidpulse_core::redis::RedisConn, LoadError> {
     let mut attempt = 0;
     loop {
         match store.connection().await {
@@ -529,7 +529,7 @@ fn backoff(attempt: u32) -> Duration {
 /// error; adds its replies to the summary.
 async fn finish(
     store: &mut Store,
-    conn: &mut redis::aio::MultiplexedConnection,
+    conn: &mut vidpulse_core::redis::RedisConn,
     s: &LoadSettings,
     (chunk, handle): Pending,
     summary: &mut Summary,
@@ -620,7 +620,31 @@ fn parse_reply(v: &Value) -> Result<(u64, u64, Vec<usize>), String> {
     }
 }
 
-fn build_chunk(s: &LoadSettings, rows: &[Row]) -> Chunk {
+/// The rows of each script call: `rows_per_call` at a time, in file order;
+/// `by_slot` (Redis Cluster: a script's keys must share a hash slot): rows
+/// of one slot together, a slot's rows in file order.
+fn call_groups<'a>(s: &LoadSettings, rows: &'a [Row], by_slot: bool) -> Vec<Vec<&'a Row>> {
+    let per_call = s.rows_per_call.max(1);
+    if !by_slot {
+        return rows.chunks(per_call).map(|c| c.iter().collect()).collect();
+    }
+    let mut slots: Vec<Vec<&Row>> = Vec::new();
+    let mut at: std::collections::HashMap<u16, usize> = std::collections::HashMap::new();
+    for r in rows {
+        let slot = vidpulse_core::redis::slot(format!("{}{}", s.key_prefix, r.id).as_bytes());
+        let i = *at.entry(slot).or_insert_with(|| {
+            slots.push(Vec::new());
+            slots.len() - 1
+        });
+        slots[i].push(r);
+    }
+    slots
+        .iter()
+        .flat_map(|g| g.chunks(per_call).map(<[&Row]>::to_vec))
+        .collect()
+}
+
+fn build_chunk(s: &LoadSettings, rows: &[Row], by_slot: bool) -> Chunk {
     let mut pipe = redis::pipe();
     let mut calls = Vec::new();
     let fvs = load_field_version(s.as_of_ms);
@@ -630,12 +654,12 @@ fn build_chunk(s: &LoadSettings, rows: &[Row]) -> Chunk {
     } else {
         "p"
     };
-    for group in rows.chunks(s.rows_per_call.max(1)) {
+    for group in call_groups(s, rows, by_slot) {
         let cmd = pipe
             .cmd("EVALSHA")
             .arg(LOAD_SCRIPT.get_hash())
             .arg(group.len());
-        for r in group {
+        for r in &group {
             cmd.arg(format!("{}{}", s.key_prefix, r.id));
         }
         cmd.arg(s.as_of_ms)
@@ -649,7 +673,7 @@ fn build_chunk(s: &LoadSettings, rows: &[Row]) -> Chunk {
         // The call's field names once (rows of one file nearly always have
         // the same), then each row's values in that order, '' for none.
         let mut names: Vec<&str> = Vec::new();
-        for r in group {
+        for r in &group {
             for (k, _) in &r.fields {
                 if !names.contains(&k.as_str()) {
                     names.push(k);
@@ -660,7 +684,7 @@ fn build_chunk(s: &LoadSettings, rows: &[Row]) -> Chunk {
         for n in &names {
             cmd.arg(*n);
         }
-        for r in group {
+        for r in &group {
             for n in &names {
                 let v = r
                     .fields
@@ -856,6 +880,60 @@ mod tests {
         assert!(parse_as_of("now").unwrap() > 1_600_000_000_000);
     }
 
+    /// On a Redis Cluster a script call's keys share one hash slot; rows of
+    /// one slot keep their file order, and every row is in one call.
+    #[test]
+    fn cluster_calls_hold_keys_of_one_slot() {
+        use vidpulse_core::redis::{same_slot, slot};
+        let s = LoadSettings {
+            kind: DimKind::Anchor,
+            key_prefix: "a:".into(),
+            as_of_ms: 1000,
+            ttl_ms: 0,
+            chunk: 1000,
+            rows_per_call: 3,
+            in_flight: 1,
+            strict: false,
+            retries: 0,
+        };
+        // Ids 0..200, plus hash-tagged ids that share a slot.
+        let mut rows: Vec<Row> = (0..200)
+            .map(|i| Row {
+                line: i + 1,
+                id: i.to_string(),
+                fields: f(&[("name", "n")]),
+            })
+            .collect();
+        for i in 0..7 {
+            rows.push(Row {
+                line: 201 + i,
+                id: format!("{{t}}{i}"),
+                fields: f(&[("name", "n")]),
+            });
+        }
+        let key = |r: &Row| format!("a:{}", r.id);
+        let calls = call_groups(&s, &rows, true);
+        let mut lines: Vec<u64> = Vec::new();
+        for c in &calls {
+            assert!(c.len() <= 3);
+            let keys: Vec<String> = c.iter().map(|r| key(r)).collect();
+            assert!(same_slot(&keys), "{keys:?}");
+            assert!(c.windows(2).all(|w| w[0].line < w[1].line), "file order");
+            lines.extend(c.iter().map(|r| r.line));
+        }
+        lines.sort_unstable();
+        assert_eq!(lines, (1..=207).collect::<Vec<u64>>());
+        // The tagged rows: one slot, so calls of 3, 3 and 1.
+        let tagged: Vec<usize> = calls
+            .iter()
+            .filter(|c| slot(key(c[0]).as_bytes()) == slot(b"{t}"))
+            .map(Vec::len)
+            .collect();
+        assert_eq!(tagged, vec![3, 3, 1]);
+        let c = build_chunk(&s, &rows, true);
+        assert_eq!(c.pipe.len(), calls.len());
+    }
+
     #[test]
     fn chunks_group_rows_per_call() {
         let s = LoadSettings {
@@ -876,7 +954,7 @@ mod tests {
                 fields: f(&[("province", "p")]),
             })
             .collect();
-        let c = build_chunk(&s, &rows);
+        let c = build_chunk(&s, &rows, false);
         assert_eq!(c.calls, vec![vec![1, 2], vec![3, 4], vec![5]]);
         assert_eq!(c.pipe.len(), 3);
         assert_eq!(

@@ -1,6 +1,6 @@
-//! Redis access for the stage and the loader: a connection with connect
-//! and response timeouts that is dropped and re-made after any connection
-//! error, the Lua scripts (loaded once per connection, reloaded on
+//! Redis access for the stage and the loader: a connection (one server, or
+//! a Redis Cluster with `--redis-cluster`) with connect and response
+//! timeouts that is dropped and re-made after any connection error, the Lua scripts (loaded once per connection, reloaded on
 //! `NOSCRIPT`), pipelines that return one reply per command, and which
 //! errors are worth retrying.
 //!
@@ -10,8 +10,9 @@
 use std::sync::LazyLock;
 use std::time::Duration;
 
-use redis::aio::{ConnectionLike, MultiplexedConnection};
-use redis::{AsyncConnectionConfig, Client, ErrorKind, Pipeline, RedisError, Script, Value};
+use redis::aio::ConnectionLike;
+use redis::{ErrorKind, Pipeline, RedisError, Script, Value};
+use vidpulse_core::redis::{ConnectOptions, RedisClient, RedisConn};
 
 use crate::model::Ttls;
 use crate::plan::{Lifecycle, Op};
@@ -85,25 +86,24 @@ pub fn retriable_code(code: &str) -> bool {
     )
 }
 
-/// One Redis server, reconnected on demand.
+/// One Redis server or cluster, reconnected on demand.
 pub struct Store {
-    client: Client,
-    config: AsyncConnectionConfig,
-    conn: Option<MultiplexedConnection>,
+    client: RedisClient,
+    config: ConnectOptions,
+    conn: Option<RedisConn>,
     connects: u64,
 }
 
 impl Store {
-    /// Parses `url`; connects on first use.
-    pub fn open(url: &str, timeout: Duration) -> Result<Store, StoreError> {
-        // The URL may hold a password: not in the message.
-        let client = Client::open(url).map_err(|e| StoreError {
-            message: format!("invalid Redis URL: {e}"),
+    /// Parses `url` (seed nodes, comma-separated, with `cluster`); connects
+    /// on first use.
+    pub fn open(url: &str, cluster: bool, timeout: Duration) -> Result<Store, StoreError> {
+        // The URL may hold a password: the message redacts it.
+        let client = RedisClient::from_url(url, cluster).map_err(|e| StoreError {
+            message: e.to_string(),
             retriable: false,
         })?;
-        let config = AsyncConnectionConfig::new()
-            .set_connection_timeout(timeout)
-            .set_response_timeout(timeout);
+        let config = ConnectOptions::timeouts(timeout);
         Ok(Store {
             client,
             config,
@@ -113,14 +113,11 @@ impl Store {
     }
 
     /// The current connection, or a new one with the scripts loaded.
-    pub async fn connection(&mut self) -> Result<MultiplexedConnection, StoreError> {
+    pub async fn connection(&mut self) -> Result<RedisConn, StoreError> {
         if let Some(c) = &self.conn {
             return Ok(c.clone());
         }
-        let mut c = self
-            .client
-            .get_multiplexed_async_connection_with_config(&self.config)
-            .await?;
+        let mut c = self.client.connect(self.config.clone()).await?;
         load_scripts(&mut c).await?;
         self.connects += 1;
         if self.connects == 1 {
@@ -130,6 +127,11 @@ impl Store {
         }
         self.conn = Some(c.clone());
         Ok(c)
+    }
+
+    /// Whether this is a Redis Cluster (a script's keys must share a slot).
+    pub fn is_cluster(&self) -> bool {
+        self.client.is_cluster()
     }
 
     /// Drops the connection; the next call reconnects.
@@ -156,8 +158,8 @@ impl Store {
     }
 }
 
-/// `SCRIPT LOAD`s every script.
-pub async fn load_scripts(conn: &mut MultiplexedConnection) -> Result<(), StoreError> {
+/// `SCRIPT LOAD`s every script (on a cluster, on every node).
+pub async fn load_scripts(conn: &mut RedisConn) -> Result<(), StoreError> {
     for s in scripts() {
         s.load_async(conn).await?;
     }
@@ -166,10 +168,7 @@ pub async fn load_scripts(conn: &mut MultiplexedConnection) -> Result<(), StoreE
 
 /// Sends `pipe` on `conn`; on `NOSCRIPT` reloads the scripts and resends
 /// once (every script is idempotent).
-pub async fn exec(
-    conn: &mut MultiplexedConnection,
-    pipe: &Pipeline,
-) -> Result<Vec<Value>, StoreError> {
+pub async fn exec(conn: &mut RedisConn, pipe: &Pipeline) -> Result<Vec<Value>, StoreError> {
     if pipe.is_empty() {
         return Ok(Vec::new());
     }

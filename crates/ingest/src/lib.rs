@@ -280,6 +280,7 @@ pub async fn run(args: Args, shutdown: CancellationToken) -> Result<(), IngestEr
     let streams = (!settings.streams.is_empty()).then(|| redis_stream::Settings {
         streams: settings.streams.clone(),
         redis_url: args.redis.server.redis_url.clone(),
+        redis_cluster: args.redis.server.redis_cluster,
         group: args.redis.redis_group.clone(),
         consumer: args
             .redis

@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 
 use metrics::{counter, gauge, histogram};
 use moka::sync::Cache;
-use redis::aio::ConnectionManager;
+use vidpulse_core::redis::{ConnectOptions, RedisClient, RedisConn};
 use vidpulse_proto::{Event, event};
 
 use crate::metrics as mm;
@@ -110,7 +110,8 @@ pub struct Enrichment {
 /// Lookup settings.
 #[derive(Clone, Debug)]
 pub struct EnrichSettings {
-    pub redis_url: String,
+    /// The server or cluster (`--redis-url`, `--redis-cluster`).
+    pub redis: RedisClient,
     pub keys: KeyPatterns,
     pub cache_capacity: u64,
     pub cache_ttl: Duration,
@@ -126,8 +127,7 @@ pub struct EnrichError(pub String);
 /// Looks dimensions up, batched and cached.
 pub struct Enricher {
     settings: EnrichSettings,
-    client: redis::Client,
-    conn: Option<ConnectionManager>,
+    conn: Option<RedisConn>,
     cache: Cache<String, Arc<Hash>>,
     hits: u64,
     misses: u64,
@@ -135,8 +135,6 @@ pub struct Enricher {
 
 impl Enricher {
     pub fn new(settings: EnrichSettings) -> Result<Self, EnrichError> {
-        let client = redis::Client::open(settings.redis_url.as_str())
-            .map_err(|e| EnrichError(e.to_string()))?;
         let cache = Cache::builder()
             .max_capacity(settings.cache_capacity)
             .expire_after(Ttl {
@@ -146,7 +144,6 @@ impl Enricher {
             .build();
         Ok(Self {
             settings,
-            client,
             conn: None,
             cache,
             hits: 0,
@@ -154,15 +151,14 @@ impl Enricher {
         })
     }
 
-    async fn conn(&mut self) -> Result<ConnectionManager, EnrichError> {
+    async fn conn(&mut self) -> Result<RedisConn, EnrichError> {
         if let Some(c) = &self.conn {
             return Ok(c.clone());
         }
-        let cfg = redis::aio::ConnectionManagerConfig::new()
-            .set_connection_timeout(self.settings.redis_timeout)
-            .set_response_timeout(self.settings.redis_timeout)
-            .set_number_of_retries(1);
-        let c = ConnectionManager::new_with_config(self.client.clone(), cfg)
+        let c = self
+            .settings
+            .redis
+            .connect_managed(ConnectOptions::timeouts(self.settings.redis_timeout))
             .await
             .map_err(|e| {
                 counter!(mm::REDIS_ERRORS).increment(1);

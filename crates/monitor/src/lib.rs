@@ -273,7 +273,7 @@ pub async fn run(args: Args, shutdown: CancellationToken) -> Result<(), MonitorE
         None
     } else {
         Some(enrich::Enricher::new(EnrichSettings {
-            redis_url: args.redis.redis_url.clone(),
+            redis: args.redis.client()?,
             keys: KeyPatterns {
                 room: args.room_key.clone(),
                 anchor: args.anchor_key.clone(),

@@ -138,13 +138,13 @@ fn text_of(v: &Value) -> String {
 /// Runs a query and returns its rows.
 pub async fn run(
     ch: &clickhouse::Client,
-    redis_url: &str,
+    redis: &vidpulse_core::redis::RedisClient,
     tables: &Tables,
     target: &Target<'_>,
     f: &Filters,
 ) -> Result<Vec<Row>, QueryError> {
     if let Target::Board(b) = target {
-        return board_rows(redis_url, &tables.prefix, b, f).await;
+        return board_rows(redis, &tables.prefix, b, f).await;
     }
     let q = final_sql(tables, target, f)?;
     let raw = fetch_json(ch, &q.sql).await?;
@@ -226,13 +226,14 @@ fn align_up(pane: &crate::spec::Window, t: i64) -> i64 {
 }
 
 async fn board_rows(
-    redis_url: &str,
+    redis: &vidpulse_core::redis::RedisClient,
     prefix: &str,
     b: &Leaderboard,
     f: &Filters,
 ) -> Result<Vec<Row>, QueryError> {
-    let client = redis::Client::open(redis_url)?;
-    let mut con = client.get_multiplexed_async_connection().await?;
+    let mut con = redis
+        .connect(vidpulse_core::redis::ConnectOptions::default())
+        .await?;
     for (k, _) in &f.wheres {
         if *k != b.member.name {
             return Err(unknown_where(
@@ -265,24 +266,9 @@ async fn board_rows(
                     esc.then_some('\\').into_iter().chain(std::iter::once(c))
                 })
                 .collect();
-            let pattern = format!("{stem}*");
-            let mut keys: Vec<String> = Vec::new();
-            let mut cursor: u64 = 0;
-            loop {
-                let (next, batch): (u64, Vec<String>) = redis::cmd("SCAN")
-                    .arg(cursor)
-                    .arg("MATCH")
-                    .arg(&pattern)
-                    .arg("COUNT")
-                    .arg(1000)
-                    .query_async(&mut con)
-                    .await?;
-                keys.extend(batch);
-                if next == 0 {
-                    break;
-                }
-                cursor = next;
-            }
+            // On a Redis Cluster the windows' sets are spread over the
+            // masters (one slot per window): every master is scanned.
+            let keys = con.scan_match(&format!("{stem}*")).await?;
             for k in keys {
                 if let Some(w) = parse_window_stamp(prefix, b, &k) {
                     windows.insert(w);

@@ -70,7 +70,7 @@ struct Owned {
 pub(crate) struct Sinks {
     ch: clickhouse::Client,
     tables: Tables,
-    redis: redis::aio::ConnectionManager,
+    redis: vidpulse_core::redis::RedisConn,
     board_script: redis::Script,
     ckpt_script: redis::Script,
     prefix: String,
@@ -174,7 +174,7 @@ pub(crate) async fn run(
     }
     tracing::info!(database = %tables.database, metrics = plan.spec.metrics.len(), logs = plan.spec.logs.len(), "ClickHouse tables and views ready.");
 
-    let redis_client = redis::Client::open(args.redis.redis_url.as_str())?;
+    let redis_client = args.redis.client()?;
     let redis = retry(
         &mut backoff,
         &health,
@@ -184,11 +184,9 @@ pub(crate) async fn run(
         || {
             // Bounded calls: a store that hangs is a failing store (retried
             // with back-pressure), never a stage that stops answering.
-            let cfg = redis::aio::ConnectionManagerConfig::new()
-                .set_connection_timeout(REDIS_TIMEOUT)
-                .set_response_timeout(REDIS_TIMEOUT)
-                .set_number_of_retries(1);
-            redis::aio::ConnectionManager::new_with_config(redis_client.clone(), cfg)
+            redis_client.connect_managed(vidpulse_core::redis::ConnectOptions::timeouts(
+                REDIS_TIMEOUT,
+            ))
         },
     )
     .await;

@@ -14,7 +14,7 @@
 //! (`--reset-state`, `--allow-partial-replay`), rather than count wrong.
 
 use metrics::counter;
-use redis::aio::ConnectionManager;
+use vidpulse_core::redis::RedisConn;
 use vidpulse_query::spec::Input;
 
 use super::STAGE;
@@ -34,7 +34,7 @@ pub(crate) struct Restored {
 /// checkpoint written under another spec (or one `--reset-state` drops) is
 /// cleared: the partition starts from its earliest offset with empty state.
 pub(crate) async fn restore(
-    con: &mut ConnectionManager,
+    con: &mut RedisConn,
     plan: &Plan,
     key: &str,
     input: Input,

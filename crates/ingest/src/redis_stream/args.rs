@@ -119,6 +119,8 @@ impl StreamSpec {
 pub struct Settings {
     pub streams: Vec<StreamSpec>,
     pub redis_url: String,
+    /// `--redis-cluster`: `redis_url` lists a cluster's seed nodes.
+    pub redis_cluster: bool,
     pub group: String,
     pub consumer: String,
     pub claim_idle: Duration,

@@ -25,7 +25,7 @@ use std::sync::Arc;
 
 use vidpulse_core::CancellationToken;
 use vidpulse_core::admin::Health;
-use vidpulse_core::config::{ConfigError, KafkaArgs, redact_url};
+use vidpulse_core::config::{ConfigError, KafkaArgs};
 use vidpulse_core::produce::{ProduceError, Producer};
 
 pub use args::{RedisStreamArgs, Settings, StreamSpec};
@@ -70,12 +70,8 @@ pub async fn run(
     health: Health,
     shutdown: CancellationToken,
 ) -> Result<(), StreamError> {
-    let client = redis::Client::open(settings.redis_url.as_str()).map_err(|e| {
-        StreamError::Config(ConfigError::Invalid {
-            field: "--redis-url".into(),
-            message: format!("{} ({})", e, redact_url(&settings.redis_url)),
-        })
-    })?;
+    let client =
+        vidpulse_core::redis::RedisClient::from_url(&settings.redis_url, settings.redis_cluster)?;
     let deliveries = Arc::new(reader::Deliveries::new(settings.streams.len()));
     let producer = Arc::new(Producer::new(kafka_args, deliveries.clone())?);
     let settings = Arc::new(settings);

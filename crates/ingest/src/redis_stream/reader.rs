@@ -9,7 +9,6 @@ use std::time::{Duration, Instant};
 
 use metrics::{Counter, Gauge, counter, gauge};
 use rdkafka::error::KafkaError;
-use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use redis::streams::{
     StreamAutoClaimOptions, StreamAutoClaimReply, StreamId, StreamInfoGroupsReply,
     StreamPendingReply, StreamReadOptions, StreamReadReply,
@@ -21,6 +20,7 @@ use vidpulse_core::admin::Health;
 use vidpulse_core::health::Component;
 use vidpulse_core::metrics as m;
 use vidpulse_core::produce::{OnDelivery, Producer};
+use vidpulse_core::redis::{ConnectOptions, RedisClient, RedisConn};
 use vidpulse_core::retry::Backoff;
 use vidpulse_core::watermark::{self, Idleness, Writer};
 
@@ -121,7 +121,7 @@ pub(crate) struct StreamReader {
     index: usize,
     spec: StreamSpec,
     settings: Arc<Settings>,
-    client: redis::Client,
+    client: RedisClient,
     producer: Arc<Producer<Deliveries>>,
     deliveries: Arc<Deliveries>,
     health: Health,
@@ -156,7 +156,7 @@ impl StreamReader {
         index: usize,
         spec: StreamSpec,
         settings: Arc<Settings>,
-        client: redis::Client,
+        client: RedisClient,
         producer: Arc<Producer<Deliveries>>,
         deliveries: Arc<Deliveries>,
         health: Health,
@@ -209,17 +209,20 @@ impl StreamReader {
         }
     }
 
-    async fn connect(&self) -> Result<ConnectionManager, RedisError> {
+    async fn connect(&self) -> Result<RedisConn, RedisError> {
         // The reader blocks up to 1 s in XREADGROUP: allow for it.
         // Reconnects after a connection is lost are quick; the first connect
         // is retried by `start` (with its own backoff, cancellable).
-        let config = ConnectionManagerConfig::new()
-            .set_connection_timeout(self.settings.timeout)
-            .set_response_timeout(self.settings.timeout + Duration::from_secs(1))
-            .set_number_of_retries(1)
-            .set_factor(100)
-            .set_max_delay(2_000);
-        let connect = ConnectionManager::new_with_config(self.client.clone(), config);
+        // On a cluster each connection has connections of its own to the
+        // nodes, so the blocking read delays no ack there either.
+        let config = ConnectOptions {
+            connection_timeout: Some(self.settings.timeout),
+            response_timeout: Some(self.settings.timeout + Duration::from_secs(1)),
+            retries: Some(1),
+            backoff_factor_ms: Some(100),
+            backoff_max_delay_ms: Some(2_000),
+        };
+        let connect = self.client.connect_managed(config);
         match tokio::time::timeout(self.settings.timeout * 2, connect).await {
             Ok(r) => r,
             Err(_) => Err(RedisError::from((
@@ -231,10 +234,7 @@ impl StreamReader {
 
     /// Connects (two connections: the blocking read must not delay acks) and
     /// creates the group, retrying until it works or `stop`.
-    async fn start(
-        &mut self,
-        stop: &CancellationToken,
-    ) -> Option<(ConnectionManager, ConnectionManager)> {
+    async fn start(&mut self, stop: &CancellationToken) -> Option<(RedisConn, RedisConn)> {
         loop {
             let attempt = async {
                 let reader = self.connect().await?;
@@ -257,7 +257,7 @@ impl StreamReader {
         }
     }
 
-    async fn ensure_group(&self, con: &mut ConnectionManager) -> Result<(), RedisError> {
+    async fn ensure_group(&self, con: &mut RedisConn) -> Result<(), RedisError> {
         let created: Result<(), RedisError> = con
             .xgroup_create_mkstream(&self.spec.key, &self.settings.group, "0")
             .await;
@@ -511,7 +511,7 @@ impl StreamReader {
         Ok(())
     }
 
-    async fn ack(&self, con: &mut ConnectionManager, ids: &[String]) -> Result<(), RedisError> {
+    async fn ack(&self, con: &mut RedisConn, ids: &[String]) -> Result<(), RedisError> {
         let _: usize = con.xack(&self.spec.key, &self.settings.group, ids).await?;
         self.counters.acked.increment(ids.len() as u64);
         Ok(())
@@ -519,7 +519,7 @@ impl StreamReader {
 
     async fn claim(
         &self,
-        con: &mut ConnectionManager,
+        con: &mut RedisConn,
         cursor: &str,
     ) -> Result<StreamAutoClaimReply, RedisError> {
         let s = &self.settings;
@@ -535,7 +535,7 @@ impl StreamReader {
     }
 
     /// The group's gauges, and its frontier (`None`: no group yet).
-    async fn stats(&self, con: &mut ConnectionManager) -> Result<Option<Frontier>, RedisError> {
+    async fn stats(&self, con: &mut RedisConn) -> Result<Option<Frontier>, RedisError> {
         // The last delivered id first, then the pending entries: an entry
         // delivered in between is above the former, so never counted done.
         let info: StreamInfoGroupsReply = con.xinfo_groups(&self.spec.key).await?;
