@@ -53,6 +53,31 @@ pub fn require() {
         node_port(1),
         node_port(6)
     );
+    // A node killed by an earlier test rejoins as a replica; it counts
+    // once its master sees it online (the stages' --redis-wait-replicas
+    // check asks the same).
+    wait_for(
+        "every master to have a replica online",
+        Duration::from_secs(90),
+        || {
+            masters()
+                .iter()
+                .all(|(port, _)| replicas_online(*port) >= 1)
+                .then_some(())
+        },
+    );
+}
+
+/// Replicas online on the master at `port` (`INFO replication`).
+fn replicas_online(port: u16) -> usize {
+    let Some(mut c) = node(port) else { return 0 };
+    let info: String = redis::cmd("INFO")
+        .arg("replication")
+        .query(&mut c)
+        .unwrap_or_default();
+    info.lines()
+        .filter(|l| l.starts_with("slave") && l.contains("state=online"))
+        .count()
 }
 
 /// `env` with every binary pointed at the cluster (`--redis-cluster`).

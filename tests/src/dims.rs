@@ -4,9 +4,40 @@
 
 use std::collections::{BTreeMap, HashMap};
 
+use redis::Commands;
 use serde_json::Value;
 
 use crate::{Env, read_json, scratch};
+
+const DAY_MS: i64 = 86_400_000;
+
+/// Checks every room and viewer hash in Redis against what the events say
+/// (bookkeeping fields aside), and the rooms' TTLs: live rooms about 30
+/// days, ended ones at most 2. Both live and ended rooms must be
+/// among them.
+pub fn check_hashes(con: &mut impl redis::ConnectionLike, rooms: &Hashes, viewers: &Hashes) {
+    let (mut live, mut ended) = (0, 0);
+    for (key, want) in rooms {
+        let mut got: BTreeMap<String, String> = con.hgetall(key).unwrap();
+        assert!(got.remove("_event_id").is_some(), "{key}");
+        assert_eq!(&got, want, "{key}");
+        let t: i64 = con.pttl(key).unwrap();
+        if want["status"] == "live" {
+            live += 1;
+            assert!(t > 29 * DAY_MS, "{key} live, TTL {t}");
+        } else {
+            ended += 1;
+            assert!(t > 0 && t <= 2 * DAY_MS, "{key} ended, TTL {t}");
+        }
+    }
+    assert!(live > 0 && ended > 0, "{live} live, {ended} ended rooms");
+    for (key, want) in viewers {
+        let mut got: BTreeMap<String, String> = con.hgetall(key).unwrap();
+        got.remove("_v");
+        got.remove("_event_id");
+        assert_eq!(&got, want, "{key}");
+    }
+}
 
 /// Runs gen for live rooms and viewers (30 rooms, 200 users, 5 % duplicate
 /// and 5 % late records); returns how many events ingest will write for it.

@@ -20,14 +20,9 @@ use vidpulse_e2e::*;
 
 const EVENTS: &str = "vp.events.v1";
 const MONITORED: &str = "vp.monitored.v1";
-const DAY_MS: i64 = 86_400_000;
 
 fn hgetall(con: &mut redis::cluster::ClusterConnection, key: &str) -> BTreeMap<String, String> {
     con.hgetall(key).unwrap()
-}
-
-fn pttl(con: &mut redis::cluster::ClusterConnection, key: &str) -> i64 {
-    con.pttl(key).unwrap()
 }
 
 fn dims_load(env: &Env, args: &[&str]) -> Value {
@@ -58,6 +53,9 @@ fn dimensions_loader_and_enrichment_on_a_cluster() {
             &vp,
             "--max-batch",
             "200",
+            // Each batch waits until a replica holds it (Redis WAIT).
+            "--redis-wait-replicas",
+            "1",
         ],
         "dim-builder.log",
     );
@@ -80,27 +78,7 @@ fn dimensions_loader_and_enrichment_on_a_cluster() {
     let (rooms, viewers) = dims::expected_hashes(&events, &rp, &vp);
     assert!(rooms.len() >= 20, "{} rooms", rooms.len());
     let mut con = cluster::conn();
-    let (mut live, mut ended) = (0, 0);
-    for (key, want) in &rooms {
-        let mut got = hgetall(&mut con, key);
-        assert!(got.remove("_event_id").is_some(), "{key}");
-        assert_eq!(&got, want, "{key}");
-        let t = pttl(&mut con, key);
-        if want["status"] == "live" {
-            live += 1;
-            assert!(t > 29 * DAY_MS, "{key} live, TTL {t}");
-        } else {
-            ended += 1;
-            assert!(t > 0 && t <= 2 * DAY_MS, "{key} ended, TTL {t}");
-        }
-    }
-    assert!(live > 0 && ended > 0, "{live} live, {ended} ended rooms");
-    for (key, want) in &viewers {
-        let mut got = hgetall(&mut con, key);
-        got.remove("_v");
-        got.remove("_event_id");
-        assert_eq!(&got, want, "{key}");
-    }
+    dims::check_hashes(&mut con, &rooms, &viewers);
     // Spread over every master, and nothing else under the prefix.
     let per_master = cluster::scan_each(&format!("{}*", env.prefix));
     assert_eq!(per_master.len(), 3, "{per_master:?}");
@@ -166,6 +144,8 @@ fn dimensions_loader_and_enrichment_on_a_cluster() {
             file.to_str().unwrap(),
             "--key-prefix",
             &ap,
+            "--redis-wait-replicas",
+            "1",
         ],
     );
     let rows = anchors.len() as u64 + 2000;
@@ -392,6 +372,43 @@ fn aggregator_on_a_cluster_stays_exact_when_a_master_is_killed() {
     );
     drop(down);
     assert_eq!(cluster::masters().len(), 3, "the killed node rejoined");
+}
+
+/// Flags that do not fit the Redis found stop the stage at start, naming
+/// the flag: more replicas to wait for than a master has, and a cluster
+/// node given without `--redis-cluster` (which would otherwise answer with
+/// bare MOVED errors, retried forever).
+#[test]
+fn redis_flags_that_do_not_fit_the_cluster_fail_at_start() {
+    let _serial = serial();
+    cluster::require();
+    let env = cluster::env(Env::new("rcflags"));
+    let _tables = DropTables(env.prefix.clone());
+    env.create_topics();
+    let fails = |env: &Env, args: &[&str], log: &str, says: &[&str]| {
+        let mut p = env.spawn("vidpulse-aggregator", args, log);
+        assert!(
+            !p.wait_exit(Duration::from_secs(90)),
+            "{log}: exited 0: {}",
+            p.log_tail(10)
+        );
+        let tail = p.log_tail(20);
+        for s in says {
+            assert!(tail.contains(s), "{log}: {s:?} not in: {tail}");
+        }
+    };
+    fails(
+        &env,
+        &["--redis-wait-replicas", "2"],
+        "aggregator-wait.log",
+        &["--redis-wait-replicas", "has 1"],
+    );
+    let single = env.with_var(
+        "VIDPULSE_REDIS_URL",
+        &format!("redis://127.0.0.1:{}", cluster::node_port(1)),
+    );
+    let single = single.with_var("VIDPULSE_REDIS_CLUSTER", "false");
+    fails(&single, &[], "aggregator-mode.log", &["--redis-cluster"]);
 }
 
 /// The Redis Streams source on a cluster: entries XADDed to a stream (on

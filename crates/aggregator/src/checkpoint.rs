@@ -14,6 +14,18 @@
 //! the owner created is gone, or the hash it wrote before is; the write is
 //! refused as [`Written::Lost`] and the owner replays the partition from its
 //! earliest offset, never mistaking the loss for fencing.
+//!
+//! Each write also carries the number of writes the owner made to the hash
+//! (`#seq`, one more with every write). A store that failed over to a
+//! replica which had not received the last writes (Redis replicates
+//! asynchronously) holds an older prefix of them: the count does not match,
+//! the write is refused as [`Written::Behind`], and the owner takes the
+//! partition over again from what the store holds, replaying from that
+//! checkpoint's offset into the same rows. Without the count the next delta
+//! would land on the older hash and a later restore would miss the lost
+//! ones without a word. An epoch older than the owner's own is the same
+//! case (the increment that took the partition over was lost): not a newer
+//! owner, so not fenced.
 
 use std::collections::HashMap;
 
@@ -32,19 +44,29 @@ fn epoch_key(key: &str) -> String {
     format!("{key}:epoch")
 }
 
+/// The field counting the writes made to a checkpoint hash (no `:`, so the
+/// engine's restore skips it).
+const SEQ: &str = "#seq";
+
 /// What a new owner finds.
 #[derive(Debug)]
 pub struct Loaded {
     /// This owner's epoch.
     pub epoch: i64,
+    /// Writes made to the hash so far (its `#seq`; 0 when none counted).
+    pub seq: u64,
     pub fields: HashMap<String, Vec<u8>>,
 }
 
 /// Takes ownership (new epoch) and reads the checkpoint.
 pub async fn load(con: &mut RedisConn, key: &str) -> redis::RedisResult<Loaded> {
     let epoch: i64 = con.incr(epoch_key(key), 1).await?;
-    let fields: HashMap<String, Vec<u8>> = con.hgetall(key).await?;
-    Ok(Loaded { epoch, fields })
+    let mut fields: HashMap<String, Vec<u8>> = con.hgetall(key).await?;
+    let seq = fields
+        .remove(SEQ)
+        .and_then(|v| std::str::from_utf8(&v).ok()?.parse().ok())
+        .unwrap_or(0);
+    Ok(Loaded { epoch, seq, fields })
 }
 
 /// Deletes a checkpoint that cannot be used (other spec, `--reset-state`),
@@ -67,21 +89,28 @@ return 1
 ";
 
 /// KEYS: hash, epoch. ARGV: epoch, whether the hash must exist already
-/// (`1`: a checkpoint was restored or written under this epoch), number of
-/// fields to delete, those fields, then field/value pairs to set. Returns 1
-/// (written), 0 (fenced: another owner's epoch) or -1 (the store lost it).
+/// (`1`: a checkpoint was restored or written under this epoch), the write
+/// count the hash must be at, number of fields to delete, those fields,
+/// then field/value pairs to set. Returns 1 (written), 0 (fenced: a newer
+/// owner's epoch), -1 (the store lost it) or -2 (the store is behind: it
+/// holds an older prefix of this owner's writes, or an epoch older than the
+/// one this owner took).
 const WRITE: &str = r"
 local e = redis.call('GET', KEYS[2])
 if not e then return -1 end
-if e ~= ARGV[1] then return 0 end
+if tonumber(e) > tonumber(ARGV[1]) then return 0 end
+if tonumber(e) < tonumber(ARGV[1]) then return -2 end
 if ARGV[2] == '1' and redis.call('HEXISTS', KEYS[1], 'meta') == 0 then return -1 end
-local n = tonumber(ARGV[3])
-for i = 4, 3 + n do
+local seq = tonumber(redis.call('HGET', KEYS[1], '#seq') or '0')
+if seq ~= tonumber(ARGV[3]) then return -2 end
+local n = tonumber(ARGV[4])
+for i = 5, 4 + n do
   redis.call('HDEL', KEYS[1], ARGV[i])
 end
-for i = 4 + n, #ARGV, 2 do
+for i = 5 + n, #ARGV, 2 do
   redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1])
 end
+redis.call('HSET', KEYS[1], '#seq', seq + 1)
 return 1
 ";
 
@@ -93,6 +122,9 @@ pub enum Written {
     Fenced,
     /// The store lost the partition's state (epoch or hash gone).
     Lost,
+    /// The store holds fewer of this owner's writes than it made (a
+    /// failover to a replica that lacked the last ones).
+    Behind,
 }
 
 /// The write script (load once, reuse).
@@ -101,19 +133,22 @@ pub fn write_script() -> redis::Script {
 }
 
 /// Writes a delta atomically. `existing`: the hash must be there already
-/// (this owner restored or wrote it).
+/// (this owner restored or wrote it); `seq`: the writes it holds (the
+/// loaded count plus this owner's acknowledged writes).
 pub async fn write(
     con: &mut RedisConn,
     script: &redis::Script,
     key: &str,
     epoch: i64,
     existing: bool,
+    seq: u64,
     delta: &CheckpointDelta,
 ) -> redis::RedisResult<Written> {
     let mut inv = script.key(key);
     inv.key(epoch_key(key))
         .arg(epoch)
         .arg(if existing { 1 } else { 0 })
+        .arg(seq)
         .arg(delta.del.len());
     for f in &delta.del {
         inv.arg(f);
@@ -125,6 +160,7 @@ pub async fn write(
     Ok(match done {
         1 => Written::Written,
         0 => Written::Fenced,
+        -2 => Written::Behind,
         _ => Written::Lost,
     })
 }

@@ -31,6 +31,7 @@ use clap::Parser;
 use vidpulse_core::CancellationToken;
 use vidpulse_core::config::{
     ConfigError, KafkaArgs, LogArgs, LoopArgs, LoopDefaults, LoopSettings, RedisArgs,
+    ReplicationArgs,
 };
 use vidpulse_core::runtime::RuntimeError;
 use vidpulse_core::topics;
@@ -102,7 +103,8 @@ pub struct Args {
 
     /// How long event ids are remembered to recognise duplicates, in event
     /// time behind the watermark, whatever the windows (ids cost 8 bytes
-    /// each, kept by event second). A duplicate arriving later than this
+    /// each, kept in buckets of 10 s of event time, so up to 10 s longer).
+    /// A duplicate arriving later than this
     /// after its original counts again (in a window still open) or is late.
     /// The pipeline's own re-deliveries (restarts, rebalances, `kill -9`)
     /// arrive within seconds; replays of the aggregator restart from its
@@ -180,6 +182,9 @@ pub struct Args {
 
     #[command(flatten)]
     pub redis: RedisArgs,
+
+    #[command(flatten)]
+    pub replication: ReplicationArgs,
 
     #[command(flatten)]
     pub loop_: LoopArgs,

@@ -68,6 +68,43 @@ impl RedisArgs {
     }
 }
 
+/// How many Redis replicas must hold a stage's writes before it counts
+/// them done ([`crate::redis::Replication`]); for the stages whose Redis
+/// writes are results (aggregator, dim-builder, the T+1 loader).
+#[derive(Args, Clone, Debug)]
+pub struct ReplicationArgs {
+    /// Replicas that must acknowledge a batch of writes (Redis `WAIT`)
+    /// before the stage commits the input they cover; fewer within
+    /// `--redis-wait-timeout` and the batch is retried. 0: do not wait
+    /// (a failover may lose the writes its master acknowledged last). Every
+    /// master must have at least this many replicas: checked at start.
+    #[arg(
+        long = "redis-wait-replicas",
+        env = "VIDPULSE_REDIS_WAIT_REPLICAS",
+        default_value_t = 0
+    )]
+    pub replicas: u32,
+
+    /// How long a batch waits for those replicas (keep it below the Redis
+    /// response timeout).
+    #[arg(
+        long = "redis-wait-timeout",
+        env = "VIDPULSE_REDIS_WAIT_TIMEOUT",
+        default_value = "2s",
+        value_parser = humantime::parse_duration
+    )]
+    pub timeout: Duration,
+}
+
+impl ReplicationArgs {
+    pub fn replication(&self) -> crate::redis::Replication {
+        crate::redis::Replication {
+            replicas: self.replicas,
+            timeout: self.timeout,
+        }
+    }
+}
+
 impl std::fmt::Debug for RedisArgs {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("RedisArgs")

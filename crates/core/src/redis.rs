@@ -200,16 +200,17 @@ impl RedisClient {
     pub async fn connect(&self, o: ConnectOptions) -> RedisResult<RedisConn> {
         match &self.mode {
             Mode::Single(c) => {
-                let mut cfg = AsyncConnectionConfig::new();
-                if let Some(t) = o.connection_timeout {
-                    cfg = cfg.set_connection_timeout(t);
-                }
-                if let Some(t) = o.response_timeout {
-                    cfg = cfg.set_response_timeout(t);
-                }
-                Ok(RedisConn::Multiplexed(
+                let cfg = timeouts(
+                    AsyncConnectionConfig::new(),
+                    &o,
+                    AsyncConnectionConfig::set_connection_timeout,
+                    AsyncConnectionConfig::set_response_timeout,
+                );
+                let mut con = RedisConn::Multiplexed(
                     c.get_multiplexed_async_connection_with_config(&cfg).await?,
-                ))
+                );
+                refuse_cluster_node(&mut con).await?;
+                Ok(con)
             }
             Mode::Cluster(seeds) => RedisClient::cluster(seeds, &o).await,
         }
@@ -220,13 +221,12 @@ impl RedisClient {
     pub async fn connect_managed(&self, o: ConnectOptions) -> RedisResult<RedisConn> {
         match &self.mode {
             Mode::Single(c) => {
-                let mut cfg = ConnectionManagerConfig::new();
-                if let Some(t) = o.connection_timeout {
-                    cfg = cfg.set_connection_timeout(t);
-                }
-                if let Some(t) = o.response_timeout {
-                    cfg = cfg.set_response_timeout(t);
-                }
+                let mut cfg = timeouts(
+                    ConnectionManagerConfig::new(),
+                    &o,
+                    ConnectionManagerConfig::set_connection_timeout,
+                    ConnectionManagerConfig::set_response_timeout,
+                );
                 if let Some(n) = o.retries {
                     cfg = cfg.set_number_of_retries(n);
                 }
@@ -236,13 +236,67 @@ impl RedisClient {
                 if let Some(d) = o.backoff_max_delay_ms {
                     cfg = cfg.set_max_delay(d);
                 }
-                Ok(RedisConn::Manager(
-                    ConnectionManager::new_with_config(c.clone(), cfg).await?,
-                ))
+                let mut con =
+                    RedisConn::Manager(ConnectionManager::new_with_config(c.clone(), cfg).await?);
+                refuse_cluster_node(&mut con).await?;
+                Ok(con)
             }
             Mode::Cluster(seeds) => RedisClient::cluster(seeds, &o).await,
         }
     }
+}
+
+/// `cfg` with the connection and response timeouts of `o` (either config
+/// type of the crate).
+fn timeouts<C>(
+    mut cfg: C,
+    o: &ConnectOptions,
+    connection: fn(C, Duration) -> C,
+    response: fn(C, Duration) -> C,
+) -> C {
+    if let Some(t) = o.connection_timeout {
+        cfg = connection(cfg, t);
+    }
+    if let Some(t) = o.response_timeout {
+        cfg = response(cfg, t);
+    }
+    cfg
+}
+
+/// Without `--redis-cluster`, a cluster node answers every key of another
+/// node's slots with a bare `MOVED`: say at connect what is wrong. A server
+/// that refuses `INFO` (renamed on managed Redis) is taken as it is.
+async fn refuse_cluster_node(con: &mut RedisConn) -> RedisResult<()> {
+    let info: String = match ::redis::cmd("INFO").arg("cluster").query_async(con).await {
+        Ok(i) => i,
+        Err(e) if e.kind() == ErrorKind::ResponseError || e.code().is_some() => return Ok(()),
+        Err(e) => return Err(e),
+    };
+    if info_field(&info, "cluster_enabled") == Some("1") {
+        return Err(RedisError::from((
+            ErrorKind::ClientError,
+            "wrong Redis mode",
+            NOT_CLUSTER_MODE.to_owned(),
+        )));
+    }
+    Ok(())
+}
+
+/// The hint when a Redis Cluster node is used as a single server.
+pub const NOT_CLUSTER_MODE: &str = "this Redis server is a Redis Cluster node: add --redis-cluster (VIDPULSE_REDIS_CLUSTER=true) and give its nodes as seeds in --redis-url";
+
+/// Whether `e` says the Redis flags are wrong (not worth retrying).
+pub fn is_mode_error(e: &RedisError) -> bool {
+    e.kind() == ErrorKind::ClientError && e.detail() == Some(NOT_CLUSTER_MODE)
+}
+
+/// `name:value` of an `INFO` reply.
+fn info_field<'a>(info: &'a str, name: &str) -> Option<&'a str> {
+    info.lines().find_map(|l| {
+        l.trim_end()
+            .strip_prefix(name)
+            .and_then(|r| r.strip_prefix(':'))
+    })
 }
 
 /// `--redis-url` as a list: one URL, or with `cluster` one or more
@@ -278,6 +332,94 @@ pub enum RedisConn {
 pub struct Master {
     pub addr: String,
     pub slot: u16,
+    /// Replicas serving its slots (from `CLUSTER SLOTS`).
+    pub replicas: usize,
+}
+
+impl Master {
+    /// The one server of a single-node setup.
+    fn single() -> Master {
+        Master {
+            addr: String::new(),
+            slot: 0,
+            replicas: 0,
+        }
+    }
+}
+
+/// Writes a stage must still find after a failover: how many replicas must
+/// hold them (Redis `WAIT`) before the stage counts them done.
+///
+/// Redis replicates asynchronously, so a master can acknowledge a write and
+/// fail before any replica has it; the promoted replica then lacks it. With
+/// `replicas > 0` a stage waits after its writes (leaderboard partials, room
+/// hashes, loaded rows) and before it commits what they cover; fewer
+/// acknowledgements within `timeout` fail the write as retriable
+/// (`NOREPLICAS`), and it is sent again. `WAIT` narrows the window, it does
+/// not make Redis strongly consistent: a failover may still pick a replica
+/// that had not acknowledged (docs/deploy.md, "Redis Cluster").
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Replication {
+    pub replicas: u32,
+    pub timeout: Duration,
+}
+
+impl Replication {
+    /// Waits until `replicas` replicas acknowledged every write sent on
+    /// `con` so far (on a cluster: every master's replicas, the fewest
+    /// counting). A no-op with `replicas == 0`.
+    pub async fn wait(&self, con: &mut RedisConn) -> RedisResult<()> {
+        if self.replicas == 0 {
+            return Ok(());
+        }
+        let ms = u64::try_from(self.timeout.as_millis()).unwrap_or(u64::MAX);
+        let acked: i64 = ::redis::cmd("WAIT")
+            .arg(self.replicas)
+            .arg(ms.max(1))
+            .query_async(con)
+            .await?;
+        if acked < i64::from(self.replicas) {
+            return Err(::redis::make_extension_error(
+                "NOREPLICAS".into(),
+                Some(format!(
+                    "{acked} of {} replicas acknowledged the writes within {} (--redis-wait-replicas, --redis-wait-timeout)",
+                    self.replicas,
+                    humantime::format_duration(self.timeout)
+                )),
+            ));
+        }
+        Ok(())
+    }
+
+    /// At start: every master has the replicas asked for, else the message
+    /// naming the flag (each write would time out and be retried forever).
+    pub async fn check(&self, con: &mut RedisConn) -> Result<(), ConfigError> {
+        if self.replicas == 0 {
+            return Ok(());
+        }
+        let invalid = |message: String| ConfigError::Invalid {
+            field: "--redis-wait-replicas".into(),
+            message,
+        };
+        let counts = con
+            .replicas()
+            .await
+            .map_err(|e| invalid(format!("cannot count the replicas ({e})")))?;
+        for (node, n) in counts {
+            if n < self.replicas as usize {
+                let on = if node.is_empty() {
+                    "the server".to_owned()
+                } else {
+                    format!("master {node}")
+                };
+                return Err(invalid(format!(
+                    "{} replicas asked for, but {on} has {n}: lower the flag or add replicas",
+                    self.replicas
+                )));
+            }
+        }
+        Ok(())
+    }
 }
 
 impl RedisConn {
@@ -297,6 +439,27 @@ impl RedisConn {
             )
             .await?;
         parse_cluster_slots(&v)
+    }
+
+    /// Replicas of the server (`INFO replication`) or of each master
+    /// (`CLUSTER SLOTS`): (node, count), node empty on a single server.
+    pub async fn replicas(&mut self) -> RedisResult<Vec<(String, usize)>> {
+        if self.is_cluster() {
+            return Ok(self
+                .masters()
+                .await?
+                .into_iter()
+                .map(|m| (m.addr, m.replicas))
+                .collect());
+        }
+        let info: String = ::redis::cmd("INFO")
+            .arg("replication")
+            .query_async(self)
+            .await?;
+        let n = info_field(&info, "connected_slaves")
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0);
+        Ok(vec![(String::new(), n)])
     }
 
     /// Sends `cmd` to one master of the cluster (by a slot it serves).
@@ -325,10 +488,7 @@ impl RedisConn {
         let masters = if self.is_cluster() {
             self.masters().await?
         } else {
-            vec![Master {
-                addr: String::new(),
-                slot: 0,
-            }]
+            vec![Master::single()]
         };
         let mut keys = Vec::new();
         for m in &masters {
@@ -360,10 +520,7 @@ impl RedisConn {
         let masters = if self.is_cluster() {
             self.masters().await?
         } else {
-            vec![Master {
-                addr: String::new(),
-                slot: 0,
-            }]
+            vec![Master::single()]
         };
         let mut out = Vec::with_capacity(masters.len());
         for m in &masters {
@@ -414,7 +571,12 @@ fn parse_cluster_slots(v: &Value) -> RedisResult<Vec<Master>> {
         let addr = format!("{host}:{port}");
         let slot = u16::try_from(*start).map_err(|_| bad())?;
         if !out.iter().any(|m| m.addr == addr) {
-            out.push(Master { addr, slot });
+            let replicas = items.len().saturating_sub(3);
+            out.push(Master {
+                addr,
+                slot,
+                replicas,
+            });
         }
     }
     Ok(out)
@@ -663,6 +825,29 @@ mod tests {
     }
 
     #[test]
+    fn info_fields() {
+        let info = "# Cluster\r\ncluster_enabled:1\r\n";
+        assert_eq!(info_field(info, "cluster_enabled"), Some("1"));
+        let info = "# Replication\r\nrole:master\r\nconnected_slaves:2\r\nslave0:ip=…\r\n";
+        assert_eq!(info_field(info, "connected_slaves"), Some("2"));
+        assert_eq!(info_field(info, "connected"), None);
+        assert_eq!(info_field(info, "missing"), None);
+    }
+
+    #[test]
+    fn the_cluster_mode_hint_is_not_retried() {
+        let e = RedisError::from((
+            ErrorKind::ClientError,
+            "wrong Redis mode",
+            NOT_CLUSTER_MODE.to_owned(),
+        ));
+        assert!(is_mode_error(&e));
+        assert!(e.to_string().contains("--redis-cluster"));
+        let other = RedisError::from((ErrorKind::ClientError, "other", "x".to_owned()));
+        assert!(!is_mode_error(&other));
+    }
+
+    #[test]
     fn cluster_slots_reply() {
         let node = |h: &str, p: i64| {
             Value::Array(vec![
@@ -694,11 +879,13 @@ mod tests {
             vec![
                 Master {
                     addr: "127.0.0.1:7101".into(),
-                    slot: 0
+                    slot: 0,
+                    replicas: 1,
                 },
                 Master {
                     addr: "127.0.0.1:7102".into(),
-                    slot: 5461
+                    slot: 5461,
+                    replicas: 0,
                 },
             ]
         );

@@ -17,7 +17,7 @@ use clap::{Args, Subcommand, ValueEnum};
 use indicatif::{ProgressBar, ProgressStyle};
 use redis::AsyncCommands;
 use serde_json::{Map, Value, json};
-use vidpulse_core::config::RedisArgs;
+use vidpulse_core::config::{RedisArgs, ReplicationArgs};
 use vidpulse_dim_builder::load::{self, DimKind, Format, LoadSettings, Rows};
 use vidpulse_dim_builder::store::Store;
 
@@ -84,6 +84,8 @@ pub struct LoadArgs {
 struct DimsRedisArgs {
     #[command(flatten)]
     server: RedisArgs,
+    #[command(flatten)]
+    replication: ReplicationArgs,
     /// Connect and response timeout of each Redis call.
     #[arg(long, env = "VIDPULSE_DIMS_REDIS_TIMEOUT", default_value = "10s", value_parser = humantime::parse_duration)]
     redis_timeout: Duration,
@@ -171,6 +173,7 @@ async fn run_load(a: LoadArgs) -> anyhow::Result<()> {
         &a.redis.server.redis_url,
         a.redis.server.redis_cluster,
         a.redis.redis_timeout,
+        a.redis.replication.replication(),
     )?;
 
     let bar = progress_bar(size);
@@ -265,6 +268,7 @@ async fn run_show(a: ShowArgs) -> anyhow::Result<()> {
         &a.redis.server.redis_url,
         a.redis.server.redis_cluster,
         a.redis.redis_timeout,
+        a.redis.replication.replication(),
     )?;
     let mut conn = store.connection().await?;
     let mut out = std::io::stdout().lock();

@@ -27,6 +27,7 @@ use clap::{ArgAction, Parser};
 use vidpulse_core::admin::{self, Health};
 use vidpulse_core::config::{
     ConfigError, KafkaArgs, LogArgs, LoopArgs, LoopDefaults, LoopSettings, RedisArgs,
+    ReplicationArgs,
 };
 use vidpulse_core::runtime::{self, Commit, RuntimeError, StageSettings};
 use vidpulse_core::{CancellationToken, topics};
@@ -68,6 +69,9 @@ pub const REDIS_SECONDS: &str = "vidpulse_dim_redis_seconds";
 pub struct Args {
     #[command(flatten)]
     pub redis: RedisArgs,
+
+    #[command(flatten)]
+    pub replication: ReplicationArgs,
 
     /// Connect and response timeout of every Redis call; past it the batch
     /// is retried.
@@ -131,6 +135,7 @@ pub struct Settings {
     /// `--redis-cluster`: `redis_url` lists a cluster's seed nodes.
     pub redis_cluster: bool,
     pub redis_timeout: Duration,
+    pub replication: vidpulse_core::redis::Replication,
     pub planner: Planner,
     pub ttls: Ttls,
     pub admin_addr: SocketAddr,
@@ -197,6 +202,7 @@ impl Settings {
             redis_url: args.redis.redis_url.clone(),
             redis_cluster: args.redis.redis_cluster,
             redis_timeout: args.redis_timeout,
+            replication: args.replication.replication(),
             planner: Planner {
                 room_prefix: args.key_prefix.clone(),
                 viewer_prefix: args.viewer_profiles.then(|| args.viewer_key_prefix.clone()),
@@ -225,6 +231,7 @@ pub async fn run(args: Args, shutdown: CancellationToken) -> Result<(), DimError
         &settings.redis_url,
         settings.redis_cluster,
         settings.redis_timeout,
+        settings.replication,
     )?;
     tracing::info!(
         room_prefix = %settings.planner.room_prefix,

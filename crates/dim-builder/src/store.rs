@@ -12,7 +12,7 @@ use std::time::Duration;
 
 use redis::aio::ConnectionLike;
 use redis::{ErrorKind, Pipeline, RedisError, Script, Value};
-use vidpulse_core::redis::{ConnectOptions, RedisClient, RedisConn};
+use vidpulse_core::redis::{ConnectOptions, RedisClient, RedisConn, Replication};
 
 use crate::model::Ttls;
 use crate::plan::{Lifecycle, Op};
@@ -66,7 +66,7 @@ fn retriable_error(e: &RedisError) -> bool {
         )
         || matches!(
             e.code(),
-            Some("OOM" | "BUSY" | "LOADING" | "MASTERDOWN" | "READONLY")
+            Some("OOM" | "BUSY" | "LOADING" | "MASTERDOWN" | "READONLY" | "NOREPLICAS")
         )
 }
 
@@ -90,14 +90,22 @@ pub fn retriable_code(code: &str) -> bool {
 pub struct Store {
     client: RedisClient,
     config: ConnectOptions,
+    /// Replicas that must hold a pipeline's writes before `run` returns.
+    replication: Replication,
     conn: Option<RedisConn>,
     connects: u64,
 }
 
 impl Store {
     /// Parses `url` (seed nodes, comma-separated, with `cluster`); connects
-    /// on first use.
-    pub fn open(url: &str, cluster: bool, timeout: Duration) -> Result<Store, StoreError> {
+    /// on first use. With `replication`, [`Store::run`] returns once that
+    /// many replicas hold the writes.
+    pub fn open(
+        url: &str,
+        cluster: bool,
+        timeout: Duration,
+        replication: Replication,
+    ) -> Result<Store, StoreError> {
         // The URL may hold a password: the message redacts it.
         let client = RedisClient::from_url(url, cluster).map_err(|e| StoreError {
             message: e.to_string(),
@@ -107,6 +115,7 @@ impl Store {
         Ok(Store {
             client,
             config,
+            replication,
             conn: None,
             connects: 0,
         })
@@ -118,6 +127,15 @@ impl Store {
             return Ok(c.clone());
         }
         let mut c = self.client.connect(self.config.clone()).await?;
+        if self.connects == 0 {
+            self.replication
+                .check(&mut c)
+                .await
+                .map_err(|e| StoreError {
+                    message: e.to_string(),
+                    retriable: false,
+                })?;
+        }
         load_scripts(&mut c).await?;
         self.connects += 1;
         if self.connects == 1 {
@@ -146,7 +164,16 @@ impl Store {
     /// next call reconnects.
     pub async fn run(&mut self, pipe: &Pipeline) -> Result<Vec<Value>, StoreError> {
         let mut conn = self.connection().await?;
-        match exec(&mut conn, pipe).await {
+        let written = match exec(&mut conn, pipe).await {
+            Ok(v) => self
+                .replication
+                .wait(&mut conn)
+                .await
+                .map(|()| v)
+                .map_err(StoreError::from),
+            Err(e) => Err(e),
+        };
+        match written {
             Ok(v) => Ok(v),
             Err(e) => {
                 if e.retriable {

@@ -43,6 +43,8 @@ pub(crate) struct Checkpoint {
     pub epoch: i64,
     /// The hash must exist already (restored or written under this epoch).
     pub existing: bool,
+    /// Writes the hash holds before this one.
+    pub seq: u64,
     pub next_offset: i64,
     pub delta: CheckpointDelta,
     pub done: bool,
@@ -54,12 +56,17 @@ pub(crate) struct Pending {
     pub inserts: Vec<Insert>,
     /// Leaderboard script calls, one per hash slot; `true` once applied.
     pub boards: Vec<(Vec<leaderboard::Batch>, bool)>,
+    /// The replicas asked for (`--redis-wait-replicas`) hold the partials.
+    pub boards_replicated: bool,
     pub checkpoints: Vec<Checkpoint>,
     /// Partitions whose checkpoint was refused: another owner has them.
     pub fenced: Vec<InputPartition>,
     /// Partitions whose checkpoint the store lost (with the next offset
     /// they had reached): replayed from their earliest offset.
     pub lost: Vec<(InputPartition, i64)>,
+    /// Partitions whose checkpoint store is behind (failed over to a replica
+    /// lacking the last writes): taken over again from what it holds.
+    pub behind: Vec<InputPartition>,
     /// Failed attempts so far (for `--sink-max-retries`).
     pub attempts: u32,
 }
@@ -155,17 +162,19 @@ impl Pending {
                     .increment(1);
             }
         }
-        let boards = leaderboard::by_slot(rows)
+        let boards: Vec<_> = leaderboard::by_slot(rows)
             .into_iter()
             .map(|g| (g, false))
             .collect();
         Pending {
             started: Instant::now(),
             inserts,
+            boards_replicated: boards.is_empty(),
             boards,
             checkpoints,
             fenced: Vec::new(),
             lost: Vec::new(),
+            behind: Vec::new(),
             attempts: 0,
         }
     }
@@ -207,6 +216,18 @@ impl Pending {
         if let Some(e) = failed {
             return Err(WriteError::from(e).into_stage_error(Component::Redis));
         }
+        // The checkpoint that follows marks these partials written: they
+        // must survive a failover first (a lost one would never be
+        // written again).
+        if !self.boards_replicated {
+            let mut con = sinks.redis.clone();
+            sinks
+                .replication
+                .wait(&mut con)
+                .await
+                .map_err(|e| WriteError::from(e).into_stage_error(Component::Redis))?;
+            self.boards_replicated = true;
+        }
         Ok(())
     }
 
@@ -214,7 +235,7 @@ impl Pending {
     /// script per partition). Call once everything they cover is
     /// acknowledged.
     pub async fn write_checkpoints(&mut self, sinks: &Sinks) -> Result<(), StageError> {
-        let (fenced, lost) = (&mut self.fenced, &mut self.lost);
+        let (fenced, lost, behind) = (&mut self.fenced, &mut self.lost, &mut self.behind);
         let writes = self.checkpoints.iter_mut().filter(|c| !c.done).map(|c| {
             let mut con = sinks.redis.clone();
             async move {
@@ -224,6 +245,7 @@ impl Pending {
                     &c.key,
                     c.epoch,
                     c.existing,
+                    c.seq,
                     &c.delta,
                 )
                 .await;
@@ -240,6 +262,7 @@ impl Pending {
                 Ok(checkpoint::Written::Written) => {}
                 Ok(checkpoint::Written::Fenced) => fenced.push(part),
                 Ok(checkpoint::Written::Lost) => lost.push((part, next)),
+                Ok(checkpoint::Written::Behind) => behind.push(part),
                 Err(e) => {
                     first.get_or_insert(e);
                 }

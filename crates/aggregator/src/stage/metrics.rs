@@ -32,6 +32,9 @@ pub const REMEMBERED_IDS: &str = "vidpulse_aggregator_remembered_ids";
 /// Partitions whose checkpoint the store lost (each then replayed from its
 /// earliest offset).
 pub const STORE_LOST: &str = "vidpulse_aggregator_store_lost_total";
+/// Partitions whose checkpoint store held an older prefix of the writes
+/// (a failover to a lagging replica; each then restored from what it held).
+pub const STORE_BEHIND: &str = "vidpulse_aggregator_store_behind_total";
 /// Estimated heap bytes of the state of the partitions this instance owns
 /// (open panes, leaderboard partials, remembered ids, rooms), sampled at
 /// most every 10 s.

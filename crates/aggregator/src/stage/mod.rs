@@ -60,6 +60,8 @@ struct Owned {
     key: String,
     /// Its checkpoint hash exists in the store (restored or written).
     existing: bool,
+    /// Writes the hash holds: restored count plus acknowledged writes.
+    seq: u64,
     state: PartitionState,
     last_record: Instant,
     watermark: Gauge,
@@ -71,6 +73,9 @@ pub(crate) struct Sinks {
     ch: clickhouse::Client,
     tables: Tables,
     redis: vidpulse_core::redis::RedisConn,
+    /// Replicas that must hold the leaderboard partials before the
+    /// checkpoint marking them written goes out.
+    replication: vidpulse_core::redis::Replication,
     board_script: redis::Script,
     ckpt_script: redis::Script,
     prefix: String,
@@ -180,7 +185,8 @@ pub(crate) async fn run(
         &health,
         Component::Redis,
         &shutdown,
-        |_: &redis::RedisError| true,
+        // Not the wrong mode (a cluster node without --redis-cluster).
+        |e: &redis::RedisError| !vidpulse_core::redis::is_mode_error(e),
         || {
             // Bounded calls: a store that hangs is a failing store (retried
             // with back-pressure), never a stage that stops answering.
@@ -194,6 +200,8 @@ pub(crate) async fn run(
         None => return Ok(()),
         Some(r) => r?,
     };
+    let replication = args.replication.replication();
+    replication.check(&mut redis).await?;
     // Checkpoints must survive the store: say loudly when they cannot.
     match checkpoint::durability(&mut redis).await {
         Ok(None) => {}
@@ -290,6 +298,7 @@ pub(crate) async fn run(
             ch: client,
             tables,
             redis,
+            replication,
             board_script: leaderboard::script(),
             ckpt_script: checkpoint::write_script(),
             prefix: args.kafka.topic_prefix.clone(),
@@ -338,6 +347,7 @@ impl Stage for Aggregator {
                 epoch,
                 state,
                 existing,
+                seq,
             } = restore::restore(&mut self.sinks.redis, &self.plan, &key, input, reset)
                 .await
                 .map_err(|e| StageError::retriable(Component::Checkpoints, e))?;
@@ -394,6 +404,7 @@ impl Stage for Aggregator {
                     verify,
                     key,
                     existing,
+                    seq,
                     state,
                     last_record: Instant::now(),
                     watermark: gauge!(WATERMARK, &labels),
@@ -736,6 +747,7 @@ impl Aggregator {
                     key: owned.key.clone(),
                     epoch: owned.epoch,
                     existing: owned.existing,
+                    seq: owned.seq,
                     next_offset: owned.state.next_offset,
                     delta: owned.state.checkpoint_delta(&self.plan),
                     done: false,
@@ -795,11 +807,15 @@ impl Aggregator {
         };
         let lost: Vec<InputPartition> = done.lost.iter().map(|(p, _)| *p).collect();
         for c in &done.checkpoints {
-            if done.fenced.contains(&c.part) || lost.contains(&c.part) {
+            if done.fenced.contains(&c.part)
+                || lost.contains(&c.part)
+                || done.behind.contains(&c.part)
+            {
                 continue;
             }
             if let Some(owned) = self.parts.get_mut(&c.part) {
                 owned.existing = true;
+                owned.seq = c.seq + 1;
             }
             if c.next_offset >= 0 {
                 tick.durable(c.part, c.next_offset);
@@ -819,6 +835,15 @@ impl Aggregator {
             tracing::error!(topic = %self.topics[p.topic as usize].0, partition = p.partition, reached, "The checkpoint store lost this partition's state (FLUSHALL, a restart without persistence, or eviction); replaying it from its earliest offset.");
             counter!(STORE_LOST, "stage" => STAGE).increment(1);
             self.recovering.insert(*p, *reached);
+            self.parts.remove(p);
+            tick.restart(*p);
+        }
+        for p in &done.behind {
+            // The store failed over to a replica that had not received this
+            // owner's last writes: take the partition over again from what
+            // it holds and replay from there (the rows come out the same).
+            tracing::error!(topic = %self.topics[p.topic as usize].0, partition = p.partition, "The checkpoint store holds fewer of this partition's checkpoint writes than were acknowledged (a failover to a replica that lacked the last ones); restoring from what it holds and replaying from there.");
+            counter!(STORE_BEHIND, "stage" => STAGE).increment(1);
             self.parts.remove(p);
             tick.restart(*p);
         }

@@ -28,6 +28,8 @@ pub(crate) struct Restored {
     pub state: PartitionState,
     /// Its checkpoint hash exists (restored, not started afresh).
     pub existing: bool,
+    /// Writes the hash holds (the next write must find this many).
+    pub seq: u64,
 }
 
 /// Takes ownership of the checkpoint `key` and rebuilds its state. A
@@ -41,13 +43,14 @@ pub(crate) async fn restore(
     reset: bool,
 ) -> redis::RedisResult<Restored> {
     let loaded = checkpoint::load(con, key).await?;
-    let fresh = |epoch| Restored {
+    let fresh = |epoch, seq| Restored {
         epoch,
         state: PartitionState::new(plan, input),
         existing: false,
+        seq,
     };
     if loaded.fields.is_empty() {
-        return Ok(fresh(loaded.epoch));
+        return Ok(fresh(loaded.epoch, loaded.seq));
     }
     if reset {
         tracing::info!(
@@ -63,12 +66,14 @@ pub(crate) async fn restore(
                     next_offset = s.next_offset,
                     watermark = s.watermark(),
                     open_panes = s.open_panes(),
+                    writes = loaded.seq,
                     "Restored checkpoint."
                 );
                 return Ok(Restored {
                     epoch: loaded.epoch,
                     state: s,
                     existing: true,
+                    seq: loaded.seq,
                 });
             }
             Err(error) => {
@@ -77,7 +82,7 @@ pub(crate) async fn restore(
         }
     }
     checkpoint::clear(con, key, loaded.epoch).await?;
-    Ok(fresh(loaded.epoch))
+    Ok(fresh(loaded.epoch, 0))
 }
 
 /// Why a partition cannot be taken over as it is.
