@@ -676,6 +676,17 @@ pub fn drop_clickhouse_tables(prefix: &str) {
 /// 2021-08-16T01:00:00Z with 2 % malformed, 4 % duplicate and 4 % late
 /// records, plus `extra` flags — and returns its truth (and where it is).
 pub fn gen_truth(env: &Env, count: u64, seed: u64, extra: &[&str]) -> (Value, PathBuf) {
+    gen_truth_over(env, count, seed, "10m", extra)
+}
+
+/// As [`gen_truth`], event times spread over `span` (humantime).
+pub fn gen_truth_over(
+    env: &Env,
+    count: u64,
+    seed: u64,
+    span: &str,
+    extra: &[&str],
+) -> (Value, PathBuf) {
     let truth = scratch(&env.prefix).join(format!("truth-{seed}.json"));
     let count = count.to_string();
     let seed = seed.to_string();
@@ -687,7 +698,7 @@ pub fn gen_truth(env: &Env, count: u64, seed: u64, extra: &[&str]) -> (Value, Pa
         "--start",
         "2021-08-16T01:00:00Z",
         "--span",
-        "10m",
+        span,
         "--bad-fraction",
         "0.02",
         "--dup-fraction",

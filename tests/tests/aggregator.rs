@@ -126,6 +126,54 @@ fn read_all(env: &Env, topic: &str) -> Vec<Rec> {
     out
 }
 
+/// A day of event time (gen over 24 h: rooms start and end through it, the
+/// daily windows and leaderboards stay open all day, duplicates are
+/// remembered only for the dedup horizon): kill -9 at 80 % of the input,
+/// then a restart from the checkpoints (no replay from scratch), and every
+/// metric and leaderboard equals gen's truth. The state stayed bounded:
+/// fewer ids remembered than the day had events.
+#[test]
+fn a_day_long_run_killed_at_80_percent_restores_exactly() {
+    let _serial = serial();
+    let env = Env::new("aggday");
+    let _tables = DropTables(env.prefix.clone());
+    env.create_topics();
+    let (truth, _) = gen_truth_over(&env, 16000, 24, "24h", &[]);
+    let events = truth["expected"]["events"].as_i64().unwrap();
+    let _ingest = ingest(&env);
+    wait_events(&env, events);
+    let mut fwd = Forwarder::start(&env);
+    fwd.finish(events as u64);
+    let input = (events + env.count(MONITORED)) as f64;
+    let mut want = expected(&truth, &[]);
+    with_even_pool(&mut want);
+
+    let read = |p: &Proc| p.metric("vidpulse_records_received_total", &[]);
+    let mut a = spawn_aggregator(&env, "aggregator-1.log", &["--flush-max-rows", "200"]);
+    let mut remembered = 0.0_f64;
+    wait_for("80 % of the input read", Duration::from_secs(300), || {
+        remembered = remembered.max(a.metric("vidpulse_aggregator_remembered_ids", &[]));
+        (read(&a) >= 0.8 * input).then_some(())
+    });
+    println!("kill -9 at {} of {input} records read", read(&a));
+    a.kill9();
+    let b = spawn_aggregator(&env, "aggregator-2.log", &[]);
+    wait_exact(&env, &want, "a day-long run, kill -9 at 80 %");
+    let restored = b.metric("vidpulse_aggregator_checkpoints_restored_total", &[]);
+    assert!(restored > 0.0, "the restart restored checkpoints");
+    assert_eq!(
+        b.metric("vidpulse_aggregator_store_lost_total", &[]),
+        0.0,
+        "nothing replayed from scratch"
+    );
+    remembered = remembered.max(b.metric("vidpulse_aggregator_remembered_ids", &[]));
+    println!("at most {remembered} ids remembered for {events} events");
+    assert!(
+        remembered > 0.0 && remembered < events as f64 / 4.0,
+        "remembered ids bounded by the dedup horizon: {remembered} of {events}"
+    );
+}
+
 #[test]
 fn every_default_metric_and_leaderboard_equals_the_ground_truth() {
     let _serial = serial();

@@ -35,6 +35,10 @@ use vidpulse_proto::{Event, event::Payload};
 
 const PARTITIONS: usize = 8;
 const FLUSH_EVERY: usize = 500;
+/// The stage's default cadence for one instance owning every partition of
+/// both inputs: a flush per 20 000 records read (`--flush-max-rows`), so
+/// per 1 250 records of each of the 16 partitions.
+const STAGE_FLUSH_EVERY: usize = 20_000 / (2 * PARTITIONS);
 
 struct Input1 {
     event: Event,
@@ -136,9 +140,9 @@ struct Run {
     secs: f64,
 }
 
-/// `flush`: `None` = process only; `Some(early)` = flushes, with or without
-/// early emission.
-fn run(plan: &Plan, inputs: &[Input1], flush: Option<bool>) -> Run {
+/// `flush`: `None` = process only; `Some(early)` = flushes every `every`
+/// records of a partition, with or without early emission.
+fn run(plan: &Plan, inputs: &[Input1], flush: Option<bool>, every: usize) -> Run {
     let pools = vec!["all".to_owned()];
     let mut events: Vec<PartitionState> = (0..PARTITIONS)
         .map(|_| PartitionState::new(plan, Input::Events))
@@ -165,7 +169,7 @@ fn run(plan: &Plan, inputs: &[Input1], flush: Option<bool>) -> Run {
         }
         records += 2;
         if let Some(early) = flush
-            && ((off + 1) as usize).is_multiple_of(FLUSH_EVERY)
+            && ((off + 1) as usize).is_multiple_of(every)
         {
             for s in [&mut events[p], &mut monitored[p]] {
                 rows += s.emit(plan, early).len();
@@ -276,10 +280,10 @@ fn only(spec: &Spec, name: &str) -> Spec {
     }
 }
 
-fn print_checkpoints(full: &Run) {
+fn print_checkpoints(full: &Run, how: &str) {
     let per_k = |b: usize| b as f64 / (full.records as f64 / 4.0 / 1000.0) / 1000.0;
     println!(
-        "checkpoint KB per 1000 input records, by quarter of the input (with early emission): {:.1} / {:.1} / {:.1} / {:.1}",
+        "checkpoint KB per 1000 input records, by quarter of the input ({how}): {:.1} / {:.1} / {:.1} / {:.1}",
         per_k(full.quarters[0]),
         per_k(full.quarters[1]),
         per_k(full.quarters[2]),
@@ -309,15 +313,28 @@ fn main() -> anyhow::Result<()> {
     let plan = Plan::new(Spec::default_spec(), 60_000, 5_000);
     if std::env::var_os("BENCH_CORE_CHECKPOINTS").is_some() {
         // Checkpoint figures only (bytes are deterministic; no timing).
-        let full = run(&plan, &inputs, Some(true));
-        print_checkpoints(&full);
+        let full = run(&plan, &inputs, Some(true), FLUSH_EVERY);
+        print_checkpoints(
+            &full,
+            "a flush per 500 records of a partition, early emission",
+        );
+        let stage = run(&plan, &inputs, Some(false), STAGE_FLUSH_EVERY);
+        print_checkpoints(
+            &stage,
+            "the stage's defaults: a flush per 20 000 records over 16 partitions, no early emission",
+        );
         return Ok(());
     }
     // Warm-up, then the measured runs.
-    let _ = run(&plan, &inputs[..inputs.len().min(20_000)], Some(true));
-    let bare = run(&plan, &inputs, None);
-    let flushed = run(&plan, &inputs, Some(false));
-    let full = run(&plan, &inputs, Some(true));
+    let _ = run(
+        &plan,
+        &inputs[..inputs.len().min(20_000)],
+        Some(true),
+        FLUSH_EVERY,
+    );
+    let bare = run(&plan, &inputs, None, FLUSH_EVERY);
+    let flushed = run(&plan, &inputs, Some(false), FLUSH_EVERY);
+    let full = run(&plan, &inputs, Some(true), FLUSH_EVERY);
     println!(
         "aggregator core (process only): {} records in {:.2}s = {:.0} records/s on one core",
         bare.records,
@@ -340,7 +357,7 @@ fn main() -> anyhow::Result<()> {
         full.rows,
         full.checkpoint_bytes as f64 / 1e6
     );
-    print_checkpoints(&full);
+    print_checkpoints(&full, "with early emission");
     let spec = Spec::default_spec();
     let names: Vec<String> = spec
         .metrics

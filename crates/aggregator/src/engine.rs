@@ -32,9 +32,12 @@ use crate::record::{Field, FieldRef, FieldType, Rec, RoomInfo, RoomTable, Val, V
 use crate::spec::{AggFn, GroupBy, Input, Score, Spec};
 use crate::window::{Clock, ClockMode, pane_start};
 
-/// Remembered ids are bucketed by event-time second, so a checkpoint
-/// rewrites only the recent buckets.
-const DEDUP_BUCKET_MS: i64 = 1_000;
+/// Remembered ids are bucketed by 10 s of event time: a checkpoint appends
+/// to the recent buckets only, and a bucket is forgotten whole once it is
+/// past the horizon (so an id is kept up to 10 s longer than the horizon).
+/// Finer buckets cost a checkpoint field per bucket touched, which is most
+/// of the checkpoint when a flush covers minutes of sparse event time.
+const DEDUP_BUCKET_MS: i64 = 10_000;
 
 /// Default of how long (in event time, behind the watermark) event ids are
 /// remembered to recognise duplicates.
@@ -132,15 +135,16 @@ impl Plan {
             }
         }
         // A checkpoint of another clock or checkpoint format is not restored
-        // (the partition replays under this one): "c3" is the format with
-        // remembered ids as hashes by event second, distinct members and
-        // remembered ids in appended chunks, and one field per room.
+        // (the partition replays under this one): "c4" is the format with
+        // remembered ids as hashes by 10 s of event time, distinct members and
+        // remembered ids in appended chunks, cells in one log per pane, and
+        // one field per room.
         let fingerprint = match clock {
             ClockMode::InBand => {
-                spec.fingerprint(default_grace_ms, out_of_orderness_ms) + "-c3-inband"
+                spec.fingerprint(default_grace_ms, out_of_orderness_ms) + "-c4-inband"
             }
             ClockMode::MaxEventTime => {
-                spec.fingerprint(default_grace_ms, out_of_orderness_ms) + "-c3"
+                spec.fingerprint(default_grace_ms, out_of_orderness_ms) + "-c4"
             }
         };
         // A day in a zone is up to 25 hours long.
@@ -242,14 +246,32 @@ enum ChunkWrite {
 
 impl Chunks {
     const MAX: u16 = 128;
+    /// Log fields of a window (its cells, its partials): more than a set's
+    /// chunks, since a large window changes a little at every checkpoint
+    /// all day and a forced rewrite writes all of it; a restore reads them
+    /// in the same `HGETALL` anyway.
+    const LOG_MAX: u16 = 1024;
+    /// A window's log is rewritten once its appended entries are this many
+    /// times field 0's: rewrites then cost 4/3 of the window's final size in
+    /// all (doubling: 2×), for up to 4× its live entries held in the store.
+    const LOG_RATIO: u32 = 3;
     /// Sets up to this size stay in their cell's own field (rewritten with
     /// it: a few members cost less than a chunk field).
     const INLINE: usize = 16;
 
     /// Plans the write of `added` new members to a set now holding `total`.
     fn next(&mut self, added: usize, total: usize) -> ChunkWrite {
+        self.next_within(added, total, Chunks::MAX, 1)
+    }
+
+    /// As [`Chunks::next`], with at most `max` fields, rewriting once the
+    /// appended fields hold `ratio` times what field 0 does.
+    fn next_within(&mut self, added: usize, total: usize, max: u16, ratio: u32) -> ChunkWrite {
         let added = u32::try_from(added).unwrap_or(u32::MAX);
-        if self.n == 0 || self.n >= Chunks::MAX || self.tail.saturating_add(added) >= self.base {
+        if self.n == 0
+            || self.n >= max
+            || self.tail.saturating_add(added) >= self.base.saturating_mul(ratio)
+        {
             let stale = self.n;
             *self = Chunks {
                 n: 1,
@@ -291,9 +313,6 @@ pub struct Cell {
     added: Vec<(usize, Box<str>)>,
     /// Where its distinct members are in the checkpoint.
     chunks: Chunks,
-    /// Its field is in the checkpoint: a field never written is not
-    /// deleted.
-    written: bool,
 }
 
 impl Cell {
@@ -367,7 +386,6 @@ impl Cell {
             ck: false,
             added: Vec::new(),
             chunks: Chunks::default(),
-            written: true,
         })
     }
 
@@ -411,6 +429,10 @@ struct Pane {
     /// Its `fired` field is in the checkpoint.
     fired_written: bool,
     cells: HashMap<Key, Cell>,
+    /// Where its cells are in the checkpoint: log fields `0..n`, each the
+    /// cells one checkpoint changed (field 0: every cell, at the last
+    /// rewrite), counted in cells like a set's members ([`Chunks`]).
+    log: Chunks,
 }
 
 /// One member's score from this partition in one leaderboard window.
@@ -422,10 +444,6 @@ pub struct Partial {
     /// Changed since the last checkpoint (not persisted).
     #[serde(skip)]
     ck: bool,
-    /// In the checkpoint (not persisted): a field never written is not
-    /// deleted.
-    #[serde(skip)]
-    written: bool,
 }
 
 /// Everything the partition wrote since the last checkpoint, as hash fields.
@@ -443,6 +461,25 @@ impl CheckpointDelta {
             .map(|(f, v)| f.len() + v.len())
             .sum::<usize>()
             + self.del.iter().map(String::len).sum::<usize>()
+    }
+
+    /// Puts a set's new members where `w` says: `appended()` as chunk
+    /// `seq`, or `whole()` as chunk 0 with the later chunks deleted;
+    /// `field(seq)` names chunk `seq`.
+    fn put_chunks(
+        &mut self,
+        w: ChunkWrite,
+        field: impl Fn(u16) -> String,
+        appended: impl FnOnce() -> Vec<u8>,
+        whole: impl FnOnce() -> Vec<u8>,
+    ) {
+        match w {
+            ChunkWrite::Append(seq) => self.set.push((field(seq), appended())),
+            ChunkWrite::Rewrite { stale } => {
+                self.set.push((field(0), whole()));
+                self.del.extend((1..stale).map(field));
+            }
+        }
     }
 }
 
@@ -564,6 +601,9 @@ pub struct PartitionState {
     wm: Clock,
     metrics: Vec<BTreeMap<i64, Pane>>,
     boards: Vec<BTreeMap<i64, HashMap<Box<str>, Partial>>>,
+    /// Where each open leaderboard window's partials are in the checkpoint:
+    /// log fields `0..n` as for a pane's cells ([`Pane::log`]).
+    board_logs: Vec<BTreeMap<i64, Chunks>>,
     /// Event second → hashes of the event ids counted in it, for the dedup
     /// horizon.
     dedup: BTreeMap<i64, Bucket>,
@@ -632,6 +672,7 @@ impl PartitionState {
             wm: Clock::new(plan.clock),
             metrics: vec![BTreeMap::new(); plan.spec.metrics.len()],
             boards: vec![BTreeMap::new(); plan.spec.leaderboards.len()],
+            board_logs: vec![BTreeMap::new(); plan.spec.leaderboards.len()],
             dedup: BTreeMap::new(),
             rooms: RoomTable::new(),
             logs: Vec::new(),
@@ -954,7 +995,6 @@ impl PartitionState {
                 ck: false,
                 added: Vec::new(),
                 chunks: Chunks::default(),
-                written: false,
             });
             for (i, (agg, input)) in cell.aggs.iter_mut().zip(&inputs).enumerate() {
                 let Some(input) = input else { continue };
@@ -1000,7 +1040,6 @@ impl PartitionState {
                 version: 0,
                 dirty: false,
                 ck: false,
-                written: false,
             });
         p.value = p.value.saturating_add(add);
         p.version = version;
@@ -1097,8 +1136,10 @@ impl PartitionState {
                     if pane.fired_written {
                         self.changed.gone.push(fired_field(name, start));
                     }
-                    for (key, cell) in pane.cells.iter().filter(|(_, c)| c.written) {
-                        self.changed.gone.push(cell_field(name, start, key));
+                    for seq in 0..pane.log.n {
+                        self.changed.gone.push(log_field(name, start, seq));
+                    }
+                    for (key, cell) in &pane.cells {
                         for seq in 0..cell.chunks.n {
                             self.changed.gone.push(chunk_field(name, start, seq, key));
                         }
@@ -1132,11 +1173,10 @@ impl PartitionState {
                 }
             }
             for start in closed {
-                if let Some(members) = days.remove(&start) {
-                    for member in members.iter().filter(|(_, p)| p.written).map(|(m, _)| m) {
-                        self.changed
-                            .gone
-                            .push(member_field(&board.name, start, member));
+                days.remove(&start);
+                if let Some(log) = self.board_logs[b].remove(&start) {
+                    for seq in 0..log.n {
+                        self.changed.gone.push(board_field(&board.name, start, seq));
                     }
                 }
                 self.changed.days.remove(&(b, start));
@@ -1189,46 +1229,87 @@ impl PartitionState {
                     p.fired_written = true;
                     d.set.push((fired_field(name, start), b"1".to_vec()));
                 }
+                // The changed cells' heads, one log entry each.
+                let (mut entries, mut changed_cells) = (Vec::new(), 0);
                 for (key, cell) in p.cells.iter_mut().filter(|(_, c)| c.ck) {
                     cell.ck = false;
-                    cell.written = true;
+                    changed_cells += 1;
                     let added = std::mem::take(&mut cell.added);
                     let total = cell.members();
-                    if added.is_empty() || cell.chunks.n == 0 && total <= Chunks::INLINE {
-                        // Unchanged members, or few enough to stay inline.
-                        d.set.push((cell_field(name, start, key), cell.head()));
-                        continue;
+                    // Members go to chunks unless none were added or they
+                    // are few enough to stay inline.
+                    if !added.is_empty() && (cell.chunks.n > 0 || total > Chunks::INLINE) {
+                        let w = cell.chunks.next(added.len(), total);
+                        d.put_chunks(
+                            w,
+                            |seq| chunk_field(name, start, seq, key),
+                            || cell.chunk(added.iter().map(|(a, m)| (*a, &**m))),
+                            || {
+                                cell.chunk(cell.aggs.iter().enumerate().flat_map(|(i, a)| {
+                                    let set = match a {
+                                        Agg::Distinct(set) => Some(set),
+                                        _ => None,
+                                    };
+                                    set.into_iter().flatten().map(move |m| (i, &**m))
+                                }))
+                            },
+                        );
                     }
-                    match cell.chunks.next(added.len(), total) {
-                        ChunkWrite::Append(seq) => {
-                            let v = cell.chunk(added.iter().map(|(a, m)| (*a, &**m)));
-                            d.set.push((chunk_field(name, start, seq, key), v));
-                        }
-                        ChunkWrite::Rewrite { stale } => {
-                            let all = cell.aggs.iter().enumerate().flat_map(|(i, a)| {
-                                let set = match a {
-                                    Agg::Distinct(set) => Some(set),
-                                    _ => None,
-                                };
-                                set.into_iter().flatten().map(move |m| (i, &**m))
-                            });
-                            let v = cell.chunk(all);
-                            d.set.push((chunk_field(name, start, 0, key), v));
-                            d.del
-                                .extend((1..stale).map(|seq| chunk_field(name, start, seq, key)));
-                        }
-                    }
-                    d.set.push((cell_field(name, start, key), cell.head()));
+                    log_entry(&mut entries, key, cell);
+                }
+                if changed_cells > 0 {
+                    let w = p.log.next_within(
+                        changed_cells,
+                        p.cells.len(),
+                        Chunks::LOG_MAX,
+                        Chunks::LOG_RATIO,
+                    );
+                    let cells = &p.cells;
+                    d.put_chunks(
+                        w,
+                        |seq| log_field(name, start, seq),
+                        || entries,
+                        || {
+                            let mut all = Vec::new();
+                            for (key, cell) in cells {
+                                log_entry(&mut all, key, cell);
+                            }
+                            all
+                        },
+                    );
                 }
             }
         }
         for (b, start) in changed.days {
             let name = &plan.spec.leaderboards[b].name;
             if let Some(members) = self.boards[b].get_mut(&start) {
+                let (mut entries, mut changed_members) = (Vec::new(), 0);
                 for (member, p) in members.iter_mut().filter(|(_, p)| p.ck) {
                     p.ck = false;
-                    p.written = true;
-                    d.set.push((member_field(name, start, member), to_json(p)));
+                    changed_members += 1;
+                    board_entry(&mut entries, member, p);
+                }
+                if changed_members > 0 {
+                    let log = self.board_logs[b].entry(start).or_default();
+                    let w = log.next_within(
+                        changed_members,
+                        members.len(),
+                        Chunks::LOG_MAX,
+                        Chunks::LOG_RATIO,
+                    );
+                    let members = &*members;
+                    d.put_chunks(
+                        w,
+                        |seq| board_field(name, start, seq),
+                        || entries,
+                        || {
+                            let mut all = Vec::new();
+                            for (member, p) in members {
+                                board_entry(&mut all, member, p);
+                            }
+                            all
+                        },
+                    );
                 }
             }
         }
@@ -1240,16 +1321,13 @@ impl PartitionState {
             if added.is_empty() {
                 continue;
             }
-            match bucket.chunks.next(added.len(), bucket.ids.len()) {
-                ChunkWrite::Append(seq) => {
-                    d.set.push((dedup_field(second, seq), encode_ids(added)));
-                }
-                ChunkWrite::Rewrite { stale } => {
-                    let all = bucket.ids.iter().copied().collect();
-                    d.set.push((dedup_field(second, 0), encode_ids(all)));
-                    d.del.extend((1..stale).map(|seq| dedup_field(second, seq)));
-                }
-            }
+            let w = bucket.chunks.next(added.len(), bucket.ids.len());
+            d.put_chunks(
+                w,
+                |seq| dedup_field(second, seq),
+                || encode_ids(added),
+                || encode_ids(bucket.ids.iter().copied().collect()),
+            );
         }
         d
     }
@@ -1274,6 +1352,10 @@ impl PartitionState {
         s.wm = meta.clock;
         // Chunks of distinct members, applied once their cells are known.
         let mut chunks: Vec<ChunkRead<'_>> = Vec::new();
+        // Pane and leaderboard window log fields: (metric or board, window,
+        // number, value, field name).
+        let mut logs: Vec<LogRead<'_>> = Vec::new();
+        let mut board_logs: Vec<LogRead<'_>> = Vec::new();
         let mut bucket_chunks: BTreeMap<i64, u16> = BTreeMap::new();
         let funcs: Vec<Vec<AggFn>> = plan
             .spec
@@ -1293,7 +1375,7 @@ impl PartitionState {
             };
             let rest = parts.next();
             match tag {
-                "f" | "c" | "s" => {
+                "f" | "p" | "s" => {
                     let (Some(m), Ok(start)) = (
                         plan.spec.metrics.iter().position(|m| m.name == name),
                         n.parse::<i64>(),
@@ -1306,10 +1388,11 @@ impl PartitionState {
                             pane.fired = true;
                             pane.fired_written = true;
                         }
-                        ("c", Some(key)) => {
-                            let key: Key = from_json(field, key.as_bytes())?;
-                            pane.cells
-                                .insert(key, Cell::from_head(&funcs[m], field, value)?);
+                        ("p", Some(seq)) => {
+                            let Ok(seq) = seq.parse::<u16>() else {
+                                return Err(corrupt(field, "no log number"));
+                            };
+                            logs.push((m, start, seq, value, field));
                         }
                         ("s", Some(rest)) => {
                             let Some((seq, key)) = rest
@@ -1323,20 +1406,15 @@ impl PartitionState {
                         _ => {}
                     }
                 }
-                "l" => {
-                    let (Some(b), Ok(start), Some(member)) = (
+                "w" => {
+                    let (Some(b), Ok(start), Some(Ok(seq))) = (
                         plan.spec.leaderboards.iter().position(|b| b.name == name),
                         n.parse::<i64>(),
-                        rest,
+                        rest.map(str::parse::<u16>),
                     ) else {
                         continue;
                     };
-                    let mut p: Partial = from_json(field, value)?;
-                    p.written = true;
-                    s.boards[b]
-                        .entry(start)
-                        .or_default()
-                        .insert(member.into(), p);
+                    board_logs.push((b, start, seq, value, field));
                 }
                 "d" => {
                     let (Ok(second), Ok(seq)) = (name.parse::<i64>(), n.parse::<u16>()) else {
@@ -1350,6 +1428,49 @@ impl PartitionState {
                 }
                 _ => {}
             }
+        }
+        // Each leaderboard window's log in order: a later entry of a member
+        // replaces an earlier one.
+        board_logs.sort_by_key(|(b, start, seq, _, _)| (*b, *start, *seq));
+        for (b, start, seq, value, field) in board_logs {
+            let log = s.board_logs[b].entry(start).or_default();
+            if seq != log.n {
+                return Err(corrupt(field, "a leaderboard window's log has a gap"));
+            }
+            let members = s.boards[b].entry(start).or_default();
+            let mut n = 0;
+            for (member, head) in log_lines(field, value)? {
+                let member: Box<str> = from_json(field, member)?;
+                let (value, version, dirty): (i64, u64, u8) = from_json(field, head)?;
+                let p = Partial {
+                    value,
+                    version,
+                    dirty: dirty == 1,
+                    ck: false,
+                };
+                members.insert(member, p);
+                n += 1;
+            }
+            log.restored(seq, n);
+        }
+        // Each pane's log in order: a later entry of a cell replaces an
+        // earlier one.
+        logs.sort_by_key(|(m, start, seq, _, _)| (*m, *start, *seq));
+        for (m, start, seq, value, field) in logs {
+            let Some(pane) = s.metrics[m].get_mut(&start) else {
+                continue;
+            };
+            if seq != pane.log.n {
+                return Err(corrupt(field, "a pane's log has a gap"));
+            }
+            let mut n = 0;
+            for (key, head) in log_lines(field, value)? {
+                let key: Key = from_json(field, key)?;
+                pane.cells
+                    .insert(key, Cell::from_head(&funcs[m], field, head)?);
+                n += 1;
+            }
+            pane.log.restored(seq, n);
         }
         let mut cell_chunks: HashMap<(usize, i64, Key), u16> = HashMap::new();
         for (m, start, seq, key, value, field) in chunks {
@@ -1400,6 +1521,28 @@ impl PartitionState {
     }
 }
 
+/// A log field read back: (metric or leaderboard, window, number, value,
+/// field name).
+type LogRead<'a> = (usize, i64, u16, &'a [u8], &'a str);
+
+/// A log entry: its key and its head, as bytes.
+type LogLine<'a> = (&'a [u8], &'a [u8]);
+
+/// A log field's entries, one per line.
+fn log_lines<'a>(field: &str, value: &'a [u8]) -> Result<Vec<LogLine<'a>>, RestoreError> {
+    value
+        .split(|b| *b == b'\n')
+        .filter(|l| !l.is_empty())
+        .map(|line| {
+            let tab = line
+                .iter()
+                .position(|b| *b == b'\t')
+                .ok_or_else(|| corrupt(field, "a log entry without its tab"))?;
+            Ok((&line[..tab], &line[tab + 1..]))
+        })
+        .collect()
+}
+
 /// A chunk field read back: (metric, pane, chunk, group key as JSON, value,
 /// field name).
 type ChunkRead<'a> = (usize, i64, u16, &'a str, &'a [u8], &'a str);
@@ -1423,25 +1566,43 @@ enum AggInput {
 }
 
 // Checkpoint fields, one per unit that changes on its own: `f:<metric>:<pane>`
-// (fired), `c:<metric>:<pane>:<group key as JSON>` (a cell without its
-// distinct members), `s:<metric>:<pane>:<chunk>:<group key as JSON>` (a
-// chunk of its distinct members, see [`Chunks`]), `l:<board>:<window>:<member>`
-// (a partial), `d:<second>:<chunk>:` (a chunk of remembered ids),
+// (fired), `p:<metric>:<pane>:<n>` (the pane's cells, without their
+// distinct members, as a log: see [`Pane::log`] and [`log_entry`]),
+// `s:<metric>:<pane>:<chunk>:<group key as JSON>` (a
+// chunk of its distinct members, see [`Chunks`]), `w:<board>:<window>:<n>`
+// (the window's partials, as a log like a pane's), `d:<bucket>:<chunk>:` (a
+// chunk of remembered ids),
 // `r:<room id>` (a room), plus `meta`.
 
 fn fired_field(metric: &str, start: i64) -> String {
     format!("f:{metric}:{start}")
 }
 
-fn cell_field(metric: &str, start: i64, key: &Key) -> String {
-    format!(
-        "c:{metric}:{start}:{}",
-        String::from_utf8_lossy(&to_json(key))
-    )
+fn log_field(metric: &str, start: i64, seq: u16) -> String {
+    format!("p:{metric}:{start}:{seq}")
 }
 
-fn member_field(board: &str, start: i64, member: &str) -> String {
-    format!("l:{board}:{start}:{member}")
+/// Appends a cell to a pane's log field: its group key and its head (both
+/// compact JSON, which holds no raw tab or newline), tab-separated, one
+/// line per cell.
+fn log_entry(out: &mut Vec<u8>, key: &Key, cell: &Cell) {
+    out.extend_from_slice(&to_json(key));
+    out.push(b'\t');
+    out.extend_from_slice(&cell.head());
+    out.push(b'\n');
+}
+
+fn board_field(board: &str, start: i64, seq: u16) -> String {
+    format!("w:{board}:{start}:{seq}")
+}
+
+/// Appends a partial to a leaderboard window's log field: the member as a
+/// JSON string, a tab, `[value,version,dirty]`, a newline.
+fn board_entry(out: &mut Vec<u8>, member: &str, p: &Partial) {
+    use std::io::Write as _;
+    out.extend_from_slice(&to_json(&member));
+    // Writing to a Vec cannot fail.
+    let _ = writeln!(out, "\t[{},{},{}]", p.value, p.version, u8::from(p.dirty));
 }
 
 fn chunk_field(metric: &str, start: i64, seq: u16, key: &Key) -> String {

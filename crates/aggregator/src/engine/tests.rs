@@ -209,7 +209,7 @@ fn remembered_ids_are_kept_for_the_dedup_horizon_whatever_the_windows() {
     // A duplicate of "a" whose window has closed is a duplicate, not late.
     let out = feed(&mut s, &p, &play("a", T0 + 1_000, "v1", "u1", None), 2);
     assert_eq!(out, Outcome::Duplicate);
-    // Past the horizon (T0 + 1 s + its 1 s bucket + 120 s < the watermark
+    // Past the horizon (a's bucket T0 + its 10 s + 120 s < the watermark
     // at T0 + 180 s): a is forgotten; a copy arriving now is a new, late
     // event.
     feed(&mut s, &p, &play("c", T0 + 3 * MIN, "v1", "u1", None), 3);
@@ -1038,6 +1038,108 @@ fn a_growing_set_is_written_a_bounded_number_of_times_per_member() {
     assert!(
         most_fields <= usize::from(Chunks::MAX),
         "{most_fields} chunk fields"
+    );
+    let back = PartitionState::restore(&p, Input::Events, &store).unwrap();
+    assert_eq!(back, s);
+}
+
+const BY_USER: &str = r#"
+[[metric]]
+name = "by_user"
+kinds = ["gift_sent"]
+window = "1h"
+group_by = ["user_id"]
+aggregates = [{ name = "amount", fn = "sum", field = "amount" }]
+
+[[leaderboard]]
+name = "gifts_daily"
+kinds = ["gift_sent"]
+member = "user_id"
+score = { name = "amount", fn = "sum", field = "amount" }
+"#;
+
+/// Applies a delta to a stand-in for the checkpoint hash.
+fn apply(store: &mut HashMap<String, Vec<u8>>, d: CheckpointDelta) {
+    for f in &d.del {
+        store.remove(f);
+    }
+    store.extend(d.set);
+}
+
+#[test]
+fn a_windows_cells_and_partials_go_to_its_log_as_they_change() {
+    let p = plan(BY_USER, 60_000, 0);
+    let mut s = PartitionState::new(&p, Input::Events);
+    let mut store = HashMap::new();
+    let mut off = 0;
+    for u in 0..1_000 {
+        feed(
+            &mut s,
+            &p,
+            &gift(&format!("a{u}"), T0 + 1_000, &format!("u{u}"), 1),
+            off,
+        );
+        off += 1;
+    }
+    let d = s.checkpoint_delta(&p);
+    let logs = |d: &CheckpointDelta, tag: &str| -> Vec<(String, usize)> {
+        d.set
+            .iter()
+            .filter(|(f, _)| f.starts_with(tag))
+            .map(|(f, v)| (f.clone(), v.iter().filter(|b| **b == b'\n').count()))
+            .collect()
+    };
+    // One field per window, a line per cell or member.
+    assert_eq!(logs(&d, "p:").len(), 1);
+    assert_eq!(logs(&d, "p:")[0].1, 1_000);
+    assert_eq!(logs(&d, "w:").len(), 1);
+    assert_eq!(logs(&d, "w:")[0].1, 1_000);
+    apply(&mut store, d);
+    // Then each checkpoint writes the cells that changed, not the window.
+    let mut most_fields = 0;
+    for round in 0..200 {
+        let u = round % 10;
+        feed(
+            &mut s,
+            &p,
+            &gift(&format!("b{round}"), T0 + 2_000, &format!("u{u}"), 2),
+            off,
+        );
+        off += 1;
+        let d = s.checkpoint_delta(&p);
+        let (cells, members) = (logs(&d, "p:"), logs(&d, "w:"));
+        assert_eq!(cells.len(), 1, "round {round}");
+        assert_eq!(members.len(), 1, "round {round}");
+        assert_eq!(cells[0].1, 1, "{cells:?}");
+        assert_eq!(members[0].1, 1, "{members:?}");
+        let logged: usize = d
+            .set
+            .iter()
+            .filter(|(f, _)| f.starts_with("p:") || f.starts_with("w:"))
+            .map(|(f, v)| f.len() + v.len())
+            .sum();
+        assert!(logged < 120, "{logged} bytes of logs for one change");
+        apply(&mut store, d);
+        most_fields = most_fields.max(store.keys().filter(|f| f.starts_with("p:")).count());
+        if round % 50 == 0 {
+            let back = PartitionState::restore(&p, Input::Events, &store).unwrap();
+            assert_eq!(back, s, "restored after round {round}");
+        }
+    }
+    // 200 single changes on a 1 000-cell window: appended, never rewritten.
+    assert_eq!(most_fields, 201, "the first write and 200 appended");
+    let back = PartitionState::restore(&p, Input::Events, &store).unwrap();
+    assert_eq!(back, s);
+    // The window closes: its log fields go, nothing of it is left.
+    feed(&mut s, &p, &gift("later", T0 + 48 * 60 * MIN, "u1", 1), off);
+    s.emit(&p, false);
+    apply(&mut store, s.checkpoint_delta(&p));
+    assert!(
+        !store
+            .keys()
+            .any(|f| f.starts_with(&format!("p:by_user:{T0}:"))),
+        "{:?}",
+        store.keys().collect::<Vec<_>>()
     );
     let back = PartitionState::restore(&p, Input::Events, &store).unwrap();
     assert_eq!(back, s);
