@@ -463,6 +463,21 @@ impl CheckpointDelta {
             + self.del.iter().map(String::len).sum::<usize>()
     }
 
+    /// Puts a window's changed entries (`changed` of `total` now) into its
+    /// log: appended as the next field, or `whole()` as field 0 when the log
+    /// is due for a rewrite ([`Chunks::LOG_RATIO`], [`Chunks::LOG_MAX`]).
+    fn put_log(
+        &mut self,
+        log: &mut Chunks,
+        (changed, total): (usize, usize),
+        field: impl Fn(u16) -> String,
+        entries: Vec<u8>,
+        whole: impl FnOnce() -> Vec<u8>,
+    ) {
+        let w = log.next_within(changed, total, Chunks::LOG_MAX, Chunks::LOG_RATIO);
+        self.put_chunks(w, field, || entries, whole);
+    }
+
     /// Puts a set's new members where `w` says: `appended()` as chunk
     /// `seq`, or `whole()` as chunk 0 with the later chunks deleted;
     /// `field(seq)` names chunk `seq`.
@@ -1258,17 +1273,12 @@ impl PartitionState {
                     log_entry(&mut entries, key, cell);
                 }
                 if changed_cells > 0 {
-                    let w = p.log.next_within(
-                        changed_cells,
-                        p.cells.len(),
-                        Chunks::LOG_MAX,
-                        Chunks::LOG_RATIO,
-                    );
                     let cells = &p.cells;
-                    d.put_chunks(
-                        w,
+                    d.put_log(
+                        &mut p.log,
+                        (changed_cells, cells.len()),
                         |seq| log_field(name, start, seq),
-                        || entries,
+                        entries,
                         || {
                             let mut all = Vec::new();
                             for (key, cell) in cells {
@@ -1290,18 +1300,12 @@ impl PartitionState {
                     board_entry(&mut entries, member, p);
                 }
                 if changed_members > 0 {
-                    let log = self.board_logs[b].entry(start).or_default();
-                    let w = log.next_within(
-                        changed_members,
-                        members.len(),
-                        Chunks::LOG_MAX,
-                        Chunks::LOG_RATIO,
-                    );
                     let members = &*members;
-                    d.put_chunks(
-                        w,
+                    d.put_log(
+                        self.board_logs[b].entry(start).or_default(),
+                        (changed_members, members.len()),
                         |seq| board_field(name, start, seq),
-                        || entries,
+                        entries,
                         || {
                             let mut all = Vec::new();
                             for (member, p) in members {
