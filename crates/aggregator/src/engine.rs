@@ -436,13 +436,13 @@ struct Pane {
 }
 
 /// One member's score from this partition in one leaderboard window.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+/// In a checkpoint it is a line of its window's log ([`board_entry`]).
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Partial {
     pub value: i64,
     pub version: u64,
     pub dirty: bool,
     /// Changed since the last checkpoint (not persisted).
-    #[serde(skip)]
     ck: bool,
 }
 
@@ -619,8 +619,8 @@ pub struct PartitionState {
     /// Where each open leaderboard window's partials are in the checkpoint:
     /// log fields `0..n` as for a pane's cells ([`Pane::log`]).
     board_logs: Vec<BTreeMap<i64, Chunks>>,
-    /// Event second → hashes of the event ids counted in it, for the dedup
-    /// horizon.
+    /// Bucket start (10 s of event time) → hashes of the event ids counted
+    /// in it, for the dedup horizon.
     dedup: BTreeMap<i64, Bucket>,
     rooms: RoomTable,
     logs: Vec<LogRow>,
@@ -864,7 +864,7 @@ impl PartitionState {
         let id = rec.event.event_id.as_str();
         let dedup = (!(id.is_empty() || targets.metrics.is_empty() && targets.lbs.is_empty()))
             .then(|| (pane_start(t, DEDUP_BUCKET_MS), id_hash(id)));
-        // A second past the horizon is forgotten whether or not the last
+        // A bucket past the horizon is forgotten whether or not the last
         // emission removed it yet (what a record sees must not depend on
         // when the stage flushed).
         let remembered =
