@@ -220,6 +220,14 @@ vp_clickhouse_ping() {
     [[ "$(curl -sS -m 3 "http://$host:$port/" --data-binary 'SELECT 1' 2>/dev/null)" == 1 ]]
 }
 
+# vp_clickhouse_drop_prefix PREFIX: drops the ClickHouse tables and views (database vidpulse)
+# of a topic prefix (a benchmark's run).
+vp_clickhouse_drop_prefix() {
+    local stem="${1//[^A-Za-z0-9_]/_}" ch="http://127.0.0.1:${VIDPULSE_CLICKHOUSE_HTTP_PORT:-8123}/"
+    curl -sf "$ch" --data-binary "SELECT name FROM system.tables WHERE database = 'vidpulse' AND startsWith(name, '$stem')" \
+        | while read -r t; do curl -sf "$ch" --data-binary "DROP TABLE IF EXISTS vidpulse.\`$t\`" >/dev/null; done
+}
+
 # vp_kafka_ping [PORT] [HOST]: true if the Kafka port accepts TCP connections.
 vp_kafka_ping() { vp_port_open "${1:-$VIDPULSE_KAFKA_PORT}" "${2:-127.0.0.1}"; }
 

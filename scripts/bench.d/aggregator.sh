@@ -16,12 +16,6 @@ _agg_metric() { # _agg_metric PORT NAME [LABEL-PATTERN]: sum of a metric's sampl
     curl -sf "http://127.0.0.1:$1/metrics" | grep "^$2" | grep -- "${3:-}" | awk '{s+=$2} END {printf "%d", s}'
 }
 
-_agg_drop_tables() { # _agg_drop_tables PREFIX: drop the run's ClickHouse tables and views
-    local stem="${1//[^A-Za-z0-9_]/_}" ch="http://127.0.0.1:${VIDPULSE_CLICKHOUSE_HTTP_PORT:-8123}/"
-    curl -sf "$ch" --data-binary "SELECT name FROM system.tables WHERE database = 'vidpulse' AND startsWith(name, '$stem')" \
-        | while read -r t; do curl -sf "$ch" --data-binary "DROP TABLE IF EXISTS vidpulse.\`$t\`" >/dev/null; done
-}
-
 bench_main() {
     export VIDPULSE_TOPIC_PREFIX="benchagg$(date +%s)."
     export VIDPULSE_LOG=warn
@@ -88,7 +82,7 @@ bench_main() {
     a_line=$(awk -v n="$total" -v a="$t_first" -v b="$t_done" -v r="$rows" \
         'BEGIN { printf "aggregator: %d records in %.2fs = %d records/s (%d ClickHouse rows written)", n, b - a, n / (b - a), r }')
 
-    _agg_drop_tables "$VIDPULSE_TOPIC_PREFIX" || true
+    vp_clickhouse_drop_prefix "$VIDPULSE_TOPIC_PREFIX" || true
 
     echo "$core"
     echo "$p_line"

@@ -43,3 +43,8 @@ pub const STATE_BYTES: &str = "vidpulse_aggregator_state_bytes";
 pub const ROOMS: &str = "vidpulse_aggregator_rooms";
 /// Bytes of checkpoint deltas written to Redis (field names and values).
 pub const CHECKPOINT_BYTES: &str = "vidpulse_aggregator_checkpoint_bytes_total";
+/// Records that arrived past the next offset a partition expected: offsets
+/// that never came (transaction markers and compaction leave such gaps
+/// legitimately; on vidpulse's own topics they mean records lost upstream
+/// or read from the wrong position). Labels: `topic`.
+pub const OFFSET_GAPS: &str = "vidpulse_aggregator_offset_gaps_total";

@@ -506,6 +506,12 @@ impl Aggregator {
         if offset < owned.state.next_offset {
             return Ok(());
         }
+        if offset > owned.state.next_offset && owned.state.next_offset > 0 {
+            // Not an error by itself (transaction markers take offsets), but
+            // the records in between were never read here.
+            counter!(OFFSET_GAPS, "topic" => r.topic.to_owned()).increment(1);
+            tracing::warn!(topic = r.topic, partition = r.partition, offset, expected = owned.state.next_offset, "Offsets skipped: the records between were never read (transaction markers or compaction, or records lost upstream).");
+        }
         owned.state.anchor = r.timestamp_ms.map(|t| (offset, t));
         self.since_flush += 1;
         if let Some(control) = r.control() {

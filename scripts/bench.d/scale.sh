@@ -1,0 +1,215 @@
+# shellcheck shell=bash
+# scripts/bench scale: a compressed day of a mid-size platform through the whole pipeline, for the
+# figures of state that must not grow with time (issue 14).
+#
+#   gen (BENCH_SCALE_COUNT raw records at BENCH_SCALE_RATE/s, a 24 h event-time span, 1 M users,
+#   100 k videos, 2 000 rooms) → ingest → monitor (site-wide pool "all") → 2 aggregator instances
+#   over the 8 partitions of each input, default flags, on the local stack. It prints:
+#     - each aggregator's peak RSS, and its RSS at the middle and at the end of the run;
+#     - checkpoint bytes written per 1 000 records the aggregators read, per quarter of the run;
+#     - Redis memory held by the checkpoint hashes (peak);
+#     - kill -9 of one instance at 80 %: seconds until its partitions are assigned again,
+#       restored, and caught up (the group's committed lag back under BENCH_SCALE_CAUGHT_UP
+#       records, default 20 000: about a second of input);
+#     - whether every metric and leaderboard equals gen's truth at the end;
+#     - p50 / p99 of the dashboard's snapshot (/api/live/snapshot, every panel) and of
+#       `vidpulse query <metric> --rollup 1h --from <day>` on the day's data;
+#     - a full replay's rate (a third instance under another group, into another database and
+#       Redis db) next to the live rate.
+#
+# Sourced by scripts/bench (which provides BIN, WORK, COUNT, pids, vp_* helpers).
+#   BENCH_SCALE_COUNT=20000000 BENCH_SCALE_RATE=40000 scripts/bench scale     (the issue's day)
+#   BENCH_SCALE_COUNT=400000 scripts/bench scale                              (a quick look)
+#   BENCH_SCALE_LOG=info … keeps the stages' info logs (in .work/bench/scale/).
+
+_sc_metric() { # _sc_metric PORT NAME [LABEL-PATTERN]: sum of a metric's samples (empty if down)
+    curl -sf --max-time 2 "http://127.0.0.1:$1/metrics" | grep "^$2" | grep -- "${3:-}" \
+        | awk '{s+=$2} END {printf "%d", s}'
+}
+
+_sc_rss_mb() { # _sc_rss_mb PID: resident set in MB (0 when gone)
+    awk '/^VmRSS/ {printf "%d", $2 / 1024; found=1} END {if (!found) printf "0"}' "/proc/$1/status" 2>/dev/null || echo 0
+}
+
+_sc_ckpt_redis_bytes() { # bytes Redis holds for this run's checkpoint hashes
+    local cli=(redis-cli -p "${VIDPULSE_REDIS_PORT:-6379}")
+    "${cli[@]}" --scan --pattern "vp:ckpt:{${VIDPULSE_TOPIC_PREFIX}*" 2>/dev/null \
+        | while read -r k; do "${cli[@]}" memory usage "$k" samples 0; done \
+        | awk '{s+=$1} END {printf "%d", s}'
+}
+
+_sc_agg() { # _sc_agg PORT LOG [ARGS…]: starts an aggregator instance; prints its pid
+    local port="$1" log="$2"
+    shift 2
+    "$BIN/vidpulse-aggregator" --admin-addr "127.0.0.1:$port" "$@" >>"$log" 2>&1 &
+    echo $!
+}
+
+_sc_percentiles() { # stdin: one duration (s) per line → "p50 X ms, p99 Y ms (n runs)"
+    sort -n | awk '{v[NR]=$1} END {
+        p50 = v[int((NR - 1) * 0.50) + 1]; p99 = v[int((NR - 1) * 0.99) + 1];
+        printf "p50 %.0f ms, p99 %.0f ms (%d runs)", p50 * 1000, p99 * 1000, NR }'
+}
+
+bench_main() {
+    local count="${BENCH_SCALE_COUNT:-2000000}" rate="${BENCH_SCALE_RATE:-20000}"
+    local caught_up="${BENCH_SCALE_CAUGHT_UP:-20000}" day="2021-08-16"
+    export VIDPULSE_TOPIC_PREFIX="benchscale$(date +%s)."
+    export VIDPULSE_LOG="${BENCH_SCALE_LOG:-warn}"
+    local pm=19331 pa1=19332 pa2=19333 papi=19334 prep=19335
+    local log="$WORK/scale"
+    rm -rf "$log" && mkdir -p "$log"
+    "$BIN/vidpulse" topics create >/dev/null
+    "$BIN/vidpulse" pool create all >/dev/null
+
+    "$BIN/vidpulse-ingest" --admin-addr 127.0.0.1:19330 >"$log/ingest.log" 2>&1 &
+    pids+=($!)
+    "$BIN/vidpulse-monitor" --pool all --no-enrich --admin-addr "127.0.0.1:$pm" >"$log/monitor.log" 2>&1 &
+    pids+=($!)
+    local a1 a2
+    a1=$(_sc_agg "$pa1" "$log/aggregator-1.log")
+    a2=$(_sc_agg "$pa2" "$log/aggregator-2.log")
+    pids+=("$a1" "$a2")
+
+    local secs=$((count / rate))
+    vp_log "gen: $count raw records at $rate/s (~${secs}s), a 24 h span, 1 M users, 100 k videos, 2 000 rooms"
+    "$BIN/vidpulse-gen" --count "$count" --rate "$rate" --span 24h --start "${day}T00:00:00Z" \
+        --users 1000000 --videos 100000 --rooms 2000 --truth "$log/truth.json" >"$log/gen.log" 2>&1 &
+    local gen=$!
+    pids+=("$gen")
+
+    # Samples every second: t, input read (both instances), checkpoint bytes, RSS of each.
+    local t0=$SECONDS kill_at=$((secs * 8 / 10)) killed="" t_kill=0 t_assigned="" t_restored="" t_caught=""
+    local read_dead=0 ckpt_dead=0 peak1=0 peak2=0 mid1="" mid2="" redis_peak=0 n=0
+    : >"$log/samples"
+    while kill -0 "$gen" 2>/dev/null || [[ $((SECONDS - t0)) -lt 5 ]]; do
+        local t=$((SECONDS - t0)) r1 r2 c1 c2 m1 m2
+        r1=$(_sc_metric "$pa1" vidpulse_records_received_total 'stage="aggregator"' || true)
+        r2=$(_sc_metric "$pa2" vidpulse_records_received_total 'stage="aggregator"' || true)
+        c1=$(_sc_metric "$pa1" vidpulse_aggregator_checkpoint_bytes_total || true)
+        c2=$(_sc_metric "$pa2" vidpulse_aggregator_checkpoint_bytes_total || true)
+        m1=$(_sc_rss_mb "$a1")
+        m2=$(_sc_rss_mb "$a2")
+        ((m1 > peak1)) && peak1=$m1
+        ((m2 > peak2)) && peak2=$m2
+        if [[ -z "$mid1" && $t -ge $((secs / 2)) ]]; then mid1=$m1 mid2=$m2; fi
+        if ((n % 10 == 0)); then
+            local rb
+            rb=$(_sc_ckpt_redis_bytes)
+            ((rb > redis_peak)) && redis_peak=$rb
+        fi
+        n=$((n + 1))
+        echo "$t $((read_dead + ${r1:-0} + ${r2:-0})) $((ckpt_dead + ${c1:-0} + ${c2:-0})) $m1 $m2" >>"$log/samples"
+        if [[ -z "$killed" && $t -ge $kill_at ]]; then
+            vp_log "kill -9 of aggregator 1 at ${t}s (80 %); restarting it"
+            read_dead=$((read_dead + ${r1:-0}))
+            ckpt_dead=$((ckpt_dead + ${c1:-0}))
+            kill -9 "$a1"
+            killed=1 t_kill=$(date +%s.%N)
+            vp_wait_port_closed "$pa1" 10 || true
+            a1=$(_sc_agg "$pa1" "$log/aggregator-1.log")
+            pids+=("$a1")
+        fi
+        if [[ -n "$killed" && -z "$t_caught" ]]; then
+            local owned restored lag
+            owned=$(_sc_metric "$pa1" vidpulse_aggregator_partitions_owned || true)
+            restored=$(_sc_metric "$pa1" vidpulse_aggregator_checkpoints_restored_total || true)
+            lag=$("$BIN/vidpulse" lag --json --group vidpulse-aggregator 2>/dev/null | jq -s 'map(.lag) | add' || true)
+            if [[ -z "$t_assigned" && "${owned:-0}" -gt 0 ]]; then t_assigned=$(date +%s.%N); fi
+            if [[ -z "$t_restored" && "${restored:-0}" -gt 0 ]]; then t_restored=$(date +%s.%N); fi
+            if [[ -n "$t_restored" && -n "$lag" && "$lag" -le "$caught_up" ]]; then t_caught=$(date +%s.%N); fi
+        fi
+        sleep 1
+    done
+    local live_secs=$((SECONDS - t0))
+    vp_log "gen done after ${live_secs}s; waiting for every window to close and the totals to settle"
+
+    # The end: every value equal to the truth (windows close once ingest marks its sources idle).
+    # Not gifts_by_module_1m: its module comes from the monitor's enrichment, left out here.
+    local exact t_end=$SECONDS diff names
+    exact="$(python3 "$VP_ROOT/scripts/bench.d/scale_truth.py" "$log/truth.json" "$BIN/vidpulse" 900 gifts_by_module_1m)"
+    t_end=$((SECONDS - t_end))
+    diff="$(jq -r '.differ | join(" ")' <<<"$exact")"
+    names="$(jq -r '.compared' <<<"$exact")"
+
+    # Queries on the day's data.
+    "$BIN/vidpulse-api" --listen "127.0.0.1:$papi" --live-at "${day}T23:59:00Z" --live-interval 200ms >"$log/api.log" 2>&1 &
+    pids+=($!)
+    vp_wait_port "$papi" 30 || true
+    local snap rollup m
+    # A request 250 ms after the last finds the snapshot stale (--live-interval 200ms) and waits
+    # for one built for it: every panel queried.
+    snap=$(for _ in $(seq 1 50); do
+        sleep 0.25
+        curl -s -o /dev/null -w '%{time_total}\n' "http://127.0.0.1:$papi/api/live/snapshot" || true
+    done | _sc_percentiles)
+    rollup=$(for m in user_actions_1m video_plays_1m gifts_by_type_1m; do
+        for _ in $(seq 1 10); do
+            local s e
+            s=$(date +%s.%N)
+            "$BIN/vidpulse" query "$m" --rollup 1h --from "$day" >/dev/null 2>&1
+            e=$(date +%s.%N)
+            awk -v a="$s" -v b="$e" 'BEGIN {print b - a}'
+        done
+    done | _sc_percentiles)
+
+    # A full replay: another group, into another database and Redis db.
+    vp_log "replay: a third instance under another group reads both inputs from the start"
+    local total
+    total=$(jq '.expected.events' "$log/truth.json")
+    total=$((total * 2))
+    local rp t_first="" t_done=""
+    rp=$(_sc_agg "$prep" "$log/replay.log" --group scale-replay --clickhouse-database vidpulse_scale_replay \
+        --redis-url "redis://127.0.0.1:${VIDPULSE_REDIS_PORT:-6379}/3")
+    pids+=("$rp")
+    deadline=$((SECONDS + 1800))
+    while [[ $SECONDS -lt $deadline ]]; do
+        local got u
+        got=$(_sc_metric "$prep" vidpulse_records_received_total 'stage="aggregator"' || true)
+        u=$(_sc_metric "$prep" vidpulse_aggregator_records_unflushed || true)
+        if [[ -z "$t_first" && "${got:-0}" -gt 0 ]]; then t_first=$(date +%s.%N); fi
+        if [[ "${got:-0}" -ge "$total" && "${u:-1}" -eq 0 ]]; then t_done=$(date +%s.%N); break; fi
+        sleep 0.2
+    done
+    kill -TERM "$rp" 2>/dev/null || true
+    wait "$rp" 2>/dev/null || true
+    curl -sf "http://127.0.0.1:${VIDPULSE_CLICKHOUSE_HTTP_PORT:-8123}/" \
+        --data-binary "DROP DATABASE IF EXISTS vidpulse_scale_replay" >/dev/null || true
+    redis-cli -p "${VIDPULSE_REDIS_PORT:-6379}" -n 3 flushdb >/dev/null || true
+
+    # ---- figures ---------------------------------------------------------------------------------
+    echo "scale: $count raw records at $rate/s over a 24 h event-time span; $total aggregator input records (events + monitored)"
+    echo "aggregator RSS (MB): instance 1 peak $peak1, instance 2 peak $peak2; at half time $mid1 / $mid2; at the end $(_sc_rss_mb "$a1") / $(_sc_rss_mb "$a2")"
+    awk -v q="$live_secs" '
+        { t[NR]=$1; r[NR]=$2; c[NR]=$3 }
+        END {
+            printf "checkpoint KB per 1000 records read, by quarter:";
+            prev = 1;
+            for (k = 1; k <= 4; k++) {
+                last = prev;
+                for (i = prev; i <= NR; i++) if (t[i] <= q * k / 4) last = i;
+                dr = r[last] - r[prev]; dc = c[last] - c[prev];
+                if (dr > 0) printf " %.1f", dc / dr; else printf " -";
+                prev = last;
+            }
+            printf "  (%.0f MB in all)\n", c[NR] / 1e6;
+        }' "$log/samples"
+    echo "Redis memory held by checkpoints: peak $((redis_peak / 1024 / 1024)) MB (sampled every 10 s)"
+    awk -v k="$t_kill" -v a="${t_assigned:-0}" -v r="${t_restored:-0}" -v c="${t_caught:-0}" '
+        function after(x, none) { if (x > 0) return sprintf("%.1fs", x - k); return none }
+        BEGIN {
+            printf "kill -9 at 80 %%: assigned again after %s, restored after %s, caught up after %s\n",
+                after(a, "(never)"), after(r, "(never)"), after(c, "(not within the run)") }'
+    if [[ -z "$diff" ]]; then
+        echo "exact: all $names metrics and leaderboards equal gen's truth ${t_end}s after gen ended (gifts_by_module_1m not compared: no enrichment)"
+    else
+        echo "NOT exact: these differ from gen's truth: $diff"
+    fi
+    echo "dashboard /api/live/snapshot: $snap"
+    echo "vidpulse query --rollup 1h --from $day: $rollup"
+    awk -v n="$total" -v a="${t_first:-0}" -v b="${t_done:-0}" -v lr="$rate" 'BEGIN {
+        if (b > 0) printf "replay: %d records in %.1fs = %d records/s; live: gen at %d raw records/s\n", n, b - a, n / (b - a), lr;
+        else print "replay: did not finish" }'
+    [[ -n "${BENCH_SCALE_KEEP:-}" ]] || vp_clickhouse_drop_prefix "$VIDPULSE_TOPIC_PREFIX" || true
+    echo "(tables of prefix $VIDPULSE_TOPIC_PREFIX $([[ -n "${BENCH_SCALE_KEEP:-}" ]] && echo kept || echo dropped); logs in $log)"
+}
