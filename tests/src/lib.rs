@@ -152,7 +152,11 @@ impl Env {
         let mut c = Command::new(bin(name));
         c.env("VIDPULSE_TOPIC_PREFIX", &self.prefix)
             .env("VIDPULSE_KAFKA_BROKERS", brokers())
-            .env("VIDPULSE_LOG", "info,librdkafka=warn")
+            .env(
+                "VIDPULSE_LOG",
+                // VIDPULSE_TEST_LOG: another level for the stages a test runs.
+                std::env::var("VIDPULSE_TEST_LOG").unwrap_or_else(|_| "info,librdkafka=warn".into()),
+            )
             .stdin(Stdio::null());
         for (k, v) in &self.vars {
             c.env(k, v);
