@@ -155,7 +155,8 @@ impl Env {
             .env(
                 "VIDPULSE_LOG",
                 // VIDPULSE_TEST_LOG: another level for the stages a test runs.
-                std::env::var("VIDPULSE_TEST_LOG").unwrap_or_else(|_| "info,librdkafka=warn".into()),
+                std::env::var("VIDPULSE_TEST_LOG")
+                    .unwrap_or_else(|_| "info,librdkafka=warn".into()),
             )
             .stdin(Stdio::null());
         for (k, v) in &self.vars {

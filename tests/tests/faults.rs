@@ -690,4 +690,3 @@ fn a_replay_that_retention_cut_short_is_refused_unless_allowed() {
         },
     );
 }
-

@@ -510,7 +510,13 @@ impl Aggregator {
             // Not an error by itself (transaction markers take offsets), but
             // the records in between were never read here.
             counter!(OFFSET_GAPS, "topic" => r.topic.to_owned()).increment(1);
-            tracing::warn!(topic = r.topic, partition = r.partition, offset, expected = owned.state.next_offset, "Offsets skipped: the records between were never read (transaction markers or compaction, or records lost upstream).");
+            tracing::warn!(
+                topic = r.topic,
+                partition = r.partition,
+                offset,
+                expected = owned.state.next_offset,
+                "Offsets skipped: the records between were never read (transaction markers or compaction, or records lost upstream)."
+            );
         }
         owned.state.anchor = r.timestamp_ms.map(|t| (offset, t));
         self.since_flush += 1;
