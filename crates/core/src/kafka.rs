@@ -49,10 +49,7 @@ pub fn producer_config(args: &KafkaArgs) -> Result<ClientConfig, ConfigError> {
 
 /// Consumer settings for a group member that stores offsets only after the
 /// records are handled (`enable.auto.offset.store=false`); stored offsets
-/// are committed in the background and on shutdown / revoke. Partitions are
-/// assigned incrementally (`cooperative-sticky`, as Kafka Streams does): a
-/// member joining or leaving moves only the partitions that change owner,
-/// and the others keep their state and go on reading through the rebalance.
+/// are committed in the background and on shutdown / revoke.
 pub fn consumer_config(args: &KafkaArgs, group: &str) -> Result<ClientConfig, ConfigError> {
     let mut cfg = ClientConfig::new();
     cfg.set("group.id", args.topic(group))
@@ -61,7 +58,6 @@ pub fn consumer_config(args: &KafkaArgs, group: &str) -> Result<ClientConfig, Co
         .set("enable.auto.offset.store", "false")
         .set("auto.offset.reset", "earliest")
         .set("session.timeout.ms", "10000")
-        .set("partition.assignment.strategy", "cooperative-sticky")
         .set("fetch.message.max.bytes", "1048576")
         .set("statistics.interval.ms", "5000");
     overlay(&mut cfg, base_config(args)?);
