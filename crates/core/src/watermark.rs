@@ -374,14 +374,6 @@ impl Idleness {
         (now.saturating_duration_since(*since) >= timeout).then_some(wall)
     }
 
-    /// As [`Self::idle_until`], with how long `p` has been idle (from the
-    /// first check that found it caught up to the latest one).
-    pub fn idle_for(&self, p: (u16, i32), timeout: Duration) -> Option<(i64, Duration)> {
-        let (now, wall) = self.last_check?;
-        let idle = now.saturating_duration_since(*self.since.get(&p)?);
-        (idle >= timeout).then_some((wall, idle))
-    }
-
     pub fn forget(&mut self, p: (u16, i32)) {
         self.since.remove(&p);
     }
@@ -527,11 +519,6 @@ mod tests {
         assert_eq!(id.idle_until(p, timeout), None, "2 s so far");
         id.checked(t0 + s * 3, 3_000, [(p, true)]);
         assert_eq!(id.idle_until(p, timeout), Some(3_000));
-        assert_eq!(
-            id.idle_for(p, timeout),
-            Some((3_000, s * 3)),
-            "idle since the first check"
-        );
         // A record: not idle any more.
         id.active(p);
         id.checked(t0 + s * 4, 4_000, [(p, true)]);
