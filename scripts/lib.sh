@@ -228,6 +228,13 @@ vp_clickhouse_drop_prefix() {
         | while read -r t; do curl -sf "$ch" --data-binary "DROP TABLE IF EXISTS vidpulse.\`$t\`" >/dev/null; done
 }
 
+# vp_prom_sum PORT NAME [LABEL-PATTERN]: the sum of a metric's samples on a stage's admin port
+# (/metrics); empty when it does not answer within 2 s.
+vp_prom_sum() {
+    curl -sf --max-time 2 "http://127.0.0.1:$1/metrics" | grep "^$2" | grep -- "${3:-}" \
+        | awk '{s+=$2} END {printf "%d", s}'
+}
+
 # vp_kafka_ping [PORT] [HOST]: true if the Kafka port accepts TCP connections.
 vp_kafka_ping() { vp_port_open "${1:-$VIDPULSE_KAFKA_PORT}" "${2:-127.0.0.1}"; }
 

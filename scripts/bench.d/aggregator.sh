@@ -12,10 +12,6 @@
 # Sourced by scripts/bench (which provides BIN, WORK, COUNT, pids, vp_* helpers).
 #   BENCH_COUNT=200000 scripts/bench aggregator
 
-_agg_metric() { # _agg_metric PORT NAME [LABEL-PATTERN]: sum of a metric's samples
-    curl -sf "http://127.0.0.1:$1/metrics" | grep "^$2" | grep -- "${3:-}" | awk '{s+=$2} END {printf "%d", s}'
-}
-
 bench_main() {
     export VIDPULSE_TOPIC_PREFIX="benchagg$(date +%s)."
     export VIDPULSE_LOG=warn
@@ -65,8 +61,8 @@ bench_main() {
     local t_first="" t_done="" n u
     local deadline=$((SECONDS + 900))
     while [[ $SECONDS -lt $deadline ]]; do
-        n=$(_agg_metric "$pa" vidpulse_records_received_total 'stage="aggregator"' 2>/dev/null || echo 0)
-        u=$(_agg_metric "$pa" vidpulse_aggregator_records_unflushed 2>/dev/null || echo 1)
+        n=$(vp_prom_sum "$pa" vidpulse_records_received_total 'stage="aggregator"' 2>/dev/null || echo 0)
+        u=$(vp_prom_sum "$pa" vidpulse_aggregator_records_unflushed 2>/dev/null || echo 1)
         if [[ -z "$t_first" && "${n:-0}" -gt 0 ]]; then t_first=$(date +%s.%N); fi
         if [[ "${n:-0}" -ge "$total" && "${u:-1}" -eq 0 ]]; then
             t_done=$(date +%s.%N)
@@ -76,7 +72,7 @@ bench_main() {
     done
     [[ -n "$t_done" ]] || { vp_tail_log "$WORK/agg-aggregator.log"; vp_die "the aggregator did not read all $total records"; }
     local rows
-    rows=$(_agg_metric "$pa" vidpulse_aggregator_rows_written_total)
+    rows=$(vp_prom_sum "$pa" vidpulse_aggregator_rows_written_total)
     kill -TERM "${pids[-1]}"; wait "${pids[-1]}" || true
     local a_line
     a_line=$(awk -v n="$total" -v a="$t_first" -v b="$t_done" -v r="$rows" \

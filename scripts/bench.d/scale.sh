@@ -22,11 +22,6 @@
 #   BENCH_SCALE_COUNT=400000 scripts/bench scale                              (a quick look)
 #   BENCH_SCALE_LOG=info … keeps the stages' info logs (in .work/bench/scale/).
 
-_sc_metric() { # _sc_metric PORT NAME [LABEL-PATTERN]: sum of a metric's samples (empty if down)
-    curl -sf --max-time 2 "http://127.0.0.1:$1/metrics" | grep "^$2" | grep -- "${3:-}" \
-        | awk '{s+=$2} END {printf "%d", s}'
-}
-
 _sc_rss_mb() { # _sc_rss_mb PID: resident set in MB (0 when gone)
     awk '/^VmRSS/ {printf "%d", $2 / 1024; found=1} END {if (!found) printf "0"}' "/proc/$1/status" 2>/dev/null || echo 0
 }
@@ -84,10 +79,10 @@ bench_main() {
     : >"$log/samples"
     while kill -0 "$gen" 2>/dev/null || [[ $((SECONDS - t0)) -lt 5 ]]; do
         local t=$((SECONDS - t0)) r1 r2 c1 c2 m1 m2
-        r1=$(_sc_metric "$pa1" vidpulse_records_received_total 'stage="aggregator"' || true)
-        r2=$(_sc_metric "$pa2" vidpulse_records_received_total 'stage="aggregator"' || true)
-        c1=$(_sc_metric "$pa1" vidpulse_aggregator_checkpoint_bytes_total || true)
-        c2=$(_sc_metric "$pa2" vidpulse_aggregator_checkpoint_bytes_total || true)
+        r1=$(vp_prom_sum "$pa1" vidpulse_records_received_total 'stage="aggregator"' || true)
+        r2=$(vp_prom_sum "$pa2" vidpulse_records_received_total 'stage="aggregator"' || true)
+        c1=$(vp_prom_sum "$pa1" vidpulse_aggregator_checkpoint_bytes_total || true)
+        c2=$(vp_prom_sum "$pa2" vidpulse_aggregator_checkpoint_bytes_total || true)
         m1=$(_sc_rss_mb "$a1")
         m2=$(_sc_rss_mb "$a2")
         ((m1 > peak1)) && peak1=$m1
@@ -112,8 +107,8 @@ bench_main() {
             # Followed closely (gen goes on meanwhile): assigned, restored, caught up.
             local until=$((SECONDS + 120)) owned restored lag
             while [[ $SECONDS -lt $until && -z "$t_caught" ]]; do
-                owned=$(_sc_metric "$pa1" vidpulse_aggregator_partitions_owned || true)
-                restored=$(_sc_metric "$pa1" vidpulse_aggregator_checkpoints_restored_total || true)
+                owned=$(vp_prom_sum "$pa1" vidpulse_aggregator_partitions_owned || true)
+                restored=$(vp_prom_sum "$pa1" vidpulse_aggregator_checkpoints_restored_total || true)
                 if [[ -z "$t_assigned" && "${owned:-0}" -gt 0 ]]; then t_assigned=$(date +%s.%N); fi
                 if [[ -z "$t_restored" && "${restored:-0}" -gt 0 ]]; then t_restored=$(date +%s.%N); fi
                 if [[ -n "$t_restored" ]]; then
@@ -160,17 +155,16 @@ bench_main() {
     # A full replay: another group, into another database and Redis db.
     vp_log "replay: a third instance under another group reads both inputs from the start"
     local total
-    total=$(jq '.expected.events' "$log/truth.json")
-    total=$((total * 2))
+    total=$(($(jq -r '.events' <<<"$exact") * 2))
     local rp t_first="" t_done=""
     rp=$(_sc_agg "$prep" "$log/replay.log" --group scale-replay --clickhouse-database vidpulse_scale_replay \
         --redis-url "redis://127.0.0.1:${VIDPULSE_REDIS_PORT:-6379}/3")
     pids+=("$rp")
-    deadline=$((SECONDS + 1800))
+    local deadline=$((SECONDS + 1800))
     while [[ $SECONDS -lt $deadline ]]; do
         local got u
-        got=$(_sc_metric "$prep" vidpulse_records_received_total 'stage="aggregator"' || true)
-        u=$(_sc_metric "$prep" vidpulse_aggregator_records_unflushed || true)
+        got=$(vp_prom_sum "$prep" vidpulse_records_received_total 'stage="aggregator"' || true)
+        u=$(vp_prom_sum "$prep" vidpulse_aggregator_records_unflushed || true)
         if [[ -z "$t_first" && "${got:-0}" -gt 0 ]]; then t_first=$(date +%s.%N); fi
         if [[ "${got:-0}" -ge "$total" && "${u:-1}" -eq 0 ]]; then t_done=$(date +%s.%N); break; fi
         sleep 0.2

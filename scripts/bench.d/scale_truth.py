@@ -1,5 +1,6 @@
 """scripts/bench scale: waits until every metric and leaderboard that `vidpulse query` prints
-equals gen's truth; prints {"compared": N, "differ": [names still different at the deadline]}.
+equals gen's truth; prints {"compared": N, "differ": [names still different at the deadline], "events": the
+distinct valid events gen wrote}.
 
     python3 scale_truth.py TRUTH.json VIDPULSE-BIN DEADLINE-SECONDS [SKIP-NAME…]
 
@@ -35,11 +36,12 @@ def main():
         for name, rows in truth[section].items()
         if name not in skip
     }
+    events = truth["expected"]["events"]
     del truth
     while True:
         differ = [name for name, rows in want.items() if query(bin_, name) != rows]
         if not differ or time.time() >= deadline:
-            print(json.dumps({"compared": len(want), "differ": differ}))
+            print(json.dumps({"compared": len(want), "differ": differ, "events": events}))
             return
         time.sleep(5)
 
