@@ -374,14 +374,56 @@ impl Idleness {
         (now.saturating_duration_since(*since) >= timeout).then_some(wall)
     }
 
+    /// As [`Self::idle_until`], with how long `p` has been idle (from the
+    /// first check that found it caught up to the latest one).
+    pub fn idle_for(&self, p: (u16, i32), timeout: Duration) -> Option<(i64, Duration)> {
+        let (now, wall) = self.last_check?;
+        let idle = now.saturating_duration_since(*self.since.get(&p)?);
+        (idle >= timeout).then_some((wall, idle))
+    }
+
     pub fn forget(&mut self, p: (u16, i32)) {
         self.since.remove(&p);
     }
 }
 
+/// The mark of a source idle for `idle_for`, whose own mark is `mark`
+/// ([`NONE`] when it has none) and for which the wall clock minus its
+/// allowed disorder is `clock`. Once every source is idle (`all_idle`:
+/// traffic stopped) it is the clock, so windows close. Before that it moves
+/// on from its own mark at the clock's pace, never past the clock: a
+/// partition whose producer stalled while the others went on, behind them
+/// in event time (a replay, a backlog), still delivers its records on time.
+/// Never below its own mark.
+pub fn idle_mark(mark: i64, clock: i64, idle_for: Duration, all_idle: bool) -> i64 {
+    let paced = if all_idle || mark == NONE {
+        clock
+    } else {
+        let idle_ms = i64::try_from(idle_for.as_millis()).unwrap_or(i64::MAX);
+        mark.saturating_add(idle_ms).min(clock)
+    };
+    mark.max(paced)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_idle_source_is_paced_until_every_source_is_idle() {
+        let s = Duration::from_secs(1);
+        let (mark, clock) = (1_000_000, 9_000_000);
+        // Others still read: its own mark plus the time it has been idle.
+        assert_eq!(idle_mark(mark, clock, s * 12, false), mark + 12_000);
+        // Never past the wall clock (live data: the same as following it).
+        assert_eq!(idle_mark(8_995_000, clock, s * 12, false), clock);
+        // Every source idle: the clock, so the last windows close.
+        assert_eq!(idle_mark(mark, clock, s * 12, true), clock);
+        // No mark of its own yet: nothing to pace from.
+        assert_eq!(idle_mark(NONE, clock, s * 12, false), clock);
+        // A mark ahead of the clock (disorder larger than the lag) stays.
+        assert_eq!(idle_mark(clock + 5, clock, s, true), clock + 5);
+    }
 
     fn record(writer: &str, sources: &[(&str, i32)], marks: &[(u32, i32, i64)]) -> Watermark {
         Watermark {
@@ -519,6 +561,11 @@ mod tests {
         assert_eq!(id.idle_until(p, timeout), None, "2 s so far");
         id.checked(t0 + s * 3, 3_000, [(p, true)]);
         assert_eq!(id.idle_until(p, timeout), Some(3_000));
+        assert_eq!(
+            id.idle_for(p, timeout),
+            Some((3_000, s * 3)),
+            "idle since the first check"
+        );
         // A record: not idle any more.
         id.active(p);
         id.checked(t0 + s * 4, 4_000, [(p, true)]);

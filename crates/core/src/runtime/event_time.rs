@@ -404,8 +404,27 @@ impl EventTime {
     /// before the empty one was found empty — so data that lands in the
     /// empty partition right after the check, as old as what the others
     /// were reading then, is still on time.
+    ///
+    /// An idle source follows the wall clock once every non-empty source is
+    /// idle (traffic stopped: windows close). While others still bring
+    /// records, an idle one moves on from its own mark only at the wall
+    /// clock's pace, never past it: a partition whose producer stalled for
+    /// a while, behind the others in event time (a replay, a backlog), then
+    /// delivers its records on time instead of late.
     fn marks(&mut self, owned: &[(InputPartition, Option<i64>)]) -> BTreeMap<(u32, i32), i64> {
         let mut marks = BTreeMap::new();
+        let all_idle = match &self.mode {
+            Mode::Source {
+                idle_timeout,
+                idle,
+                empty,
+                ..
+            } => owned.iter().all(|(p, _)| {
+                let k = key(*p);
+                empty.contains(&k) || idle.idle_until(k, *idle_timeout).is_some()
+            }),
+            Mode::Forward { .. } => false,
+        };
         for (p, committable) in owned {
             let k = key(*p);
             let mut mark = committable.map_or(NONE, |c| self.progress.acknowledged(k, c));
@@ -424,9 +443,9 @@ impl EventTime {
                     if !empty.is_empty() {
                         mark = mark.min(snapshot.get(&k).copied().unwrap_or(NONE));
                     }
-                    if let Some(wall) = idle.idle_until(k, *idle_timeout) {
+                    if let Some((wall, idle_for)) = idle.idle_for(k, *idle_timeout) {
                         let d = ooo.get(p.topic as usize).copied().unwrap_or(0);
-                        mark = mark.max(wall.saturating_sub(d));
+                        mark = watermark::idle_mark(mark, wall.saturating_sub(d), idle_for, all_idle);
                     }
                 }
             }
