@@ -352,8 +352,35 @@ impl Proc {
     }
 
     /// The stage's Prometheus metrics.
+    /// Its metrics. Panics with the log's tail when the process has exited
+    /// by itself (a wait on its metrics would otherwise time out without
+    /// saying why).
     pub fn metrics(&self) -> BTreeMap<String, f64> {
-        metrics(self.admin_port())
+        match http_get(self.admin_port(), "/metrics") {
+            Some((_, body)) => prom(&body),
+            None => {
+                assert!(
+                    !self.exited(),
+                    "{} exited by itself; its log ends:\n{}",
+                    self.name,
+                    self.log_tail(30)
+                );
+                BTreeMap::new()
+            }
+        }
+    }
+
+    /// Whether the child is gone or a zombie (exited, not reaped yet); a
+    /// process this test killed or waited for is not asked about.
+    fn exited(&self) -> bool {
+        let Some(c) = &self.child else { return false };
+        match std::fs::read_to_string(format!("/proc/{}/stat", c.id())) {
+            // `pid (comm) state …`: the state follows the last `)`.
+            Ok(stat) => stat
+                .rsplit_once(')')
+                .is_some_and(|(_, rest)| rest.trim_start().starts_with('Z')),
+            Err(_) => true,
+        }
     }
 
     /// Sum of metric `name` over the samples whose labels contain `labels`.

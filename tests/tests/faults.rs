@@ -256,8 +256,32 @@ fn a_checkpoint_store_that_failed_over_behind_is_restored_from_what_it_holds() {
             )
         })
         .collect();
+    // The writes each hash had taken (`#seq`) when it was copied: it is put
+    // back only once some of them took more, else nothing would be behind.
+    let seqs = |con: &mut redis::Connection| -> Vec<u64> {
+        snapshot
+            .iter()
+            .map(|(k, _)| {
+                let t: String = redis::cmd("TYPE").arg(k).query(con).unwrap();
+                if t != "hash" {
+                    return 0;
+                }
+                let n: Option<u64> = redis::cmd("HGET").arg(k).arg("#seq").query(con).unwrap();
+                n.unwrap_or(0)
+            })
+            .collect()
+    };
+    let copied = seqs(&mut con);
     let at = received(&run.agg);
     wait_received(&run.agg, at + 600.0);
+    wait_for(
+        "a checkpoint written after the copy",
+        Duration::from_secs(60),
+        || {
+            let now = seqs(&mut con);
+            now.iter().zip(&copied).any(|(n, c)| n > c).then_some(())
+        },
+    );
     for (k, dump) in &snapshot {
         let () = redis::cmd("RESTORE")
             .arg(k)
