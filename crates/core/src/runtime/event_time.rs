@@ -445,7 +445,8 @@ impl EventTime {
                     }
                     if let Some((wall, idle_for)) = idle.idle_for(k, *idle_timeout) {
                         let d = ooo.get(p.topic as usize).copied().unwrap_or(0);
-                        mark = watermark::idle_mark(mark, wall.saturating_sub(d), idle_for, all_idle);
+                        mark =
+                            watermark::idle_mark(mark, wall.saturating_sub(d), idle_for, all_idle);
                     }
                 }
             }
