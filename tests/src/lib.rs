@@ -62,11 +62,13 @@ pub fn redis_conn() -> redis::Connection {
 /// The Prometheus metrics of a stage's admin port (empty when it does not
 /// answer).
 pub fn metrics(port: u16) -> BTreeMap<String, f64> {
-    prom(
-        &http_get(port, "/metrics")
-            .map(|(_, b)| b)
-            .unwrap_or_default(),
-    )
+    try_metrics(port).unwrap_or_default()
+}
+
+/// The Prometheus metrics of a stage's admin port, `None` when it does not
+/// answer.
+fn try_metrics(port: u16) -> Option<BTreeMap<String, f64>> {
+    http_get(port, "/metrics").map(|(_, b)| prom(&b))
 }
 
 /// The status of a stage's `/readyz`.
@@ -351,23 +353,19 @@ impl Proc {
             .unwrap_or_else(|| panic!("{} was not started with an admin port", self.name))
     }
 
-    /// The stage's Prometheus metrics.
-    /// Its metrics. Panics with the log's tail when the process has exited
-    /// by itself (a wait on its metrics would otherwise time out without
-    /// saying why).
+    /// The stage's Prometheus metrics. Panics with the log's tail when the
+    /// process has exited by itself (a wait on its metrics would otherwise
+    /// time out without saying why).
     pub fn metrics(&self) -> BTreeMap<String, f64> {
-        match http_get(self.admin_port(), "/metrics") {
-            Some((_, body)) => prom(&body),
-            None => {
-                assert!(
-                    !self.exited(),
-                    "{} exited by itself; its log ends:\n{}",
-                    self.name,
-                    self.log_tail(30)
-                );
-                BTreeMap::new()
-            }
-        }
+        try_metrics(self.admin_port()).unwrap_or_else(|| {
+            assert!(
+                !self.exited(),
+                "{} exited by itself; its log ends:\n{}",
+                self.name,
+                self.log_tail(30)
+            );
+            BTreeMap::new()
+        })
     }
 
     /// Whether the child is gone or a zombie (exited, not reaped yet); a

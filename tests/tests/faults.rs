@@ -258,15 +258,22 @@ fn a_checkpoint_store_that_failed_over_behind_is_restored_from_what_it_holds() {
         .collect();
     // The writes each hash had taken (`#seq`) when it was copied: it is put
     // back only once some of them took more, else nothing would be behind.
+    let hashes: Vec<&str> = snapshot
+        .iter()
+        .map(|(k, _)| k.as_str())
+        .filter(|k| {
+            redis::cmd("TYPE")
+                .arg(*k)
+                .query::<String>(&mut con)
+                .unwrap()
+                == "hash"
+        })
+        .collect();
     let seqs = |con: &mut redis::Connection| -> Vec<u64> {
-        snapshot
+        hashes
             .iter()
-            .map(|(k, _)| {
-                let t: String = redis::cmd("TYPE").arg(k).query(con).unwrap();
-                if t != "hash" {
-                    return 0;
-                }
-                let n: Option<u64> = redis::cmd("HGET").arg(k).arg("#seq").query(con).unwrap();
+            .map(|k| {
+                let n: Option<u64> = redis::cmd("HGET").arg(*k).arg("#seq").query(con).unwrap();
                 n.unwrap_or(0)
             })
             .collect()

@@ -369,9 +369,7 @@ impl Idleness {
     /// The wall-clock time up to which `p` is complete because it has been
     /// idle for `timeout` as of the latest check: that check's start.
     pub fn idle_until(&self, p: (u16, i32), timeout: Duration) -> Option<i64> {
-        let (now, wall) = self.last_check?;
-        let since = self.since.get(&p)?;
-        (now.saturating_duration_since(*since) >= timeout).then_some(wall)
+        self.idle_for(p, timeout).map(|(wall, _)| wall)
     }
 
     /// As [`Self::idle_until`], with how long `p` has been idle (from the
