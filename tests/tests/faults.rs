@@ -245,8 +245,24 @@ fn a_checkpoint_store_that_failed_over_behind_is_restored_from_what_it_holds() {
     wait_received(&run.agg, 600.0);
 
     let mut con = run.redis.conn();
+    // The writes each checkpoint hash has taken (`#seq`); a partition that
+    // was assigned but not yet written has only its epoch key.
+    let seqs = |con: &mut redis::Connection| -> BTreeMap<String, u64> {
+        let keys: Vec<String> = redis::cmd("KEYS").arg("vp:ckpt:*").query(con).unwrap();
+        keys.into_iter()
+            .filter(|k| !k.ends_with(":epoch"))
+            .filter_map(|k| {
+                let n: Option<u64> = redis::cmd("HGET").arg(&k).arg("#seq").query(con).unwrap();
+                Some((k, n?))
+            })
+            .collect()
+    };
+    // Copy only once a checkpoint was written: copying epoch keys alone
+    // would put nothing back behind.
+    wait_for("a first checkpoint write", Duration::from_secs(120), || {
+        (!seqs(&mut con).is_empty()).then_some(())
+    });
     let keys: Vec<String> = redis::cmd("KEYS").arg("vp:ckpt:*").query(&mut con).unwrap();
-    assert!(!keys.is_empty(), "no checkpoints yet");
     let snapshot: Vec<(String, Vec<u8>)> = keys
         .iter()
         .map(|k| {
@@ -256,37 +272,19 @@ fn a_checkpoint_store_that_failed_over_behind_is_restored_from_what_it_holds() {
             )
         })
         .collect();
-    // The writes each hash had taken (`#seq`) when it was copied: it is put
-    // back only once some of them took more, else nothing would be behind.
-    let hashes: Vec<&str> = snapshot
-        .iter()
-        .map(|(k, _)| k.as_str())
-        .filter(|k| {
-            redis::cmd("TYPE")
-                .arg(*k)
-                .query::<String>(&mut con)
-                .unwrap()
-                == "hash"
-        })
-        .collect();
-    let seqs = |con: &mut redis::Connection| -> Vec<u64> {
-        hashes
-            .iter()
-            .map(|k| {
-                let n: Option<u64> = redis::cmd("HGET").arg(*k).arg("#seq").query(con).unwrap();
-                n.unwrap_or(0)
-            })
-            .collect()
-    };
+    // Put back only once some hash took more writes than it had when
+    // copied, else nothing would be behind.
     let copied = seqs(&mut con);
     let at = received(&run.agg);
-    wait_received(&run.agg, at + 600.0);
     wait_for(
         "a checkpoint written after the copy",
         Duration::from_secs(60),
         || {
             let now = seqs(&mut con);
-            now.iter().zip(&copied).any(|(n, c)| n > c).then_some(())
+            copied
+                .iter()
+                .any(|(k, c)| now.get(k).is_some_and(|n| n > c))
+                .then_some(())
         },
     );
     for (k, dump) in &snapshot {
