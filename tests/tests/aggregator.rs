@@ -709,3 +709,75 @@ fn ingest_dims_monitor_aggregator_pipeline_equals_the_ground_truth() {
     wait_exact(&env, &want, "ingest → dim-builder → monitor → aggregator");
     assert!(agg.terminate());
 }
+
+/// Two instances that registered one generation at the same moment hold
+/// stamps that differ only in the registration time (ClickHouse keeps the
+/// later row, each instance its own). Their partials are one generation's:
+/// both add up in the sorted set, neither empties it nor is skipped. A
+/// newer generation still replaces an older one. On the real Redis, with
+/// the aggregator's own script (found with `scripts/bench scale`: two
+/// instances started together, half of every daily leaderboard missing).
+#[test]
+fn one_generation_registered_twice_at_once_adds_up_in_the_leaderboards() {
+    use vidpulse_aggregator::leaderboard::{Batch, script, stamp};
+    let mut con = redis_conn();
+    let set = format!("t{}.board:{{2021-08-16}}", std::process::id());
+    let parts = format!("{set}:parts");
+    let () = redis::cmd("DEL")
+        .arg(&set)
+        .arg(&parts)
+        .query(&mut con)
+        .unwrap();
+    let script = script();
+    let apply =
+        |con: &mut redis::Connection, stamp: &str, field: &str, version: u64, value: i64| {
+            let b = Batch {
+                set_key: set.clone(),
+                stamp: stamp.to_owned(),
+                ttl_secs: 600,
+                partials: vec![(format!("{field}|m"), "m".to_owned(), version, value)],
+            };
+            let mut inv = script.prepare_invoke();
+            inv.key(&b.set_key).key(&parts);
+            inv.arg(&b.stamp).arg(b.ttl_secs).arg(b.partials.len());
+            for (f, member, v, val) in &b.partials {
+                inv.arg(f).arg(member).arg(*v).arg(*val);
+            }
+            inv.invoke::<i64>(con).unwrap()
+        };
+    let score = |con: &mut redis::Connection| -> Option<i64> {
+        redis::cmd("ZSCORE").arg(&set).arg("m").query(con).unwrap()
+    };
+    let (a, b) = (stamp(1_000, 7), stamp(1_005, 7));
+    assert_eq!(apply(&mut con, &a, "events:0", 1, 5), 1);
+    assert_eq!(
+        apply(&mut con, &b, "events:4", 1, 7),
+        1,
+        "the other instance's partial applies"
+    );
+    assert_eq!(
+        apply(&mut con, &a, "events:0", 2, 6),
+        1,
+        "and so does the first one's next"
+    );
+    assert_eq!(
+        score(&mut con),
+        Some(13),
+        "6 + 7: both partitions' partials"
+    );
+    // A generation registered later (a new spec) empties the set and the
+    // older one's writers change nothing.
+    let newer = stamp(2_000, 8);
+    assert_eq!(apply(&mut con, &newer, "events:0", 3, 1), 1);
+    assert_eq!(
+        apply(&mut con, &a, "events:4", 2, 9),
+        0,
+        "an older generation is skipped"
+    );
+    assert_eq!(score(&mut con), Some(1));
+    let () = redis::cmd("DEL")
+        .arg(&set)
+        .arg(&parts)
+        .query(&mut con)
+        .unwrap();
+}

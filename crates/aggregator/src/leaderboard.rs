@@ -15,7 +15,10 @@
 //! remain is rebuilt from them before the batch applies; parts gone (or of
 //! another generation: a new spec, `--reset-state`) empty the set, and the
 //! replay's partials fill both again. A writer of an older generation
-//! (an instance not yet rolled out) changes nothing.
+//! (an instance not yet rolled out) changes nothing. Stamps of one
+//! generation that differ only in their registration time (instances that
+//! registered it at the same moment) are the same generation: their
+//! partials add up.
 
 use std::collections::BTreeMap;
 
@@ -32,6 +35,9 @@ const APPLY: &str = r"
 local function stamp_ms(s)
   return tonumber(string.sub(s, 1, string.find(s, ':', 1, true) - 1))
 end
+local function stamp_gen(s)
+  return string.sub(s, string.find(s, ':', 1, true) + 1)
+end
 local applied = 0
 local a = 1
 for k = 1, #KEYS, 2 do
@@ -40,7 +46,9 @@ for k = 1, #KEYS, 2 do
   a = a + 3
   local have = redis.call('HGET', parts, '_gen')
   local skip = false
-  if have ~= stamp then
+  -- Instances that registered the same generation at once hold stamps
+  -- that differ only in the time: one generation, the same partials.
+  if have ~= stamp and not (have and stamp_gen(have) == stamp_gen(stamp)) then
     if have and stamp_ms(have) > stamp_ms(stamp) then
       skip = true
     else
