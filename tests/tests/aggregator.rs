@@ -719,7 +719,7 @@ fn ingest_dims_monitor_aggregator_pipeline_equals_the_ground_truth() {
 /// instances started together, half of every daily leaderboard missing).
 #[test]
 fn one_generation_registered_twice_at_once_adds_up_in_the_leaderboards() {
-    use vidpulse_aggregator::leaderboard::{Batch, script, stamp};
+    use vidpulse_aggregator::leaderboard::{Batch, invocation, script, stamp};
     let mut con = redis_conn();
     let set = format!("t{}.board:{{2021-08-16}}", std::process::id());
     let parts = format!("{set}:parts");
@@ -737,13 +737,7 @@ fn one_generation_registered_twice_at_once_adds_up_in_the_leaderboards() {
                 ttl_secs: 600,
                 partials: vec![(format!("{field}|m"), "m".to_owned(), version, value)],
             };
-            let mut inv = script.prepare_invoke();
-            inv.key(&b.set_key).key(&parts);
-            inv.arg(&b.stamp).arg(b.ttl_secs).arg(b.partials.len());
-            for (f, member, v, val) in &b.partials {
-                inv.arg(f).arg(member).arg(*v).arg(*val);
-            }
-            inv.invoke::<i64>(con).unwrap()
+            invocation(&script, &[b]).invoke::<i64>(con).unwrap()
         };
     let score = |con: &mut redis::Connection| -> Option<i64> {
         redis::cmd("ZSCORE").arg(&set).arg("m").query(con).unwrap()

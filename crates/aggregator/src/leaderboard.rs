@@ -170,12 +170,9 @@ pub fn by_slot(batches: Vec<Batch>) -> Vec<Vec<Batch>> {
     groups.into_values().collect()
 }
 
-/// Applies batches whose keys share a hash slot, in one atomic script call.
-pub async fn apply(
-    con: &mut vidpulse_core::redis::RedisConn,
-    script: &redis::Script,
-    batches: &[Batch],
-) -> Result<i64, redis::RedisError> {
+/// The one script call that applies batches whose keys share a hash slot,
+/// to invoke on any connection.
+pub fn invocation<'a>(script: &'a redis::Script, batches: &[Batch]) -> redis::ScriptInvocation<'a> {
     let mut inv = script.prepare_invoke();
     for b in batches {
         inv.key(&b.set_key).key(parts_key(&b.set_key));
@@ -184,7 +181,16 @@ pub async fn apply(
             inv.arg(field).arg(member).arg(*version).arg(*value);
         }
     }
-    inv.invoke_async(con).await
+    inv
+}
+
+/// Applies batches whose keys share a hash slot, in one atomic script call.
+pub async fn apply(
+    con: &mut vidpulse_core::redis::RedisConn,
+    script: &redis::Script,
+    batches: &[Batch],
+) -> Result<i64, redis::RedisError> {
+    invocation(script, batches).invoke_async(con).await
 }
 
 #[cfg(test)]
