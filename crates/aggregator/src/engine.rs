@@ -23,7 +23,11 @@
 //! - an event id already counted while any of its panes is open is a
 //!   duplicate and counts nowhere.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
+use std::borrow::Cow;
+use std::collections::{BTreeMap, BTreeSet};
+
+use hashbrown::{HashMap, HashSet};
+use smallvec::SmallVec;
 
 use serde::{Deserialize, Serialize};
 use vidpulse_proto::Kind;
@@ -632,26 +636,35 @@ fn cond_ok(c: Option<&crate::spec::Cond>, rec: &Rec<'_>, rooms: &RoomTable) -> b
 }
 
 fn empty_val(g: &GroupBy) -> Val {
+    empty_ref(g).to_owned()
+}
+
+fn empty_ref(g: &GroupBy) -> ValRef<'static> {
     match g.ty() {
-        FieldType::Str => Val::S("".into()),
-        _ => Val::I(0),
+        FieldType::Str => ValRef::S(""),
+        _ => ValRef::I(0),
     }
 }
 
-/// The group keys of a record (several when grouping by pool); empty when a
-/// required group field is absent.
-fn group_keys(group_by: &[GroupBy], rec: &Rec<'_>, rooms: &RoomTable) -> Vec<Key> {
-    let mut keys: Vec<Vec<Val>> = vec![Vec::with_capacity(group_by.len())];
+/// The group keys of a record (several when grouping by pool), borrowed
+/// from the record and the room table; empty when a required group field is
+/// absent.
+fn group_keys<'r>(
+    group_by: &[GroupBy],
+    rec: &'r Rec<'_>,
+    rooms: &'r RoomTable,
+) -> SmallVec<[GroupKey<'r>; 1]> {
+    let mut keys: SmallVec<[GroupKey<'r>; 1]> = smallvec::smallvec![GroupKey::new()];
     for g in group_by {
         if g.field == FieldRef::Canon(Field::Pool) {
             if rec.pools.is_empty() {
-                return Vec::new();
+                return SmallVec::new();
             }
-            let mut next = Vec::with_capacity(keys.len() * rec.pools.len());
+            let mut next = SmallVec::with_capacity(keys.len() * rec.pools.len());
             for k in &keys {
                 for p in rec.pools {
                     let mut k = k.clone();
-                    k.push(Val::S(p.as_str().into()));
+                    k.push(ValRef::S(p.as_str()));
                     next.push(k);
                 }
             }
@@ -659,21 +672,50 @@ fn group_keys(group_by: &[GroupBy], rec: &Rec<'_>, rooms: &RoomTable) -> Vec<Key
             continue;
         }
         let v = match rec.get(&g.field, rooms) {
-            Some(v) => v.to_owned(),
-            None if g.allow_empty => empty_val(g),
-            None => return Vec::new(),
+            Some(v) => v,
+            None if g.allow_empty => empty_ref(g),
+            None => return SmallVec::new(),
         };
         for k in &mut keys {
-            k.push(v.clone());
+            k.push(v);
         }
     }
-    keys.into_iter().map(Vec::into_boxed_slice).collect()
+    keys
 }
 
-fn field_text(v: ValRef<'_>) -> Box<str> {
+/// A record's group-by values (on the stack for up to four).
+type GroupKey<'r> = SmallVec<[ValRef<'r>; 4]>;
+
+/// A group key borrowed from a record: looks up its cell without building
+/// the owned [`Key`] (which is made only for a new cell). Hashes and
+/// compares as the owned key does.
+struct KeyRef<'k, 'v>(&'k [ValRef<'v>]);
+
+impl std::hash::Hash for KeyRef<'_, '_> {
+    fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
+        // As `[Val]` hashes: its length, then each value as `Val` hashes.
+        state.write_usize(self.0.len());
+        for v in self.0 {
+            v.hash(state);
+        }
+    }
+}
+
+impl hashbrown::Equivalent<Key> for KeyRef<'_, '_> {
+    fn equivalent(&self, key: &Key) -> bool {
+        self.0.len() == key.len() && self.0.iter().zip(key.iter()).all(|(a, b)| *a == b.as_ref())
+    }
+}
+
+fn owned_key(k: &[ValRef<'_>]) -> Key {
+    k.iter().map(|v| ValRef::to_owned(*v)).collect()
+}
+
+/// A value as distinct-set text, borrowed when it is text already.
+fn field_cow(v: ValRef<'_>) -> Cow<'_, str> {
     match v {
-        ValRef::S(s) => s.into(),
-        ValRef::I(i) => i.to_string().into(),
+        ValRef::S(s) => Cow::Borrowed(s),
+        ValRef::I(i) => Cow::Owned(i.to_string()),
     }
 }
 
@@ -877,7 +919,8 @@ impl PartitionState {
         }
 
         let mut late = Vec::new();
-        let mut metrics: Vec<(usize, i64)> = Vec::with_capacity(targets.metrics.len());
+        // Per record: on the stack (a record enters a handful of windows).
+        let mut metrics: SmallVec<[(usize, i64); 8]> = SmallVec::new();
         for &m in &targets.metrics {
             let metric = &plan.spec.metrics[m];
             if !cond_ok(metric.when.as_ref(), rec, &self.rooms) {
@@ -890,7 +933,7 @@ impl PartitionState {
             }
             metrics.push((m, pane));
         }
-        let mut boards: Vec<(usize, i64)> = Vec::with_capacity(targets.lbs.len());
+        let mut boards: SmallVec<[(usize, i64); 4]> = SmallVec::new();
         for &b in &targets.lbs {
             let board = &plan.spec.leaderboards[b];
             if !cond_ok(board.when.as_ref(), rec, &self.rooms) {
@@ -925,7 +968,9 @@ impl PartitionState {
             let bucket = self.dedup.entry(second).or_default();
             bucket.ids.insert(h);
             bucket.added.push(h);
-            self.changed.dedup.insert(second);
+            if self.changed.dedup.last() != Some(&second) {
+                self.changed.dedup.insert(second);
+            }
         }
 
         for (m, pane) in metrics {
@@ -960,7 +1005,7 @@ impl PartitionState {
         let metric = &plan.spec.metrics[m];
         let rooms = &self.rooms;
         // Which aggregates take this record, and with what input.
-        let mut inputs: Vec<Option<AggInput>> = Vec::with_capacity(metric.aggregates.len());
+        let mut inputs: SmallVec<[Option<AggInput>; 4]> = SmallVec::new();
         for a in &metric.aggregates {
             let takes = (a.kinds.is_empty() || a.kinds.contains(&rec.kind))
                 && cond_ok(a.when.as_ref(), rec, rooms);
@@ -976,7 +1021,7 @@ impl PartitionState {
                     ),
                     AggFn::Distinct(f) => Some(
                         rec.get(f, rooms)
-                            .map_or(AggInput::Nothing, |v| AggInput::Text(field_text(v))),
+                            .map_or(AggInput::Nothing, |v| AggInput::Text(field_cow(v))),
                     ),
                     AggFn::Level { rise, fall } => {
                         let d = i64::from(rise.contains(&rec.kind))
@@ -999,18 +1044,25 @@ impl PartitionState {
         }
         let pane_state = self.metrics[m].entry(pane).or_default();
         for key in keys {
-            let cell = pane_state.cells.entry(key).or_insert_with(|| Cell {
-                version: 0,
-                dirty: false,
-                aggs: metric
-                    .aggregates
-                    .iter()
-                    .map(|a| Agg::new(&a.func))
-                    .collect(),
-                ck: false,
-                added: Vec::new(),
-                chunks: Chunks::default(),
-            });
+            let (_, cell) = pane_state
+                .cells
+                .raw_entry_mut()
+                .from_key(&KeyRef(&key))
+                .or_insert_with(|| {
+                    let cell = Cell {
+                        version: 0,
+                        dirty: false,
+                        aggs: metric
+                            .aggregates
+                            .iter()
+                            .map(|a| Agg::new(&a.func))
+                            .collect(),
+                        ck: false,
+                        added: Vec::new(),
+                        chunks: Chunks::default(),
+                    };
+                    (owned_key(&key), cell)
+                });
             for (i, (agg, input)) in cell.aggs.iter_mut().zip(&inputs).enumerate() {
                 let Some(input) = input else { continue };
                 match (agg, input) {
@@ -1018,9 +1070,10 @@ impl PartitionState {
                     (Agg::Sum(s), AggInput::Num(v)) => *s = s.saturating_add(*v),
                     (Agg::Min(x), AggInput::Num(v)) => *x = Some(x.map_or(*v, |x| x.min(*v))),
                     (Agg::Max(x), AggInput::Num(v)) => *x = Some(x.map_or(*v, |x| x.max(*v))),
-                    (Agg::Distinct(set), AggInput::Text(v)) if !set.contains(v) => {
+                    (Agg::Distinct(set), AggInput::Text(v)) if !set.contains(v.as_ref()) => {
+                        let v: Box<str> = v.as_ref().into();
                         set.insert(v.clone());
-                        cell.added.push((i, v.clone()));
+                        cell.added.push((i, v));
                     }
                     (Agg::Level(l), AggInput::Num(d)) => *l += d,
                     _ => {}
@@ -1045,17 +1098,22 @@ impl PartitionState {
                 None => return,
             },
         };
-        let member = field_text(member);
+        let member = field_cow(member);
         let p = self.boards[b]
             .entry(start)
             .or_default()
-            .entry(member)
-            .or_insert(Partial {
-                value: 0,
-                version: 0,
-                dirty: false,
-                ck: false,
-            });
+            .raw_entry_mut()
+            .from_key(member.as_ref())
+            .or_insert_with(|| {
+                let p = Partial {
+                    value: 0,
+                    version: 0,
+                    dirty: false,
+                    ck: false,
+                };
+                (member.as_ref().into(), p)
+            })
+            .1;
         p.value = p.value.saturating_add(add);
         p.version = version;
         p.dirty = true;
@@ -1340,7 +1398,7 @@ impl PartitionState {
     pub fn restore(
         plan: &Plan,
         input: Input,
-        fields: &HashMap<String, Vec<u8>>,
+        fields: &std::collections::HashMap<String, Vec<u8>>,
     ) -> Result<PartitionState, RestoreError> {
         let meta: Meta = from_json("meta", fields.get("meta").ok_or(RestoreError::NoMeta)?)?;
         if meta.fingerprint != plan.fingerprint {
@@ -1562,10 +1620,10 @@ fn pick(new: &str, old: &str) -> String {
     if new.is_empty() { old } else { new }.to_owned()
 }
 
-enum AggInput {
+enum AggInput<'a> {
     One,
     Num(i64),
-    Text(Box<str>),
+    Text(Cow<'a, str>),
     Nothing,
 }
 

@@ -75,7 +75,7 @@ impl RoomInfo {
 /// depend on when the stage flushed.
 #[derive(Clone, Debug, Default)]
 pub struct RoomTable {
-    rooms: HashMap<String, RoomInfo>,
+    rooms: hashbrown::HashMap<String, RoomInfo>,
     /// A room last seen at or before this is gone.
     idle_cut: i64,
     /// A room ended at or before this is gone.
@@ -93,7 +93,7 @@ impl Eq for RoomTable {}
 impl RoomTable {
     pub fn new() -> RoomTable {
         RoomTable {
-            rooms: HashMap::new(),
+            rooms: hashbrown::HashMap::new(),
             idle_cut: i64::MIN,
             end_cut: i64::MIN,
         }

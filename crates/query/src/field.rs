@@ -4,6 +4,7 @@
 //! types to build tables and queries.
 
 use std::fmt;
+use std::hash::{Hash, Hasher};
 
 use serde::{Deserialize, Serialize};
 
@@ -190,8 +191,10 @@ impl FieldRef {
     }
 }
 
-/// An owned field value (group keys, distinct members, log cells).
-#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+/// An owned field value (group keys, distinct members, log cells). It
+/// hashes as its [`ValRef`], so a map keyed by values can be searched with
+/// borrowed ones.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
 #[serde(untagged)]
 pub enum Val {
     I(i64),
@@ -204,6 +207,12 @@ impl Val {
             Val::I(i) => ValRef::I(*i),
             Val::S(s) => ValRef::S(s),
         }
+    }
+}
+
+impl Hash for Val {
+    fn hash<H: Hasher>(&self, state: &mut H) {
+        self.as_ref().hash(state);
     }
 }
 
@@ -240,6 +249,21 @@ impl ValRef<'_> {
         match self {
             ValRef::I(i) => text.parse::<i64>().is_ok_and(|t| t == i),
             ValRef::S(s) => s == text,
+        }
+    }
+}
+
+impl Hash for ValRef<'_> {
+    fn hash<H: Hasher>(&self, state: &mut H) {
+        match self {
+            ValRef::I(i) => {
+                state.write_u8(0);
+                i.hash(state);
+            }
+            ValRef::S(s) => {
+                state.write_u8(1);
+                s.hash(state);
+            }
         }
     }
 }

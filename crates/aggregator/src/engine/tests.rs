@@ -1296,3 +1296,30 @@ fn a_store_that_went_back_to_an_older_checkpoint_replays_to_the_same_final_value
         }
     }
 }
+
+#[test]
+fn a_borrowed_group_key_finds_its_owned_cell() {
+    use std::hash::BuildHasher;
+    let mut cells: hashbrown::HashMap<Key, u32> = hashbrown::HashMap::new();
+    let keys: [&[ValRef<'_>]; 4] = [
+        &[ValRef::S("rose"), ValRef::I(3)],
+        &[ValRef::S("3"), ValRef::I(3)],
+        &[ValRef::I(3), ValRef::S("rose")],
+        &[ValRef::S("")],
+    ];
+    for (n, k) in keys.iter().enumerate() {
+        let owned = owned_key(k);
+        assert_eq!(
+            cells.hasher().hash_one(&owned),
+            cells.hasher().hash_one(KeyRef(k)),
+            "{k:?}"
+        );
+        cells.insert(owned, n as u32);
+    }
+    for (n, k) in keys.iter().enumerate() {
+        assert_eq!(cells.get(&KeyRef(k)), Some(&(n as u32)), "{k:?}");
+    }
+    // Text "3" and number 3 are different keys; so are other lengths.
+    assert_eq!(cells.get(&KeyRef(&[ValRef::S("3"), ValRef::S("3")])), None);
+    assert_eq!(cells.get(&KeyRef(&[ValRef::S("rose")])), None);
+}
