@@ -406,3 +406,31 @@ fn same_record_same_source_same_event_id() {
     let c = normalize(&mapping("video_events"), Some(p), src, MAX, 7).unwrap();
     assert_ne!(a.event_id, c.event_id, "another offset is another event");
 }
+
+#[test]
+fn a_time_read_in_place_equals_one_read_through_serde() {
+    // Plain strings are parsed where they lie; escaped ones, numbers and
+    // RFC 3339 take the general path: the same instant either way, and
+    // the same reasons for bad ones.
+    let gift = |t: &str| {
+        format!(r#"{{"user_id": 1, "gift_type": 3, "gift_total_amount": 2, "create_time": {t}}}"#)
+    };
+    let at = |t: &str| ok("live_gift_total", &gift(t)).event_time_ms;
+    let want = 1_629_078_411_000; // 2021-08-16 09:46:51 in Shanghai
+    assert_eq!(at(r#""2021-08-16 09:46:51""#), want);
+    assert_eq!(at(r#"" 2021-08-16 09:46:51 ""#), want);
+    assert_eq!(at(r#""2021-08-16\u002009:46:51""#), want);
+    assert_eq!(at(r#""2021-08-16T01:46:51Z""#), want);
+    assert_eq!(at(r#""2021-08-16T09:46:51+08:00""#), want);
+    assert_eq!(at("1629078411"), want);
+    assert_eq!(at(r#""1629078411000""#), want);
+    for (t, why) in [
+        (r#""yesterday""#, Reason::UnparseableTime),
+        (r#""y\u0065sterday""#, Reason::UnparseableTime),
+        (r#""1970-01-01 08:00:00""#, Reason::TimeOutOfRange),
+        (r#""2021-08-16 09:46:51+08""#, Reason::UnparseableTime),
+        ("true", Reason::WrongType),
+    ] {
+        assert_eq!(reason("live_gift_total", gift(t).as_bytes()), why, "{t}");
+    }
+}

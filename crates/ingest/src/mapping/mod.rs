@@ -237,6 +237,17 @@ impl Path {
         Self::walk(&top, rest).cloned()
     }
 
+    /// A top-level field's text when it is a string without escapes: read
+    /// in place, without building a [`Value`] (the hot path for times).
+    fn plain_str<'d>(&self, doc: &Doc<'d>) -> Option<&'d str> {
+        let [Seg::Key(k)] = self.segs.as_slice() else {
+            return None;
+        };
+        let raw = doc.raw(k)?.get();
+        let inner = raw.strip_prefix('"')?.strip_suffix('"')?;
+        (!inner.bytes().any(|c| c == b'\\' || c == b'"' || c < 0x20)).then_some(inner)
+    }
+
     fn walk<'v>(root: &'v Value, segs: &[Seg]) -> Option<&'v Value> {
         let mut v = root;
         for s in segs {
@@ -515,6 +526,11 @@ fn read_time(record: &Doc<'_>, t: &TimeField) -> Result<i64, Reject> {
 }
 
 fn read_optional_time(record: &Doc<'_>, t: &TimeField) -> Result<Option<i64>, Reject> {
+    if let Some(text) = t.path.plain_str(record) {
+        return time::parse_text(text, &t.format, t.zone)
+            .map(Some)
+            .map_err(|e| time_error(e, "a string", &t.path.text));
+    }
     let Some(v) = t.path.get(record) else {
         return Ok(None);
     };
@@ -522,7 +538,11 @@ fn read_optional_time(record: &Doc<'_>, t: &TimeField) -> Result<Option<i64>, Re
 }
 
 fn time_value(v: &Value, format: &TimeFormat, zone: Tz, path: &str) -> Result<i64, Reject> {
-    time::parse(v, format, zone).map_err(|e| match e {
+    time::parse(v, format, zone).map_err(|e| time_error(e, type_name(v), path))
+}
+
+fn time_error(e: TimeError, type_name: &str, path: &str) -> Reject {
+    match e {
         TimeError::Unparseable(s) => Reject::new(
             Reason::UnparseableTime,
             format!("time field {path:?} = {s:?} matches no accepted format"),
@@ -533,12 +553,9 @@ fn time_value(v: &Value, format: &TimeFormat, zone: Tz, path: &str) -> Result<i6
         ),
         TimeError::WrongType => Reject::new(
             Reason::WrongType,
-            format!(
-                "time field {path:?} must be a string or number, got {}",
-                type_name(v)
-            ),
+            format!("time field {path:?} must be a string or number, got {type_name}"),
         ),
-    })
+    }
 }
 
 fn type_name(v: &Value) -> &'static str {
@@ -675,8 +692,9 @@ struct Builder {
     video_id: String,
     author_id: String,
     room_id: String,
-    text: Vec<(Target, String)>,
-    counts: Vec<(Target, i64)>,
+    // On the stack: a record has a handful of these.
+    text: smallvec::SmallVec<[(Target, String); 8]>,
+    counts: smallvec::SmallVec<[(Target, i64); 8]>,
     arrived_at: i64,
 }
 
