@@ -629,6 +629,9 @@ pub struct PartitionState {
     rooms: RoomTable,
     logs: Vec<LogRow>,
     changed: Changed,
+    /// Whether what changes is tracked for checkpoints (a batch run, which
+    /// never checkpoints, keeps no such copies: [`Self::without_checkpoints`]).
+    checkpoints: bool,
 }
 
 fn cond_ok(c: Option<&crate::spec::Cond>, rec: &Rec<'_>, rooms: &RoomTable) -> bool {
@@ -737,7 +740,18 @@ impl PartitionState {
                 meta: true,
                 ..Changed::default()
             },
+            checkpoints: true,
         }
+    }
+
+    /// A state that is never checkpointed (`vidpulse backfill`): it keeps
+    /// no record of what changed since a checkpoint (new members, new ids,
+    /// touched windows), which would only grow. Its
+    /// [`Self::checkpoint_delta`] panics.
+    pub fn without_checkpoints(mut self) -> PartitionState {
+        self.checkpoints = false;
+        self.changed = Changed::default();
+        self
     }
 
     pub fn watermark(&self) -> i64 {
@@ -887,14 +901,18 @@ impl PartitionState {
             };
             if *entry != merged {
                 *entry = merged;
-                self.changed.rooms.insert(id.to_owned());
+                if self.checkpoints {
+                    self.changed.rooms.insert(id.to_owned());
+                }
             }
         } else if !rec.event.room_id.is_empty()
             && let Some(entry) = self.rooms.get_mut(rec.event.room_id.as_str())
             && entry.seen_ms < seen
         {
             entry.seen_ms = seen;
-            self.changed.rooms.insert(rec.event.room_id.clone());
+            if self.checkpoints {
+                self.changed.rooms.insert(rec.event.room_id.clone());
+            }
         }
 
         let Some(targets) = plan.targets.get(&(self.input, rec.kind)) else {
@@ -967,9 +985,11 @@ impl PartitionState {
         {
             let bucket = self.dedup.entry(second).or_default();
             bucket.ids.insert(h);
-            bucket.added.push(h);
-            if self.changed.dedup.last() != Some(&second) {
-                self.changed.dedup.insert(second);
+            if self.checkpoints {
+                bucket.added.push(h);
+                if self.changed.dedup.last() != Some(&second) {
+                    self.changed.dedup.insert(second);
+                }
             }
         }
 
@@ -1042,6 +1062,7 @@ impl PartitionState {
         if keys.is_empty() {
             return;
         }
+        let track = self.checkpoints;
         let pane_state = self.metrics[m].entry(pane).or_default();
         for key in keys {
             let (_, cell) = pane_state
@@ -1072,8 +1093,10 @@ impl PartitionState {
                     (Agg::Max(x), AggInput::Num(v)) => *x = Some(x.map_or(*v, |x| x.max(*v))),
                     (Agg::Distinct(set), AggInput::Text(v)) if !set.contains(v.as_ref()) => {
                         let v: Box<str> = v.as_ref().into();
-                        set.insert(v.clone());
-                        cell.added.push((i, v));
+                        if track {
+                            cell.added.push((i, v.clone()));
+                        }
+                        set.insert(v);
                     }
                     (Agg::Level(l), AggInput::Num(d)) => *l += d,
                     _ => {}
@@ -1083,7 +1106,9 @@ impl PartitionState {
             cell.dirty = true;
             cell.ck = true;
         }
-        self.changed.panes.insert((m, pane));
+        if track {
+            self.changed.panes.insert((m, pane));
+        }
     }
 
     fn apply_board(&mut self, plan: &Plan, b: usize, start: i64, rec: &Rec<'_>, version: u64) {
@@ -1118,7 +1143,9 @@ impl PartitionState {
         p.version = version;
         p.dirty = true;
         p.ck = true;
-        self.changed.days.insert((b, start));
+        if self.checkpoints {
+            self.changed.days.insert((b, start));
+        }
     }
 
     /// Takes a watermark record read at `offset` (in-band clock): the
@@ -1280,6 +1307,10 @@ impl PartitionState {
     /// acknowledged; the delta is forgotten here, so a failed write must be
     /// retried with the same value.
     pub fn checkpoint_delta(&mut self, plan: &Plan) -> CheckpointDelta {
+        assert!(
+            self.checkpoints,
+            "checkpoint_delta of a state made without_checkpoints (a batch run's)"
+        );
         let changed = std::mem::take(&mut self.changed);
         let mut d = CheckpointDelta::default();
         let meta = Meta {

@@ -85,7 +85,7 @@ impl<'p> Partitions<'p> {
                 partition,
                 states: inputs
                     .iter()
-                    .map(|i| PartitionState::new(plan, *i))
+                    .map(|i| PartitionState::new(plan, *i).without_checkpoints())
                     .collect(),
                 next_offset: 0,
             })
