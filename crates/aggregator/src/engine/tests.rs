@@ -1323,3 +1323,61 @@ fn a_borrowed_group_key_finds_its_owned_cell() {
     assert_eq!(cells.get(&KeyRef(&[ValRef::S("3"), ValRef::S("3")])), None);
     assert_eq!(cells.get(&KeyRef(&[ValRef::S("rose")])), None);
 }
+
+/// An emission's rows in a fixed order (a pane's cells come out in hash
+/// order).
+fn sorted(mut e: Emission) -> Emission {
+    e.rows
+        .sort_by(|a, b| (a.metric, a.pane_start, &a.key).cmp(&(b.metric, b.pane_start, &b.key)));
+    e
+}
+
+#[test]
+fn a_state_without_checkpoints_emits_the_same_and_keeps_less() {
+    let p = plan(PLAYS, 30_000, 5_000);
+    let mut tracked = PartitionState::new(&p, Input::Events);
+    let mut batch = PartitionState::new(&p, Input::Events).without_checkpoints();
+    let mut events: Vec<Event> = (0..200)
+        .map(|i| {
+            let t = T0 + i * 1_000;
+            play(
+                &format!("e{i}"),
+                t,
+                &format!("v{}", i % 3),
+                &format!("u{}", i % 17),
+                Some(i),
+            )
+        })
+        .collect();
+    events.push(play("e5", T0 + 5_000, "v2", "u1", Some(1))); // a duplicate
+    events.push(play("late", T0, "v1", "u99", None)); // late by then
+    for (offset, e) in events.iter().enumerate() {
+        let offset = offset as i64;
+        assert_eq!(
+            feed(&mut tracked, &p, e, offset),
+            feed(&mut batch, &p, e, offset)
+        );
+        if offset % 50 == 49 {
+            assert_eq!(
+                sorted(tracked.emit(&p, false)),
+                sorted(batch.emit(&p, false))
+            );
+        }
+    }
+    assert_eq!(sorted(tracked.emit(&p, true)), sorted(batch.emit(&p, true)));
+    assert!(
+        batch.state_bytes() < tracked.state_bytes(),
+        "{} vs {}",
+        batch.state_bytes(),
+        tracked.state_bytes()
+    );
+}
+
+#[test]
+#[should_panic(expected = "without_checkpoints")]
+fn a_state_without_checkpoints_refuses_to_checkpoint() {
+    let p = plan(PLAYS, 30_000, 5_000);
+    let mut s = PartitionState::new(&p, Input::Events).without_checkpoints();
+    feed(&mut s, &p, &play("a", T0, "v1", "u1", None), 0);
+    s.checkpoint_delta(&p);
+}
