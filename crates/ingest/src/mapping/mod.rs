@@ -243,9 +243,7 @@ impl Path {
         let [Seg::Key(k)] = self.segs.as_slice() else {
             return None;
         };
-        let raw = doc.raw(k)?.get();
-        let inner = raw.strip_prefix('"')?.strip_suffix('"')?;
-        (!inner.bytes().any(|c| c == b'\\' || c == b'"' || c < 0x20)).then_some(inner)
+        plain_string(doc.raw(k)?.get())
     }
 
     fn walk<'v>(root: &'v Value, segs: &[Seg]) -> Option<&'v Value> {
@@ -265,12 +263,17 @@ impl Path {
 /// The value of a raw JSON scalar that needs no decoding: a string without
 /// escapes, or an integer that fits in i64. The common case on the hot path;
 /// anything else (`None`) goes through serde_json.
+/// The text of a raw JSON string without escapes (what it decodes to, as
+/// it lies); `None` for anything else.
+fn plain_string(raw: &str) -> Option<&str> {
+    let inner = raw.strip_prefix('"')?.strip_suffix('"')?;
+    (!inner.bytes().any(|c| c == b'\\' || c == b'"' || c < 0x20)).then_some(inner)
+}
+
 fn simple_scalar(raw: &str) -> Option<Value> {
     let b = raw.as_bytes();
     if b.len() >= 2 && b[0] == b'"' && b[b.len() - 1] == b'"' {
-        let inner = &raw[1..raw.len() - 1];
-        return (!inner.bytes().any(|c| c == b'\\' || c == b'"' || c < 0x20))
-            .then(|| Value::String(inner.to_owned()));
+        return plain_string(raw).map(|inner| Value::String(inner.to_owned()));
     }
     let digits = b.strip_prefix(b"-").unwrap_or(b);
     if !digits.is_empty() && digits.len() <= 18 && digits.iter().all(u8::is_ascii_digit) {
