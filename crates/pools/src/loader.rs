@@ -33,7 +33,7 @@ use vidpulse_core::config::KafkaArgs;
 use vidpulse_core::kafka;
 
 use crate::metrics as mm;
-use crate::pool::{Members, Mode, PoolDef};
+use crate::pool::{Members, Mode, PoolDef, key_hash};
 
 /// Compacted topic holding pool definitions: key = pool name, value = JSON
 /// [`PoolDef`], tombstone = pool deleted.
@@ -580,7 +580,8 @@ fn worker_loop(ctx: &LoaderCtx, h: &PoolHandle) -> Result<(), KafkaError> {
     let mut reading: BTreeMap<i32, PartRead> = BTreeMap::new();
     let mut seen_gen: Option<u64> = None;
     let mut last_gauges = Instant::now() - Duration::from_secs(10);
-    let mut batch: Vec<(i32, Box<[u8]>, bool)> = Vec::with_capacity(BURST);
+    // (partition, key hash, present): hashed outside the write lock.
+    let mut batch: Vec<(i32, u64, bool)> = Vec::with_capacity(BURST);
     while !ctx.stop.load(Ordering::Relaxed) && !h.stop.load(Ordering::Relaxed) {
         let mut report = false;
         // Follow the assignment (bucketed) or read everything (broadcast).
@@ -619,8 +620,8 @@ fn worker_loop(ctx: &LoaderCtx, h: &PoolHandle) -> Result<(), KafkaError> {
                     let p = msg.partition();
                     if let Some(pr) = reading.get_mut(&p) {
                         pr.next = msg.offset() + 1;
-                        if let Some(k) = msg.key() {
-                            batch.push((p, k.into(), msg.payload().is_some()));
+                        if let Some(k) = msg.key().and_then(key_hash) {
+                            batch.push((p, k, msg.payload().is_some()));
                         }
                     }
                 }
@@ -632,7 +633,7 @@ fn worker_loop(ctx: &LoaderCtx, h: &PoolHandle) -> Result<(), KafkaError> {
         {
             for (p, k, present) in &batch {
                 if let Some(s) = m.get_mut(*p as usize) {
-                    s.apply(Some(k), present.then_some(&[][..]));
+                    s.apply_hash(*k, *present);
                 }
             }
         }
@@ -679,11 +680,18 @@ fn worker_loop(ctx: &LoaderCtx, h: &PoolHandle) -> Result<(), KafkaError> {
                 })
                 .unwrap_or_default();
             for (p, size) in sizes {
+                // While a partition loads, its lag is what is left to its
+                // target: a broker round trip per partition every second
+                // stalled this thread when it had the most to read.
                 let lag = reading.get(&p).map(|r| {
-                    let hi = consumer
-                        .fetch_watermarks(&topic, p, Duration::from_millis(500))
-                        .map(|(_, hi)| hi)
-                        .unwrap_or(r.target);
+                    let hi = if r.loaded {
+                        consumer
+                            .fetch_watermarks(&topic, p, Duration::from_millis(500))
+                            .map(|(_, hi)| hi)
+                            .unwrap_or(r.target)
+                    } else {
+                        r.target
+                    };
                     (hi - r.next).max(0)
                 });
                 gauge!(mm::POOL_IDS, "pool" => name.to_owned(), "partition" => p.to_string())

@@ -295,6 +295,13 @@ pub fn id_hash(id: &str) -> u64 {
     xxhash_rust::xxh3::xxh3_64(id.as_bytes())
 }
 
+/// The hash of a pool record's key, as [`Members`] keeps it: `None` for a
+/// key that is not UTF-8 or is blank (it cannot equal an event id).
+pub fn key_hash(key: &[u8]) -> Option<u64> {
+    let key = std::str::from_utf8(key).ok()?.trim();
+    (!key.is_empty()).then(|| id_hash(key))
+}
+
 /// The keys are hashes already: the table uses them as they are.
 #[derive(Clone, Copy, Debug, Default)]
 struct BuildIdentity;
@@ -330,17 +337,19 @@ impl Members {
     /// are empty are ignored (they cannot equal an event id). Returns whether
     /// the set changed.
     pub fn apply(&mut self, key: Option<&[u8]>, value: Option<&[u8]>) -> bool {
-        let Some(key) = key.and_then(|k| std::str::from_utf8(k).ok()) else {
-            return false;
-        };
-        let key = key.trim();
-        if key.is_empty() {
-            return false;
+        match key.and_then(key_hash) {
+            Some(h) => self.apply_hash(h, value.is_some()),
+            None => false,
         }
-        let h = id_hash(key);
-        match value {
-            Some(_) => self.ids.insert(h),
-            None => self.ids.remove(&h),
+    }
+
+    /// [`Self::apply`] of a key already hashed with [`key_hash`]: `present`
+    /// adds it, a tombstone removes it.
+    pub fn apply_hash(&mut self, h: u64, present: bool) -> bool {
+        if present {
+            self.ids.insert(h)
+        } else {
+            self.ids.remove(&h)
         }
     }
 
@@ -466,6 +475,31 @@ mod tests {
         assert_eq!(m.len(), 2);
         m.clear();
         assert!(m.is_empty());
+    }
+
+    #[test]
+    fn a_key_hashed_before_the_lock_is_the_member_its_record_makes() {
+        // The loader hashes keys outside the write lock (key_hash, then
+        // apply_hash): the same set as applying the records themselves.
+        assert_eq!(
+            key_hash(b" v-7 "),
+            Some(id_hash("v-7")),
+            "trimmed as ids are"
+        );
+        assert_eq!(key_hash(b"\xff"), None, "non-UTF-8 key");
+        assert_eq!(key_hash(b"  "), None, "blank key");
+        let mut by_record = Members::default();
+        let mut by_hash = Members::default();
+        for (k, present) in [("v-1", true), ("v-2", true), ("v-1", false), ("v-3", true)] {
+            let changed = by_record.apply(Some(k.as_bytes()), present.then_some(b"{}".as_slice()));
+            let h = key_hash(k.as_bytes()).expect("a plain id hashes");
+            assert_eq!(by_hash.apply_hash(h, present), changed, "{k}");
+        }
+        for id in ["v-1", "v-2", "v-3"] {
+            assert_eq!(by_hash.contains(id), by_record.contains(id), "{id}");
+        }
+        assert!(!by_hash.contains("v-1") && by_hash.contains("v-3"));
+        assert_eq!(by_hash.len(), 2);
     }
 
     #[test]
