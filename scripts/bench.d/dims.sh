@@ -12,7 +12,10 @@
 #   - redis-benchmark -t hset -P 64: one field into one hash per command
 #     (the reference the issue names);
 #   - redis-benchmark hset of the same 4-field rows into new keys, -P 64,
-#     without any version check: the ceiling for these rows.
+#     without any version check: the ceiling for these rows;
+#   - redis-server's own CPU seconds (INFO cpu) per million rows for each: on
+#     two cores the client and the server share the machine, and the server's
+#     CPU is the figure that says what the version checks cost.
 # Every key the benchmark writes is deleted at the end.
 bench_main() {
     local rows="${BENCH_DIMS_ROWS:-1000000}"
@@ -36,10 +39,13 @@ bench_main() {
     trap "_dims_cleanup_keys '$port' '$prefix'; cleanup" EXIT
 
     vp_log "loader: $rows rows, first load (new keys)"
-    local first reload
+    local first reload c0 c1 c2 c3 c4
+    c0="$(_dims_server_cpu "$port")"
     first="$("$BIN/vidpulse" dims load --kind viewer --file "$file" --key-prefix "${prefix}viewer:" --json)"
+    c1="$(_dims_server_cpu "$port")"
     vp_log "loader: $rows rows, daily reload (same keys, newer as-of)"
     reload="$("$BIN/vidpulse" dims load --kind viewer --file "$file" --key-prefix "${prefix}viewer:" --json)"
+    c2="$(_dims_server_cpu "$port")"
     for s in "$first" "$reload"; do
         [[ "$(jq '.loaded' <<<"$s")" == "$rows" ]] || vp_die "loader did not load every row: $s"
     done
@@ -50,22 +56,34 @@ bench_main() {
         grep -Eo '[0-9.]+ requests per second' | tail -n1 | cut -d' ' -f1)"
     redis-cli -p "$port" unlink myhash >/dev/null
     vp_log "redis-benchmark hset of the same 4-field rows into new keys, -P 64"
+    c3="$(_dims_server_cpu "$port")"
     same="$(redis-benchmark -p "$port" -n "$rows" -r 1000000000 -P 64 -q \
         hset "${prefix}plain:__rand_int__" province 浙江 grade 3 region 1122 gender f 2>/dev/null |
         tr '\r' '\n' | grep -Eo '[0-9.]+ requests per second' | tail -n1 | cut -d' ' -f1)"
+    c4="$(_dims_server_cpu "$port")"
 
     local l1 l2
     l1="$(jq '.rows / .seconds' <<<"$first")"
     l2="$(jq '.rows / .seconds' <<<"$reload")"
     _dims_cleanup_keys "$port" "$prefix"
-    awk -v l1="$l1" -v l2="$l2" -v h="$hset" -v s="$same" -v n="$rows" 'BEGIN {
+    awk -v l1="$l1" -v l2="$l2" -v h="$hset" -v s="$same" -v n="$rows" \
+        -v f="$(awk -v a="$c0" -v b="$c1" 'BEGIN {print b - a}')" \
+        -v r="$(awk -v a="$c1" -v b="$c2" 'BEGIN {print b - a}')" \
+        -v b="$(awk -v a="$c3" -v b="$c4" 'BEGIN {print b - a}')" 'BEGIN {
         printf "dims load, first load:   %d rows = %8.0f rows/s\n", n, l1
         printf "dims load, daily reload: %d rows = %8.0f rows/s\n", n, l2
         printf "redis-benchmark -t hset -P 64:               %8.0f requests/s\n", h
         printf "redis-benchmark hset, same rows, no checks:  %8.0f rows/s\n", s
         printf "loader / hset           = %.2f (goal >= 0.50)\n", l1 / h
-        printf "loader / same-row hset  = %.2f\n", l1 / s
+        printf "loader / same-row hset  = %.2f (goal >= 0.80)\n", l1 / s
+        m = 1000000 / n
+        printf "redis-server CPU per 1 M rows: first load %.2f s, reload %.2f s, same-row hset %.2f s (hset / first load = %.2f)\n", f * m, r * m, b * m, (f > 0 ? b / f : 0)
     }'
+}
+
+# _dims_server_cpu PORT: redis-server's CPU seconds so far (user + system).
+_dims_server_cpu() {
+    redis-cli -p "$1" info cpu | tr -d '\r' | awk -F: '/^used_cpu_(user|sys):/ {s += $2} END {printf "%.3f", s}'
 }
 
 # _dims_cleanup_keys PORT PREFIX: unlink every key under PREFIX (never an

@@ -4,10 +4,11 @@
 #   1. a bucketed pool of BENCH_POOL_IDS ids (default 5 000 000) split across 2 instances:
 #      import time, load time until both instances hold their buckets, resident memory of each;
 #   2. throughput with enrichment (site-wide pool "all": every event passes and is looked up in
-#      Redis) next to the bare consume→produce passthrough over the same vp.events.v1.
+#      Redis) next to the bare consume→produce passthrough over the same vp.events.v1, in
+#      BENCH_ROUNDS rounds (default 3) of fresh topics and data; the median ratio is the figure.
 #
 # Sourced by scripts/bench (which provides BIN, WORK, COUNT, pids, vp_* helpers).
-#   BENCH_POOL_IDS=1000000 BENCH_COUNT=200000 scripts/bench monitor
+#   BENCH_POOL_IDS=1000000 BENCH_COUNT=200000 BENCH_ROUNDS=3 scripts/bench monitor
 
 _mon_metric() { # _mon_metric PORT NAME [LABEL-PATTERN]: sum of a metric's samples
     curl -sf "http://127.0.0.1:$1/metrics" | grep "^$2" | grep -- "${3:-}" | awk '{s+=$2} END {printf "%d", s}'
@@ -25,6 +26,7 @@ bench_main() {
     export VIDPULSE_TOPIC_PREFIX="benchmon$(date +%s)."
     export VIDPULSE_LOG=warn
     local ids="${BENCH_POOL_IDS:-5000000}"
+    local rounds_out=""
     local pa="${BENCH_MONITOR_PORT_A:-19311}" pb="${BENCH_MONITOR_PORT_B:-19312}" pm="${BENCH_MONITOR_PORT:-19313}"
     "$BIN/vidpulse" topics create >/dev/null
 
@@ -67,41 +69,51 @@ bench_main() {
     kill -TERM "$pid_a" "$pid_b"; wait "$pid_a" "$pid_b" || true
     fi
 
-    # ---- 2. throughput with enrichment next to the passthrough ------------------------------
-    vp_log "generating $COUNT raw records and normalizing them into vp.events.v1"
-    "$BIN/vidpulse-gen" --count "$COUNT" --seed 1 --truth "$WORK/truth.json" >/dev/null
-    local events
-    events="$(jq '.expected.events' "$WORK/truth.json")"
-    "$BIN/vidpulse-ingest" --admin-addr 127.0.0.1:0 >"$WORK/ingest.log" 2>&1 &
-    pids+=($!)
-    "$BIN/vidpulse-bench" measure --topic vp.events.v1 --expect "$events" --label ingest >/dev/null
-    kill -TERM "${pids[-1]}"; wait "${pids[-1]}" || true
+    # ---- 2. throughput with enrichment next to the passthrough, in rounds ---------------------
+    # Single runs swing by ±30 % on a small machine (the broker shares the cores): each round has
+    # its own topics and data, runs the passthrough then the monitor back to back, and the figure
+    # to quote is the median ratio.
+    local rounds="${BENCH_ROUNDS:-3}" r base="$VIDPULSE_TOPIC_PREFIX" ratios=() p_line m_line
+    for ((r = 1; r <= rounds; r++)); do
+        export VIDPULSE_TOPIC_PREFIX="${base}r$r."
+        "$BIN/vidpulse" topics create >/dev/null
+        vp_log "round $r/$rounds: generating $COUNT raw records and normalizing them into vp.events.v1"
+        "$BIN/vidpulse-gen" --count "$COUNT" --seed "$r" --truth "$WORK/truth.json" >/dev/null
+        local events
+        events="$(jq '.expected.events' "$WORK/truth.json")"
+        "$BIN/vidpulse-ingest" --admin-addr 127.0.0.1:0 >"$WORK/ingest.log" 2>&1 &
+        pids+=($!)
+        "$BIN/vidpulse-bench" measure --topic vp.events.v1 --expect "$events" --label ingest >/dev/null
+        kill -TERM "${pids[-1]}"; wait "${pids[-1]}" || true
 
-    vp_log "passthrough: consume → produce vp.events.v1, no processing"
-    "$BIN/vidpulse-bench" passthrough --input vp.events.v1 --output bench.passthrough >"$WORK/passthrough.log" 2>&1 &
-    pids+=($!)
-    local p_line m_line
-    p_line="$("$BIN/vidpulse-bench" measure --topic bench.passthrough --expect "$events" --label passthrough)"
-    kill -TERM "${pids[-1]}"; wait "${pids[-1]}" || true
+        vp_log "passthrough: consume → produce vp.events.v1, no processing"
+        "$BIN/vidpulse-bench" passthrough --input vp.events.v1 --output bench.passthrough >"$WORK/passthrough.log" 2>&1 &
+        pids+=($!)
+        p_line="$("$BIN/vidpulse-bench" measure --topic bench.passthrough --expect "$events" --label passthrough)"
+        kill -TERM "${pids[-1]}"; wait "${pids[-1]}" || true
 
-    vp_log "monitor: consume → decode → pool \"all\" → Redis lookups (batched, cached) → produce"
-    "$BIN/vidpulse" pool create all >/dev/null
-    "$BIN/vidpulse-monitor" --pool all --admin-addr "127.0.0.1:$pm" >"$WORK/monitor.log" 2>&1 &
-    pids+=($!)
-    m_line="$("$BIN/vidpulse-bench" measure --topic vp.monitored.v1 --expect "$events" --label "monitor+enrich")"
-    local hit redis_p50 misses
-    hit=$(curl -sf "http://127.0.0.1:$pm/metrics" | awk '/^vidpulse_monitor_cache_hit_ratio / {printf "%.3f", $2}')
-    redis_p50=$(curl -sf "http://127.0.0.1:$pm/metrics" | awk '/^vidpulse_monitor_redis_seconds\{quantile="0.5"\}/ {printf "%.2f ms", $2 * 1000}')
-    misses=$(_mon_metric "$pm" vidpulse_monitor_enrich_misses_total)
-    kill -TERM "${pids[-1]}"; wait "${pids[-1]}" || true
+        vp_log "monitor: consume → decode → pool \"all\" → Redis lookups (batched, cached) → produce"
+        "$BIN/vidpulse" pool create all >/dev/null
+        "$BIN/vidpulse-monitor" --pool all --admin-addr "127.0.0.1:$pm" >"$WORK/monitor.log" 2>&1 &
+        pids+=($!)
+        m_line="$("$BIN/vidpulse-bench" measure --topic vp.monitored.v1 --expect "$events" --label "monitor+enrich")"
+        local hit redis_p50 misses
+        hit=$(curl -sf "http://127.0.0.1:$pm/metrics" | awk '/^vidpulse_monitor_cache_hit_ratio / {printf "%.3f", $2}')
+        redis_p50=$(curl -sf "http://127.0.0.1:$pm/metrics" | awk '/^vidpulse_monitor_redis_seconds\{quantile="0.5"\}/ {printf "%.2f ms", $2 * 1000}')
+        misses=$(_mon_metric "$pm" vidpulse_monitor_enrich_misses_total)
+        kill -TERM "${pids[-1]}"; wait "${pids[-1]}" || true
+        local p m
+        p="$(sed -E 's/.*= ([0-9]+) records.*/\1/' <<<"$p_line")"
+        m="$(sed -E 's/.*= ([0-9]+) records.*/\1/' <<<"$m_line")"
+        ratios+=("$(awk -v p="$p" -v m="$m" 'BEGIN { printf "%.2f", m / p }')")
+        rounds_out+="round $r: $p_line"$'\n'"round $r: $m_line  (cache hit ratio $hit, Redis round trip p50 $redis_p50, dimension misses $misses)"$'\n'"round $r: monitor / passthrough = ${ratios[-1]}"$'\n'
+    done
 
     echo "pool: $ids ids imported in $import_s s; loaded across 2 instances $load_s s after start (group join included)"
     echo "  $line_a"
     echo "  $line_b"
-    echo "$p_line"
-    echo "$m_line  (cache hit ratio $hit, Redis round trip p50 $redis_p50, dimension misses $misses)"
-    local p m
-    p="$(sed -E 's/.*= ([0-9]+) records.*/\1/' <<<"$p_line")"
-    m="$(sed -E 's/.*= ([0-9]+) records.*/\1/' <<<"$m_line")"
-    awk -v p="$p" -v m="$m" 'BEGIN { printf "monitor / passthrough = %.2f (goal >= 0.50)\n", m / p }'
+    printf '%s' "$rounds_out"
+    printf '%s\n' "${ratios[@]}" | sort -n | awk -v n="$rounds" '
+        { v[NR] = $1 } END { printf "monitor / passthrough, median of %d rounds = %.2f (goal >= 0.80; rounds: %s)\n", n, v[int((NR + 1) / 2)], join() }
+        function join(   s, k) { for (k = 1; k <= NR; k++) s = s (k > 1 ? " " : "") v[k]; return s }'
 }
