@@ -32,15 +32,9 @@ bench_main() {
     local rounds="${BENCH_ROUNDS:-3}" r base="$VIDPULSE_TOPIC_PREFIX" ratios=() rounds_out="" p_line a_line
     for ((r = 1; r <= rounds; r++)); do
         export VIDPULSE_TOPIC_PREFIX="${base}r$r."
-        "$BIN/vidpulse" topics create >/dev/null
         vp_log "round $r/$rounds: generating $COUNT raw records, normalizing them into vp.events.v1"
-        "$BIN/vidpulse-gen" --count "$COUNT" --seed "$r" --truth "$WORK/agg-truth.json" >/dev/null
-        local events
-        events="$(jq '.expected.events' "$WORK/agg-truth.json")"
-        "$BIN/vidpulse-ingest" --admin-addr 127.0.0.1:0 >"$WORK/agg-ingest.log" 2>&1 &
-        pids+=($!)
-        "$BIN/vidpulse-bench" measure --topic vp.events.v1 --expect "$events" --label ingest >/dev/null
-        kill -TERM "${pids[-1]}"; wait "${pids[-1]}" || true
+        bench_normalized "$r" "$WORK/agg-truth.json" "$WORK/agg-ingest.log"
+        local events="$BENCH_EVENTS"
 
         vp_log "monitor with a site-wide pool \"all\" (no enrichment) into vp.monitored.v1"
         "$BIN/vidpulse" pool create all >/dev/null
@@ -87,16 +81,11 @@ bench_main() {
             'BEGIN { printf "aggregator: %d records in %.2f s = %d records/s (all flushed %.2f s after the last was read; %d ClickHouse rows written)", n, b - a, n / (b - a), d - b, r }')
 
         vp_clickhouse_drop_prefix "$VIDPULSE_TOPIC_PREFIX" || true
-        local p a
-        p="$(sed -E 's/.*= ([0-9]+) records.*/\1/' <<<"$p_line")"
-        a="$(sed -E 's/.*= ([0-9]+) records.*/\1/' <<<"$a_line")"
-        ratios+=("$(awk -v p="$p" -v a="$a" 'BEGIN { printf "%.2f", a / p }')")
+        ratios+=("$(bench_ratio "$a_line" "$p_line")")
         rounds_out+="round $r: $p_line"$'\n'"round $r: $a_line"$'\n'"round $r: aggregator / passthrough = ${ratios[-1]}"$'\n'
     done
 
     echo "$core"
     printf '%s' "$rounds_out"
-    printf '%s\n' "${ratios[@]}" | sort -n | awk -v n="$rounds" '
-        { v[NR] = $1 } END { printf "aggregator / passthrough, median of %d rounds = %.2f (goal >= 0.80; rounds: %s)\n", n, v[int((NR + 1) / 2)], join() }
-        function join(   s, k) { for (k = 1; k <= NR; k++) s = s (k > 1 ? " " : "") v[k]; return s }'
+    bench_median "aggregator / passthrough" "${ratios[@]}"
 }

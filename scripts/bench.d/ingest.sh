@@ -37,15 +37,10 @@ bench_main() {
             "$BIN/vidpulse-ingest" --admin-addr 127.0.0.1:0 ${BENCH_INGEST_ARGS:-})"
         echo "$p_line"
         echo "$i_line"
-        local p i
-        p="$(sed -E 's/.*= ([0-9]+) records.*/\1/' <<<"$p_line")"
-        i="$(sed -E 's/.*= ([0-9]+) records.*/\1/' <<<"$i_line")"
-        ratios+=("$(awk -v p="$p" -v i="$i" 'BEGIN { printf "%.2f", i / p }')")
+        ratios+=("$(bench_ratio "$i_line" "$p_line")")
         echo "round $r: ingest / passthrough = ${ratios[-1]}"
     done
-    printf '%s\n' "${ratios[@]}" | sort -n | awk -v n="$rounds" '
-        { v[NR] = $1 } END { printf "ingest / passthrough, median of %d rounds = %.2f (goal >= 0.80; rounds: %s)\n", n, v[int((NR + 1) / 2)], join() }
-        function join(   s, k) { for (k = 1; k <= NR; k++) s = s (k > 1 ? " " : "") v[k]; return s }'
+    bench_median "ingest / passthrough" "${ratios[@]}"
 }
 
 # _ingest_bench_run LABEL TOPIC EXPECT BROKER_PID CMD...: runs CMD until TOPIC

@@ -76,15 +76,9 @@ bench_main() {
     local rounds="${BENCH_ROUNDS:-3}" r base="$VIDPULSE_TOPIC_PREFIX" ratios=() p_line m_line
     for ((r = 1; r <= rounds; r++)); do
         export VIDPULSE_TOPIC_PREFIX="${base}r$r."
-        "$BIN/vidpulse" topics create >/dev/null
         vp_log "round $r/$rounds: generating $COUNT raw records and normalizing them into vp.events.v1"
-        "$BIN/vidpulse-gen" --count "$COUNT" --seed "$r" --truth "$WORK/truth.json" >/dev/null
-        local events
-        events="$(jq '.expected.events' "$WORK/truth.json")"
-        "$BIN/vidpulse-ingest" --admin-addr 127.0.0.1:0 >"$WORK/ingest.log" 2>&1 &
-        pids+=($!)
-        "$BIN/vidpulse-bench" measure --topic vp.events.v1 --expect "$events" --label ingest >/dev/null
-        kill -TERM "${pids[-1]}"; wait "${pids[-1]}" || true
+        bench_normalized "$r" "$WORK/truth.json" "$WORK/ingest.log"
+        local events="$BENCH_EVENTS"
 
         vp_log "passthrough: consume → produce vp.events.v1, no processing"
         "$BIN/vidpulse-bench" passthrough --input vp.events.v1 --output bench.passthrough >"$WORK/passthrough.log" 2>&1 &
@@ -102,10 +96,7 @@ bench_main() {
         redis_p50=$(curl -sf "http://127.0.0.1:$pm/metrics" | awk '/^vidpulse_monitor_redis_seconds\{quantile="0.5"\}/ {printf "%.2f ms", $2 * 1000}')
         misses=$(_mon_metric "$pm" vidpulse_monitor_enrich_misses_total)
         kill -TERM "${pids[-1]}"; wait "${pids[-1]}" || true
-        local p m
-        p="$(sed -E 's/.*= ([0-9]+) records.*/\1/' <<<"$p_line")"
-        m="$(sed -E 's/.*= ([0-9]+) records.*/\1/' <<<"$m_line")"
-        ratios+=("$(awk -v p="$p" -v m="$m" 'BEGIN { printf "%.2f", m / p }')")
+        ratios+=("$(bench_ratio "$m_line" "$p_line")")
         rounds_out+="round $r: $p_line"$'\n'"round $r: $m_line  (cache hit ratio $hit, Redis round trip p50 $redis_p50, dimension misses $misses)"$'\n'"round $r: monitor / passthrough = ${ratios[-1]}"$'\n'
     done
 
@@ -113,7 +104,5 @@ bench_main() {
     echo "  $line_a"
     echo "  $line_b"
     printf '%s' "$rounds_out"
-    printf '%s\n' "${ratios[@]}" | sort -n | awk -v n="$rounds" '
-        { v[NR] = $1 } END { printf "monitor / passthrough, median of %d rounds = %.2f (goal >= 0.80; rounds: %s)\n", n, v[int((NR + 1) / 2)], join() }
-        function join(   s, k) { for (k = 1; k <= NR; k++) s = s (k > 1 ? " " : "") v[k]; return s }'
+    bench_median "monitor / passthrough" "${ratios[@]}"
 }
