@@ -10,14 +10,14 @@
 //! returned to the caller, which retries the same batch with backoff and
 //! reads nothing meanwhile (back-pressure, no loss).
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use metrics::{counter, gauge, histogram};
+use metrics::{Counter, counter, gauge, histogram};
 use moka::sync::Cache;
 use vidpulse_core::redis::{ConnectOptions, RedisClient, RedisConn};
-use vidpulse_proto::{Event, event};
+use vidpulse_proto::EventIds;
 
 use crate::metrics as mm;
 
@@ -50,8 +50,32 @@ impl Default for KeyPatterns {
     }
 }
 
+/// A key pattern split at its `{id}`s, so that a key is built with one
+/// allocation and no search.
+#[derive(Clone, Debug)]
+struct Pattern(Vec<String>);
+
+impl Pattern {
+    fn new(pattern: &str) -> Self {
+        Self(pattern.split("{id}").map(str::to_owned).collect())
+    }
+
+    fn key(&self, id: &str) -> String {
+        let fixed: usize = self.0.iter().map(String::len).sum();
+        let mut k = String::with_capacity(fixed + id.len() * (self.0.len() - 1));
+        for (i, part) in self.0.iter().enumerate() {
+            if i > 0 {
+                k.push_str(id);
+            }
+            k.push_str(part);
+        }
+        k
+    }
+}
+
+#[cfg(test)]
 fn key(pattern: &str, id: &str) -> String {
-    pattern.replace("{id}", id)
+    Pattern::new(pattern).key(id)
 }
 
 /// What to do with an event when a dimension it refers to is not in Redis.
@@ -68,43 +92,103 @@ pub enum MissPolicy {
 /// The ids an event refers to, and where anchor / module still have to come
 /// from.
 #[derive(Debug, Default, PartialEq, Eq)]
-pub struct Plan {
-    pub room: Option<String>,
-    pub viewer: Option<String>,
+pub struct Plan<'a> {
+    pub room: Option<&'a str>,
+    pub viewer: Option<&'a str>,
     /// The anchor when the event itself says (live room payload); else it
     /// comes from the room hash's `anchor_id`, else the author.
-    pub anchor: Option<String>,
-    pub author: Option<String>,
+    pub anchor: Option<&'a str>,
+    pub author: Option<&'a str>,
     /// The module when the event itself says; else the room hash's
     /// `module_id`, else the room→module map.
-    pub module: Option<String>,
+    pub module: Option<&'a str>,
 }
 
-fn non_empty(s: &str) -> Option<String> {
-    (!s.is_empty()).then(|| s.to_owned())
+fn non_empty(s: &str) -> Option<&str> {
+    (!s.is_empty()).then_some(s)
 }
 
 /// Which dimensions `event` needs.
-pub fn plan(event: &Event) -> Plan {
-    let room_payload = match &event.payload {
-        Some(event::Payload::LiveRoomStarted(r)) => r.room.as_ref(),
-        Some(event::Payload::LiveRoomEnded(r)) => r.room.as_ref(),
-        _ => None,
-    };
+pub fn plan<E: EventIds + ?Sized>(event: &E) -> Plan<'_> {
+    let room = event.room_anchor_module();
     Plan {
-        room: non_empty(&event.room_id),
-        viewer: non_empty(&event.user_id),
-        anchor: room_payload.and_then(|r| non_empty(&r.anchor_id)),
-        author: non_empty(&event.author_id),
-        module: room_payload.and_then(|r| non_empty(&r.module_id)),
+        room: non_empty(event.room_id()),
+        viewer: non_empty(event.user_id()),
+        anchor: room.and_then(|(anchor, _)| non_empty(anchor)),
+        author: non_empty(event.author_id()),
+        module: room.and_then(|(_, module)| non_empty(module)),
     }
 }
 
 /// The enrichment of one event, and the dimensions that were missing.
 #[derive(Debug, Default, PartialEq, Eq)]
 pub struct Enrichment {
-    pub fields: BTreeMap<String, String>,
+    /// The `MonitoredEvent.enrichment` entries, encoded (field 3 of the
+    /// message): appended to the rest of the message as they are.
+    pub encoded: Vec<u8>,
     pub missing: Vec<&'static str>,
+}
+
+impl Enrichment {
+    /// The fields, decoded (tests, diagnostics).
+    pub fn fields(&self) -> BTreeMap<String, String> {
+        use vidpulse_proto::Message as _;
+        vidpulse_proto::MonitoredEvent::decode(self.encoded.as_slice())
+            .map(|m| m.enrichment.into_iter().collect())
+            .unwrap_or_default()
+    }
+}
+
+/// What a dimension's hash adds to the events that refer to it, by the
+/// name its fields take there.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum As {
+    Room = 0,
+    Anchor = 1,
+    Viewer = 2,
+}
+
+impl As {
+    const PREFIX: [&'static str; 3] = ["room.", "anchor.", "viewer."];
+}
+
+/// One dimension hash as read, with its visible fields encoded once per
+/// name prefix it is used under (not once per event).
+#[derive(Debug, Default)]
+pub struct Dim {
+    pub hash: Hash,
+    encoded: [std::sync::OnceLock<Box<[u8]>>; 3],
+}
+
+impl Dim {
+    fn new(hash: Hash) -> Self {
+        Self {
+            hash,
+            encoded: Default::default(),
+        }
+    }
+
+    fn is_empty(&self) -> bool {
+        self.hash.is_empty()
+    }
+
+    fn get(&self, field: &str) -> Option<&str> {
+        self.hash.get(field).map(String::as_str).and_then(non_empty)
+    }
+
+    /// The visible fields as enrichment entries named `<prefix><field>`,
+    /// sorted by field.
+    fn encoded(&self, as_: As) -> &[u8] {
+        self.encoded[as_ as usize].get_or_init(|| {
+            let mut fields: Vec<(&String, &String)> = visible(&self.hash).collect();
+            fields.sort_unstable();
+            let mut buf = Vec::new();
+            for (k, v) in fields {
+                vidpulse_proto::encode_enrichment_entry(As::PREFIX[as_ as usize], k, v, &mut buf);
+            }
+            buf.into_boxed_slice()
+        })
+    }
 }
 
 /// Lookup settings.
@@ -127,10 +211,50 @@ pub struct EnrichError(pub String);
 /// Looks dimensions up, batched and cached.
 pub struct Enricher {
     settings: EnrichSettings,
+    room: Pattern,
+    anchor: Pattern,
+    viewer: Pattern,
+    module_map: Option<Pattern>,
     conn: Option<RedisConn>,
-    cache: Cache<String, Arc<Hash>>,
+    cache: Cache<String, Arc<Dim>>,
     hits: u64,
     misses: u64,
+    /// `vidpulse_monitor_enrich_misses_total` by dimension, in [`DIMS`]'
+    /// order.
+    missing: [Counter; 4],
+}
+
+/// The dimensions an event can miss, as the miss counter labels them.
+const DIMS: [&str; 4] = ["room", "anchor", "viewer", "module"];
+
+/// A batch's distinct keys, each with its slot in the round trip.
+#[derive(Default)]
+struct Slots(hashbrown::HashMap<String, u32>);
+
+impl Slots {
+    fn slot(&mut self, pattern: &Pattern, id: &str) -> u32 {
+        let n = self.0.len() as u32;
+        *self.0.entry(pattern.key(id)).or_insert(n)
+    }
+
+    /// The keys in slot order.
+    fn into_keys(self) -> Vec<String> {
+        let mut keys = vec![String::new(); self.0.len()];
+        for (k, i) in self.0 {
+            keys[i as usize] = k;
+        }
+        keys
+    }
+}
+
+/// Where one event's dimensions are in the batch's round trips.
+struct Needs<'a> {
+    room: Option<u32>,
+    viewer: Option<u32>,
+    /// In the first round trip when the event has no room, else the second.
+    anchor: Option<(u32, bool)>,
+    module: Option<&'a str>,
+    module_map: Option<u32>,
 }
 
 impl Enricher {
@@ -142,12 +266,18 @@ impl Enricher {
                 miss: settings.negative_ttl,
             })
             .build();
+        let keys = &settings.keys;
         Ok(Self {
+            room: Pattern::new(&keys.room),
+            anchor: Pattern::new(&keys.anchor),
+            viewer: Pattern::new(&keys.viewer),
+            module_map: (!keys.module_map.is_empty()).then(|| Pattern::new(&keys.module_map)),
             settings,
             conn: None,
             cache,
             hits: 0,
             misses: 0,
+            missing: DIMS.map(|dim| counter!(mm::ENRICH_MISSES, "dim" => dim)),
         })
     }
 
@@ -168,173 +298,156 @@ impl Enricher {
         Ok(c)
     }
 
-    /// Hashes for `keys` (duplicates allowed): from the cache, the rest in
-    /// one pipelined round trip.
-    async fn fetch(
-        &mut self,
-        keys: Vec<String>,
-    ) -> Result<HashMap<String, Arc<Hash>>, EnrichError> {
-        let mut out: HashMap<String, Arc<Hash>> = HashMap::with_capacity(keys.len());
-        let mut todo: Vec<String> = Vec::new();
-        let mut asked: HashSet<&str> = HashSet::with_capacity(keys.len());
-        for k in &keys {
-            if !asked.insert(k.as_str()) {
-                continue;
+    /// The hashes of `keys` (distinct), in order: from the cache, the rest
+    /// in one pipelined round trip.
+    async fn fetch(&mut self, keys: &[String]) -> Result<Vec<Arc<Dim>>, EnrichError> {
+        let mut out: Vec<Option<Arc<Dim>>> = Vec::with_capacity(keys.len());
+        let mut todo: Vec<usize> = Vec::new();
+        for (i, k) in keys.iter().enumerate() {
+            let got = self.cache.get(k);
+            if got.is_none() {
+                todo.push(i);
             }
-            let k = k.clone();
-            match self.cache.get(&k) {
-                Some(h) => {
-                    self.hits += 1;
-                    out.insert(k, h);
-                }
-                None => {
-                    self.misses += 1;
-                    todo.push(k);
-                }
-            }
+            out.push(got);
         }
+        self.hits += (keys.len() - todo.len()) as u64;
+        self.misses += todo.len() as u64;
         counter!(mm::CACHE_HITS).absolute(self.hits);
         counter!(mm::CACHE_MISSES).absolute(self.misses);
         let total = self.hits + self.misses;
         if total > 0 {
             gauge!(mm::CACHE_HIT_RATIO).set(self.hits as f64 / total as f64);
         }
-        if todo.is_empty() {
-            return Ok(out);
+        if !todo.is_empty() {
+            let mut conn = self.conn().await?;
+            let mut pipe = redis::pipe();
+            for &i in &todo {
+                pipe.cmd("HGETALL").arg(&keys[i]);
+            }
+            let started = Instant::now();
+            let res: Result<Vec<Hash>, _> = pipe.query_async(&mut conn).await;
+            histogram!(mm::REDIS_SECONDS).record(started.elapsed().as_secs_f64());
+            let hashes = res.map_err(|e| {
+                counter!(mm::REDIS_ERRORS).increment(1);
+                EnrichError(e.to_string())
+            })?;
+            for (i, h) in todo.into_iter().zip(hashes) {
+                let d = Arc::new(Dim::new(h));
+                self.cache.insert(keys[i].clone(), d.clone());
+                out[i] = Some(d);
+            }
         }
-        let mut conn = self.conn().await?;
-        let mut pipe = redis::pipe();
-        for k in &todo {
-            pipe.cmd("HGETALL").arg(k);
-        }
-        let started = Instant::now();
-        let res: Result<Vec<Hash>, _> = pipe.query_async(&mut conn).await;
-        histogram!(mm::REDIS_SECONDS).record(started.elapsed().as_secs_f64());
-        let hashes = res.map_err(|e| {
-            counter!(mm::REDIS_ERRORS).increment(1);
-            EnrichError(e.to_string())
-        })?;
-        for (k, h) in todo.into_iter().zip(hashes) {
-            let h = Arc::new(h);
-            self.cache.insert(k.clone(), h.clone());
-            out.insert(k, h);
-        }
-        Ok(out)
+        // Every slot is filled: from the cache or the round trip.
+        Ok(out.into_iter().map(Option::unwrap_or_default).collect())
     }
 
     /// Enriches `events` (in order). At most two pipelined round trips.
-    pub async fn enrich(&mut self, events: &[&Event]) -> Result<Vec<Enrichment>, EnrichError> {
-        let keys = self.settings.keys.clone();
-        let plans: Vec<Plan> = events.iter().map(|e| plan(e)).collect();
-        let mut first: Vec<String> = Vec::new();
-        for p in &plans {
-            if let Some(r) = &p.room {
-                first.push(key(&keys.room, r));
-            }
-            if let Some(v) = &p.viewer {
-                first.push(key(&keys.viewer, v));
-            }
-            // Without a room, the anchor is known now.
-            if p.room.is_none()
-                && let Some(a) = p.anchor.as_ref().or(p.author.as_ref())
-            {
-                first.push(key(&keys.anchor, a));
-            }
-        }
-        let got = self.fetch(first).await?;
-        let empty = Arc::new(Hash::new());
-        let rooms: Vec<Option<Arc<Hash>>> = plans
+    pub async fn enrich<E: EventIds>(
+        &mut self,
+        events: &[&E],
+    ) -> Result<Vec<Enrichment>, EnrichError> {
+        let plans: Vec<Plan<'_>> = events.iter().map(|e| plan(*e)).collect();
+        // First step: rooms, viewers, and anchors known without a room.
+        let mut first = Slots::default();
+        let early: Vec<(Option<u32>, Option<u32>, Option<u32>)> = plans
             .iter()
             .map(|p| {
-                p.room.as_ref().map(|r| {
-                    got.get(&key(&keys.room, r))
-                        .cloned()
-                        .unwrap_or_else(|| empty.clone())
-                })
+                let room = p.room.map(|r| first.slot(&self.room, r));
+                let viewer = p.viewer.map(|v| first.slot(&self.viewer, v));
+                let anchor = match p.room {
+                    None => p.anchor.or(p.author).map(|a| first.slot(&self.anchor, a)),
+                    Some(_) => None,
+                };
+                (room, viewer, anchor)
             })
             .collect();
+        let got = self.fetch(&first.into_keys()).await?;
+
         // Second step: anchors and modules learnt from room hashes.
-        let mut anchors: Vec<Option<String>> = Vec::with_capacity(plans.len());
-        let mut modules: Vec<Option<String>> = Vec::with_capacity(plans.len());
-        let mut second: Vec<String> = Vec::new();
-        for (p, room) in plans.iter().zip(&rooms) {
-            let from_room = |f: &str| {
-                room.as_ref()
-                    .and_then(|h| h.get(f))
-                    .and_then(|s| non_empty(s))
-            };
-            let anchor = p
-                .anchor
-                .clone()
-                .or_else(|| from_room("anchor_id"))
-                .or_else(|| p.author.clone());
-            if p.room.is_some()
-                && let Some(a) = &anchor
-            {
-                second.push(key(&keys.anchor, a));
-            }
-            let module = p.module.clone().or_else(|| from_room("module_id"));
-            if module.is_none()
-                && !keys.module_map.is_empty()
-                && let Some(r) = &p.room
-            {
-                second.push(key(&keys.module_map, r));
-            }
-            anchors.push(anchor);
-            modules.push(module);
-        }
-        let mut got = got;
-        if !second.is_empty() {
-            got.extend(self.fetch(second).await?);
-        }
-        let mut out = Vec::with_capacity(plans.len());
-        for (i, p) in plans.iter().enumerate() {
-            let mut e = Enrichment::default();
-            if let Some(room) = &rooms[i] {
-                if room.is_empty() {
-                    e.missing.push("room");
+        let mut second = Slots::default();
+        let needs: Vec<Needs<'_>> = plans
+            .iter()
+            .zip(&early)
+            .map(|(p, &(room, viewer, anchor))| {
+                let hash = room.map(|i| &*got[i as usize]);
+                let anchor = match (anchor, p.room) {
+                    (Some(i), _) => Some((i, true)),
+                    (None, Some(_)) => p
+                        .anchor
+                        .or_else(|| hash.and_then(|h| h.get("anchor_id")))
+                        .or(p.author)
+                        .map(|a| (second.slot(&self.anchor, a), false)),
+                    (None, None) => None,
+                };
+                let module = p.module.or_else(|| hash.and_then(|h| h.get("module_id")));
+                let module_map = match (&self.module_map, module, p.room) {
+                    (Some(pattern), None, Some(r)) => Some(second.slot(pattern, r)),
+                    _ => None,
+                };
+                Needs {
+                    room,
+                    viewer,
+                    anchor,
+                    module,
+                    module_map,
                 }
-                for (k, v) in visible(room) {
-                    e.fields.insert(format!("room.{k}"), v.clone());
+            })
+            .collect();
+        let second = second.into_keys();
+        let late = if second.is_empty() {
+            Vec::new()
+        } else {
+            self.fetch(&second).await?
+        };
+
+        let module_field = self.settings.keys.module_field.as_str();
+        let mut missed = [0u64; 4];
+        let mut out = Vec::with_capacity(needs.len());
+        for n in &needs {
+            let room = n.room.map(|i| &*got[i as usize]);
+            let viewer = n.viewer.map(|i| &*got[i as usize]);
+            let anchor = n.anchor.map(|(i, early)| {
+                if early {
+                    &*got[i as usize]
+                } else {
+                    &*late[i as usize]
                 }
-            }
-            if let Some(a) = &anchors[i] {
-                match got.get(&key(&keys.anchor, a)) {
-                    Some(h) if !h.is_empty() => {
-                        for (k, v) in visible(h) {
-                            e.fields.insert(format!("anchor.{k}"), v.clone());
-                        }
-                    }
-                    _ => e.missing.push("anchor"),
-                }
-            }
-            if let Some(v) = &p.viewer {
-                match got.get(&key(&keys.viewer, v)) {
-                    Some(h) if !h.is_empty() => {
-                        for (k, val) in visible(h) {
-                            e.fields.insert(format!("viewer.{k}"), val.clone());
-                        }
-                    }
-                    _ => e.missing.push("viewer"),
-                }
-            }
-            let module = modules[i].clone().or_else(|| {
-                let r = p.room.as_ref()?;
-                got.get(&key(&keys.module_map, r))?
-                    .get(&keys.module_field)
-                    .and_then(|s| non_empty(s))
             });
-            match module {
-                Some(m) => {
-                    e.fields.insert("module_id".into(), m);
-                }
-                None if p.room.is_some() => e.missing.push("module"),
-                None => {}
+            let module = n
+                .module
+                .or_else(|| late.get(n.module_map? as usize)?.get(module_field));
+            // Entries in name order: anchor., module_id, room., viewer.
+            let mut e = Enrichment::default();
+            if let Some(a) = anchor {
+                e.encoded.extend_from_slice(a.encoded(As::Anchor));
             }
-            for dim in &e.missing {
-                counter!(mm::ENRICH_MISSES, "dim" => *dim).increment(1);
+            if let Some(m) = module {
+                vidpulse_proto::encode_enrichment_entry("", "module_id", m, &mut e.encoded);
+            }
+            if let Some(r) = room {
+                e.encoded.extend_from_slice(r.encoded(As::Room));
+            }
+            if let Some(v) = viewer {
+                e.encoded.extend_from_slice(v.encoded(As::Viewer));
+            }
+            let misses = [
+                room.is_some_and(Dim::is_empty),
+                anchor.is_some_and(Dim::is_empty),
+                viewer.is_some_and(Dim::is_empty),
+                module.is_none() && n.room.is_some(),
+            ];
+            for (d, m) in misses.into_iter().enumerate() {
+                if m {
+                    missed[d] += 1;
+                    e.missing.push(DIMS[d]);
+                }
             }
             out.push(e);
+        }
+        for (c, n) in self.missing.iter().zip(missed) {
+            if n > 0 {
+                c.increment(n);
+            }
         }
         Ok(out)
     }
@@ -353,11 +466,11 @@ struct Ttl {
     miss: Duration,
 }
 
-impl moka::Expiry<String, Arc<Hash>> for Ttl {
+impl moka::Expiry<String, Arc<Dim>> for Ttl {
     fn expire_after_create(
         &self,
         _key: &String,
-        value: &Arc<Hash>,
+        value: &Arc<Dim>,
         _now: std::time::Instant,
     ) -> Option<Duration> {
         Some(if value.is_empty() {
@@ -371,7 +484,7 @@ impl moka::Expiry<String, Arc<Hash>> for Ttl {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use vidpulse_proto::{LiveRoomStarted, Room};
+    use vidpulse_proto::{Event, LiveRoomStarted, Room, event};
 
     #[test]
     fn plan_takes_ids_from_the_envelope_and_the_room_payload() {
@@ -384,8 +497,8 @@ mod tests {
         assert_eq!(
             plan(&e),
             Plan {
-                room: Some("r1".into()),
-                viewer: Some("u1".into()),
+                room: Some("r1"),
+                viewer: Some("u1"),
                 ..Default::default()
             }
         );
@@ -401,8 +514,8 @@ mod tests {
             ..Default::default()
         };
         let p = plan(&s);
-        assert_eq!(p.anchor.as_deref(), Some("a7"));
-        assert_eq!(p.module.as_deref(), Some("m1"));
+        assert_eq!(p.anchor, Some("a7"));
+        assert_eq!(p.module, Some("m1"));
         assert_eq!(p.viewer, None, "empty ids are not looked up");
     }
 

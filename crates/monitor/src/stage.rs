@@ -20,7 +20,7 @@ use vidpulse_core::runtime::{
     InputPartition, Output, Outputs, Record, Stage, StageError, StartAt, Tick,
 };
 use vidpulse_core::{dlq, metrics as m};
-use vidpulse_proto::{Event, Message as _, MonitoredEvent};
+use vidpulse_proto::{EventIds as _, EventView, MonitoredEvent};
 
 use crate::MonitorError;
 use crate::enrich::{Enricher, Enrichment, MissPolicy};
@@ -38,10 +38,10 @@ pub(crate) struct Topics {
 }
 
 /// What the batch makes of one record.
-enum Verdicts {
+enum Verdicts<'a> {
     Filtered,
     Pass {
-        event: Box<Event>,
+        event: EventView<'a>,
         pools: Vec<String>,
     },
     Dlq {
@@ -133,11 +133,11 @@ impl Stage for Monitor {
         let mut enrichments: Vec<Option<Enrichment>> = Vec::new();
         enrichments.resize_with(verdicts.len(), || None);
         if let Some(en) = self.enricher.as_mut() {
-            let (idx, events): (Vec<usize>, Vec<&Event>) = verdicts
+            let (idx, events): (Vec<usize>, Vec<&EventView<'_>>) = verdicts
                 .iter()
                 .enumerate()
                 .filter_map(|(i, v)| match v {
-                    Verdicts::Pass { event, .. } => Some((i, &**event)),
+                    Verdicts::Pass { event, .. } => Some((i, event)),
                     _ => None,
                 })
                 .unzip();
@@ -175,12 +175,15 @@ impl Stage for Monitor {
                         ("vp.kind", kind.as_bytes().to_vec()),
                         ("vp.pools", pools.join(",").into_bytes()),
                     ];
-                    let value = MonitoredEvent {
-                        event: Some(*event),
+                    // The event goes out as it came in (no re-encoding),
+                    // the enrichment entries as the enricher encoded them.
+                    let mut value = MonitoredEvent {
+                        event: None,
                         pools,
-                        enrichment: e.fields.into_iter().collect(),
+                        enrichment: Default::default(),
                     }
-                    .encode_to_vec();
+                    .encode_around(rec.payload.unwrap_or_default());
+                    value.extend_from_slice(&e.encoded);
                     out.push(
                         i,
                         Output {
@@ -237,7 +240,7 @@ impl Stage for Monitor {
 }
 
 /// Decodes and matches a batch under one read lock per pool.
-fn decide(batch: &[Record<'_>], pools: &Pools, tally: &mut Tally) -> Vec<Verdicts> {
+fn decide<'a>(batch: &[Record<'a>], pools: &Pools, tally: &mut Tally) -> Vec<Verdicts<'a>> {
     let handles = pools.snapshot();
     let guards: Vec<_> = handles.iter().map(|h| (h, h.members.read().ok())).collect();
     let mut out = Vec::with_capacity(batch.len());
@@ -248,7 +251,8 @@ fn decide(batch: &[Record<'_>], pools: &Pools, tally: &mut Tally) -> Vec<Verdict
             });
             continue;
         };
-        let event = match Event::decode(payload) {
+        // Read in place: the event goes out as its bytes came in.
+        let event = match EventView::parse(payload) {
             Ok(e) => e,
             Err(e) => {
                 out.push(Verdicts::Dlq {
@@ -283,7 +287,7 @@ fn decide(batch: &[Record<'_>], pools: &Pools, tally: &mut Tally) -> Vec<Verdict
                 *tally.passed.entry(name.clone()).or_default() += 1;
             }
             out.push(Verdicts::Pass {
-                event: Box::new(event),
+                event,
                 pools: matched,
             });
         }

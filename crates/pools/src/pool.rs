@@ -10,7 +10,7 @@ use std::collections::HashSet;
 use std::fmt;
 
 use serde::{Deserialize, Serialize};
-use vidpulse_proto::{Event, Kind, event};
+use vidpulse_proto::{EventIds, Kind};
 
 /// The event field a pool's ids are compared with.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -58,21 +58,18 @@ impl MatchField {
     /// `video_id` also takes a user action's `target_id` when the envelope
     /// has no video id: that is the video liked / shared (and the id the
     /// event is keyed by, see `Event::subject_key`).
-    pub fn select(self, event: &Event) -> Option<&str> {
+    pub fn select<E: EventIds + ?Sized>(self, event: &E) -> Option<&str> {
         let id = match self {
-            MatchField::AuthorId => event.author_id.as_str(),
+            MatchField::AuthorId => event.author_id(),
             MatchField::VideoId => {
-                if event.video_id.is_empty() {
-                    match &event.payload {
-                        Some(event::Payload::UserAction(a)) => a.target_id.as_str(),
-                        _ => "",
-                    }
+                if event.video_id().is_empty() {
+                    event.target_id()
                 } else {
-                    event.video_id.as_str()
+                    event.video_id()
                 }
             }
-            MatchField::RoomId => event.room_id.as_str(),
-            MatchField::UserId => event.user_id.as_str(),
+            MatchField::RoomId => event.room_id(),
+            MatchField::UserId => event.user_id(),
             MatchField::All => return None,
         };
         (!id.is_empty()).then_some(id)
@@ -252,9 +249,9 @@ pub enum Verdict {
 
 /// Matches `event` (whose Kafka key is `key`) against a pool with
 /// definition `def`, asking `contains` for membership.
-pub fn check(
+pub fn check<E: EventIds + ?Sized>(
     def: &PoolDef,
-    event: &Event,
+    event: &E,
     key: Option<&[u8]>,
     contains: impl FnOnce(&str) -> bool,
 ) -> Verdict {
@@ -426,6 +423,7 @@ pub fn partition_for(key: &[u8], partitions: i32) -> i32 {
 mod tests {
     #![allow(clippy::unwrap_used)]
     use super::*;
+    use vidpulse_proto::{Event, event};
 
     fn def(field: MatchField, mode: Mode, kinds: &[&str]) -> PoolDef {
         PoolDef {

@@ -11,6 +11,9 @@ mod generated {
 pub use generated::*;
 pub use prost::Message;
 
+mod view;
+pub use view::{EventIds, EventView, ViewError};
+
 /// Version written into `Event::schema_version` by this build.
 pub const SCHEMA_VERSION: u32 = 1;
 
@@ -132,10 +135,115 @@ impl Event {
     }
 }
 
+impl MonitoredEvent {
+    /// This message's encoding around an event already encoded as
+    /// `event_bytes` (the record the monitor read): field 1 is the event
+    /// message, and a message field's encoding is its key, its length and
+    /// the message's bytes, so the event is copied, not re-encoded. `self`'s
+    /// own `event` should be `None`; its other fields are encoded after.
+    /// Decodes as the message with `event` set (fields may come in any
+    /// order); unknown fields the event's writer added are kept.
+    pub fn encode_around(&self, event_bytes: &[u8]) -> Vec<u8> {
+        use prost::encoding::{WireType, encode_key, encode_varint, encoded_len_varint};
+        debug_assert!(self.event.is_none(), "the event is the bytes given");
+        let len = event_bytes.len() as u64;
+        let mut buf = Vec::with_capacity(
+            1 + encoded_len_varint(len) + event_bytes.len() + self.encoded_len(),
+        );
+        encode_key(1, WireType::LengthDelimited, &mut buf);
+        encode_varint(len, &mut buf);
+        buf.extend_from_slice(event_bytes);
+        self.encode_raw(&mut buf);
+        buf
+    }
+}
+
+/// Appends one `MonitoredEvent.enrichment` entry named `prefix` + `name`
+/// (a map entry: field 3, a message of key = 1 and value = 2) to `buf`:
+/// entries so encoded can be concatenated after the rest of the message.
+pub fn encode_enrichment_entry(prefix: &str, name: &str, value: &str, buf: &mut Vec<u8>) {
+    use prost::encoding::{WireType, encode_key, encode_varint, encoded_len_varint};
+    let key_len = prefix.len() + name.len();
+    let entry_len = 1
+        + encoded_len_varint(key_len as u64)
+        + key_len
+        + 1
+        + encoded_len_varint(value.len() as u64)
+        + value.len();
+    encode_key(3, WireType::LengthDelimited, buf);
+    encode_varint(entry_len as u64, buf);
+    encode_key(1, WireType::LengthDelimited, buf);
+    encode_varint(key_len as u64, buf);
+    buf.extend_from_slice(prefix.as_bytes());
+    buf.extend_from_slice(name.as_bytes());
+    encode_key(2, WireType::LengthDelimited, buf);
+    encode_varint(value.len() as u64, buf);
+    buf.extend_from_slice(value.as_bytes());
+}
+
 #[cfg(test)]
 #[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_monitored_event_encoded_around_the_event_bytes_decodes_as_the_whole_message() {
+        let event = Event {
+            event_id: "e1".into(),
+            user_id: "u1".into(),
+            room_id: "r1".into(),
+            event_time_ms: 1_700_000_000_123,
+            payload: Some(event::Payload::GiftSent(GiftSent {
+                gift_type: "rocket".into(),
+                amount: 5,
+                ..Default::default()
+            })),
+            ..Default::default()
+        };
+        let rest = MonitoredEvent {
+            event: None,
+            pools: vec!["all".into(), "vip".into()],
+            enrichment: [("room.type".to_owned(), "game".to_owned())].into(),
+        };
+        let spliced = rest.encode_around(&event.encode_to_vec());
+        let whole = MonitoredEvent {
+            event: Some(event),
+            ..rest
+        };
+        assert_eq!(MonitoredEvent::decode(spliced.as_slice()).unwrap(), whole);
+        assert_eq!(
+            spliced,
+            whole.encode_to_vec(),
+            "same bytes as prost's own encoding"
+        );
+    }
+
+    #[test]
+    fn enrichment_entries_encoded_one_by_one_decode_as_the_map() {
+        let mut buf = MonitoredEvent {
+            event: None,
+            pools: vec!["all".into()],
+            enrichment: Default::default(),
+        }
+        .encode_around(&[]);
+        encode_enrichment_entry("anchor.", "level", "7", &mut buf);
+        encode_enrichment_entry("", "module_id", "m1", &mut buf);
+        encode_enrichment_entry("room.", "title", &"长".repeat(60), &mut buf);
+        encode_enrichment_entry("viewer.", "city", "", &mut buf);
+        let m = MonitoredEvent::decode(buf.as_slice()).unwrap();
+        let want: std::collections::HashMap<String, String> = [
+            ("anchor.level", "7".to_owned()),
+            ("module_id", "m1".to_owned()),
+            ("room.title", "长".repeat(60)),
+            ("viewer.city", String::new()),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_owned(), v))
+        .collect();
+        assert_eq!(m.enrichment, want);
+        assert_eq!(m.pools, vec!["all".to_owned()]);
+        assert_eq!(m.event, Some(Event::default()), "the empty event given");
+    }
 
     #[test]
     fn kind_names_round_trip() {
