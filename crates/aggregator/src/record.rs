@@ -244,11 +244,7 @@ impl<'a> Rec<'a> {
             Some(Payload::ViewerLeft(v)) => v.viewer.as_ref(),
             _ => None,
         };
-        let room = match p {
-            Some(Payload::LiveRoomStarted(r)) => r.room.as_ref(),
-            Some(Payload::LiveRoomEnded(r)) => r.room.as_ref(),
-            _ => None,
-        };
+        let room = e.room();
         match f {
             Field::EventId => non_empty(&e.event_id),
             Field::Kind => Some(ValRef::S(self.kind.as_str())),
@@ -336,11 +332,7 @@ impl<'a> Rec<'a> {
     /// The room profile a `live_room_started` / `live_room_ended` event
     /// carries, with its room id.
     pub fn room_profile(&self) -> Option<(&'a str, &'a Room)> {
-        let room = match self.event.payload.as_ref() {
-            Some(Payload::LiveRoomStarted(r)) => r.room.as_ref(),
-            Some(Payload::LiveRoomEnded(r)) => r.room.as_ref(),
-            _ => None,
-        }?;
+        let room = self.event.room()?;
         (!self.event.room_id.is_empty()).then_some((self.event.room_id.as_str(), room))
     }
 }

@@ -99,6 +99,15 @@ impl Event {
         self.payload.as_ref().map(event::Payload::kind)
     }
 
+    /// The room profile a live room event (started / ended) carries.
+    pub fn room(&self) -> Option<&Room> {
+        match &self.payload {
+            Some(event::Payload::LiveRoomStarted(r)) => r.room.as_ref(),
+            Some(event::Payload::LiveRoomEnded(r)) => r.room.as_ref(),
+            _ => None,
+        }
+    }
+
     /// The id this event is "about", used as the Kafka key of `vp.events.v1`:
     /// the video for video events, the author for publications, the room for
     /// live events. When that id is absent (a gift without a room, a user

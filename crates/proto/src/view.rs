@@ -46,11 +46,7 @@ impl EventIds for Event {
         }
     }
     fn room_anchor_module(&self) -> Option<(&str, &str)> {
-        let room = match &self.payload {
-            Some(event::Payload::LiveRoomStarted(r)) => r.room.as_ref(),
-            Some(event::Payload::LiveRoomEnded(r)) => r.room.as_ref(),
-            _ => None,
-        }?;
+        let room = self.room()?;
         Some((&room.anchor_id, &room.module_id))
     }
 }
