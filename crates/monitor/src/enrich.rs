@@ -10,7 +10,7 @@
 //! returned to the caller, which retries the same batch with backoff and
 //! reads nothing meanwhile (back-pressure, no loss).
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -73,11 +73,6 @@ impl Pattern {
     }
 }
 
-#[cfg(test)]
-fn key(pattern: &str, id: &str) -> String {
-    Pattern::new(pattern).key(id)
-}
-
 /// What to do with an event when a dimension it refers to is not in Redis.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
 pub enum MissPolicy {
@@ -129,16 +124,6 @@ pub struct Enrichment {
     pub missing: Vec<&'static str>,
 }
 
-impl Enrichment {
-    /// The fields, decoded (tests, diagnostics).
-    pub fn fields(&self) -> BTreeMap<String, String> {
-        use vidpulse_proto::Message as _;
-        vidpulse_proto::MonitoredEvent::decode(self.encoded.as_slice())
-            .map(|m| m.enrichment.into_iter().collect())
-            .unwrap_or_default()
-    }
-}
-
 /// What a dimension's hash adds to the events that refer to it, by the
 /// name its fields take there.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -156,7 +141,7 @@ impl As {
 /// name prefix it is used under (not once per event).
 #[derive(Debug, Default)]
 pub struct Dim {
-    pub hash: Hash,
+    hash: Hash,
     encoded: [std::sync::OnceLock<Box<[u8]>>; 3],
 }
 
@@ -532,7 +517,10 @@ mod tests {
     #[test]
     fn key_patterns_substitute_the_id() {
         let k = KeyPatterns::default();
-        assert_eq!(key(&k.room, "20210813"), "room:20210813");
-        assert_eq!(key("t1.viewer:{id}:v2", "u5"), "t1.viewer:u5:v2");
+        assert_eq!(Pattern::new(&k.room).key("20210813"), "room:20210813");
+        assert_eq!(
+            Pattern::new("t1.viewer:{id}:v2").key("u5"),
+            "t1.viewer:u5:v2"
+        );
     }
 }

@@ -177,13 +177,12 @@ impl Stage for Monitor {
                     ];
                     // The event goes out as it came in (no re-encoding),
                     // the enrichment entries as the enricher encoded them.
-                    let mut value = MonitoredEvent {
+                    let value = MonitoredEvent {
                         event: None,
                         pools,
                         enrichment: Default::default(),
                     }
-                    .encode_around(rec.payload.unwrap_or_default());
-                    value.extend_from_slice(&e.encoded);
+                    .encode_around(rec.payload.unwrap_or_default(), &e.encoded);
                     out.push(
                         i,
                         Output {

@@ -146,23 +146,26 @@ impl Event {
 
 impl MonitoredEvent {
     /// This message's encoding around an event already encoded as
-    /// `event_bytes` (the record the monitor read): field 1 is the event
-    /// message, and a message field's encoding is its key, its length and
-    /// the message's bytes, so the event is copied, not re-encoded. `self`'s
-    /// own `event` should be `None`; its other fields are encoded after.
-    /// Decodes as the message with `event` set (fields may come in any
-    /// order); unknown fields the event's writer added are kept.
-    pub fn encode_around(&self, event_bytes: &[u8]) -> Vec<u8> {
+    /// `event_bytes` (the record the monitor read), followed by `entries`,
+    /// `enrichment` entries already encoded ([`encode_enrichment_entry`]):
+    /// field 1 is the event message, and a message field's encoding is its
+    /// key, its length and the message's bytes, so the event is copied, not
+    /// re-encoded. `self`'s own `event` should be `None`; its other fields
+    /// are encoded between. Decodes as the message with `event` set and the
+    /// entries in `enrichment` (fields may come in any order); unknown
+    /// fields the event's writer added are kept.
+    pub fn encode_around(&self, event_bytes: &[u8], entries: &[u8]) -> Vec<u8> {
         use prost::encoding::{WireType, encode_key, encode_varint, encoded_len_varint};
         debug_assert!(self.event.is_none(), "the event is the bytes given");
         let len = event_bytes.len() as u64;
         let mut buf = Vec::with_capacity(
-            1 + encoded_len_varint(len) + event_bytes.len() + self.encoded_len(),
+            1 + encoded_len_varint(len) + event_bytes.len() + self.encoded_len() + entries.len(),
         );
         encode_key(1, WireType::LengthDelimited, &mut buf);
         encode_varint(len, &mut buf);
         buf.extend_from_slice(event_bytes);
         self.encode_raw(&mut buf);
+        buf.extend_from_slice(entries);
         buf
     }
 }
@@ -214,7 +217,7 @@ mod tests {
             pools: vec!["all".into(), "vip".into()],
             enrichment: [("room.type".to_owned(), "game".to_owned())].into(),
         };
-        let spliced = rest.encode_around(&event.encode_to_vec());
+        let spliced = rest.encode_around(&event.encode_to_vec(), &[]);
         let whole = MonitoredEvent {
             event: Some(event),
             ..rest
@@ -229,16 +232,17 @@ mod tests {
 
     #[test]
     fn enrichment_entries_encoded_one_by_one_decode_as_the_map() {
-        let mut buf = MonitoredEvent {
+        let mut entries = Vec::new();
+        encode_enrichment_entry("anchor.", "level", "7", &mut entries);
+        encode_enrichment_entry("", "module_id", "m1", &mut entries);
+        encode_enrichment_entry("room.", "title", &"长".repeat(60), &mut entries);
+        encode_enrichment_entry("viewer.", "city", "", &mut entries);
+        let buf = MonitoredEvent {
             event: None,
             pools: vec!["all".into()],
             enrichment: Default::default(),
         }
-        .encode_around(&[]);
-        encode_enrichment_entry("anchor.", "level", "7", &mut buf);
-        encode_enrichment_entry("", "module_id", "m1", &mut buf);
-        encode_enrichment_entry("room.", "title", &"长".repeat(60), &mut buf);
-        encode_enrichment_entry("viewer.", "city", "", &mut buf);
+        .encode_around(&[], &entries);
         let m = MonitoredEvent::decode(buf.as_slice()).unwrap();
         let want: std::collections::HashMap<String, String> = [
             ("anchor.level", "7".to_owned()),
