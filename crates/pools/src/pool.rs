@@ -358,6 +358,23 @@ impl Members {
         self.ids.len()
     }
 
+    /// Makes room for `additional` more ids at once. A partition about to be
+    /// read from the start reserves its record count: the table is then
+    /// allocated once at its final size, where growing by doubling left the
+    /// smaller generations freed but still resident while the pool loaded.
+    pub fn reserve(&mut self, additional: usize) {
+        self.ids.reserve(additional);
+    }
+
+    /// Gives back what [`Self::reserve`] took beyond the ids present, when
+    /// that is more than the table's own slack (a partition with many
+    /// tombstones has more records than ids).
+    pub fn shrink(&mut self) {
+        if self.ids.capacity() > 2 * self.ids.len().max(1024) {
+            self.ids.shrink_to_fit();
+        }
+    }
+
     pub fn is_empty(&self) -> bool {
         self.ids.is_empty()
     }
@@ -473,6 +490,35 @@ mod tests {
         assert_eq!(m.len(), 2);
         m.clear();
         assert!(m.is_empty());
+    }
+
+    #[test]
+    fn a_partition_reserved_for_its_records_gives_back_what_tombstones_left_unused() {
+        let mut m = Members::default();
+        m.reserve(100_000);
+        let reserved = m.ids.capacity();
+        assert!(reserved >= 100_000);
+        for i in 0..100_000 {
+            m.apply(Some(format!("v-{i}").as_bytes()), Some(b"{}"));
+        }
+        assert_eq!(m.ids.capacity(), reserved, "no growth while loading");
+        // Most of the records were tombstones of ids added earlier.
+        for i in 0..99_000 {
+            m.apply(Some(format!("v-{i}").as_bytes()), None);
+        }
+        m.shrink();
+        assert_eq!(m.len(), 1_000);
+        assert!(m.ids.capacity() < 10_000, "{}", m.ids.capacity());
+        assert!(m.contains("v-99999") && !m.contains("v-0"));
+        // A full table keeps its slack.
+        let mut full = Members::default();
+        full.reserve(50_000);
+        for i in 0..50_000 {
+            full.apply(Some(format!("v-{i}").as_bytes()), Some(b"{}"));
+        }
+        let cap = full.ids.capacity();
+        full.shrink();
+        assert_eq!(full.ids.capacity(), cap);
     }
 
     #[test]
