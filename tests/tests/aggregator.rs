@@ -246,6 +246,112 @@ fn every_default_metric_and_leaderboard_equals_the_ground_truth() {
     assert!(agg.terminate(), "SIGTERM: drains, checkpoints, exits 0");
 }
 
+/// Static membership (`--group-instance-id`, the StatefulSet's pod name): an
+/// instance killed with -9 and restarted under its own name gets its own
+/// partitions back from its checkpoints without a rebalance, so the other
+/// instance never stops reading (no partition taken from it or given to it),
+/// and every value stays exact.
+#[test]
+fn a_static_member_restarted_under_its_name_takes_its_partitions_back_alone() {
+    let _serial = serial();
+    let env = Env::new("aggstatic");
+    let _tables = DropTables(env.prefix.clone());
+    env.create_topics();
+    let truth_path = scratch(&env.prefix).join("truth.json");
+    let mut generator = env.spawn(
+        "vidpulse-gen",
+        &[
+            "--count",
+            "5000",
+            "--rate",
+            "200",
+            "--seed",
+            "35",
+            "--start",
+            "2021-08-16T01:00:00Z",
+            "--span",
+            "10m",
+            "--dup-fraction",
+            "0.04",
+            "--truth",
+            truth_path.to_str().unwrap(),
+        ],
+        "gen.log",
+    );
+    let _ingest = ingest(&env);
+    let mut fwd = Forwarder::start(&env);
+    let counter = |port, name| prom_sum(&metrics(port), name, &["stage=\"aggregator\""]);
+    let owned = |port| prom_sum(&metrics(port), "vidpulse_aggregator_partitions_owned", &[]);
+    let (port_a, port_b) = (free_port(), free_port());
+    let id_a = ["--flush-max-rows", "100", "--group-instance-id", "agg-a"];
+    let mut a = aggregator(&env, port_a, "a-0.log", &id_a);
+    wait_for("A to own partitions", Duration::from_secs(90), || {
+        (owned(port_a) > 0.0).then_some(())
+    });
+    let b = aggregator(
+        &env,
+        port_b,
+        "b.log",
+        &["--flush-max-rows", "100", "--group-instance-id", "agg-b"],
+    );
+    wait_for(
+        "the group to split between A and B, A to checkpoint",
+        Duration::from_secs(90),
+        || {
+            let (na, nb) = (owned(port_a), owned(port_b));
+            let ck = prom_sum(
+                &metrics(port_a),
+                "vidpulse_aggregator_checkpoint_bytes_total",
+                &[],
+            );
+            (na > 0.0 && nb > 0.0 && na + nb == 16.0 && ck > 0.0).then_some(())
+        },
+    );
+    let (a_owned, b_owned) = (owned(port_a), owned(port_b));
+    let b_assigned = counter(port_b, "vidpulse_partitions_assigned_total");
+    let b_revoked = counter(port_b, "vidpulse_partitions_revoked_total");
+    println!(
+        "split: A owns {a_owned}, B owns {b_owned}; B assigned {b_assigned}, revoked {b_revoked}"
+    );
+    a.kill9();
+    let t = Instant::now();
+    let _a_again = aggregator(&env, port_a, "a-1.log", &id_a);
+    wait_for(
+        "A to own its partitions again",
+        Duration::from_secs(90),
+        || (owned(port_a) == a_owned).then_some(()),
+    );
+    println!("A owns {a_owned} again {:?} after the kill", t.elapsed());
+    assert!(
+        prom_sum(
+            &metrics(port_a),
+            "vidpulse_aggregator_checkpoints_restored_total",
+            &[]
+        ) > 0.0,
+        "the restarted A restored its checkpoints"
+    );
+    wait_for("gen to finish", Duration::from_secs(120), || {
+        (!generator.is_running()).then_some(())
+    });
+    let truth = read_json(&truth_path);
+    let events = truth["expected"]["events"].as_i64().unwrap();
+    wait_events(&env, events);
+    fwd.finish(events as u64);
+    let mut want = expected(&truth, &[]);
+    with_even_pool(&mut want);
+    wait_exact(&env, &want, "after a static member's kill -9 and restart");
+    assert_eq!(
+        (
+            owned(port_b),
+            counter(port_b, "vidpulse_partitions_assigned_total"),
+            counter(port_b, "vidpulse_partitions_revoked_total")
+        ),
+        (b_owned, b_assigned, b_revoked),
+        "B kept its partitions through A's restart: no rebalance (owned, assigned, revoked)"
+    );
+    drop(b);
+}
+
 /// A tiny deterministic generator for the kill moments (its seed is printed).
 struct Lcg(u64);
 

@@ -25,8 +25,11 @@ use serde::Deserialize;
 use serde_json::{Map, Value, json};
 use vidpulse_e2e::{bin, repo_root};
 
-/// One stage Deployment.
+/// One stage: a Deployment, or a StatefulSet where instances keep their
+/// names (static group membership).
 struct Stage {
+    /// `Deployment` or `StatefulSet`.
+    kind: &'static str,
     deployment: &'static str,
     binary: &'static str,
     /// The port serving /healthz, /readyz and /metrics, its name in the
@@ -46,6 +49,7 @@ struct Stage {
 
 const STAGES: &[Stage] = &[
     Stage {
+        kind: "Deployment",
         deployment: "ingest",
         binary: "vidpulse-ingest",
         admin_port: 9101,
@@ -57,6 +61,7 @@ const STAGES: &[Stage] = &[
         partitions_env: "VIDPULSE_RAW_PARTITIONS",
     },
     Stage {
+        kind: "Deployment",
         deployment: "ingest-redis",
         binary: "vidpulse-ingest",
         admin_port: 9101,
@@ -68,6 +73,7 @@ const STAGES: &[Stage] = &[
         partitions_env: "",
     },
     Stage {
+        kind: "Deployment",
         deployment: "dim-builder",
         binary: "vidpulse-dim-builder",
         admin_port: 9102,
@@ -80,6 +86,7 @@ const STAGES: &[Stage] = &[
         partitions_env: "VIDPULSE_EVENT_PARTITIONS",
     },
     Stage {
+        kind: "Deployment",
         deployment: "monitor",
         binary: "vidpulse-monitor",
         admin_port: 9103,
@@ -91,6 +98,7 @@ const STAGES: &[Stage] = &[
         partitions_env: "VIDPULSE_EVENT_PARTITIONS",
     },
     Stage {
+        kind: "StatefulSet",
         deployment: "aggregator",
         binary: "vidpulse-aggregator",
         admin_port: 9104,
@@ -103,6 +111,7 @@ const STAGES: &[Stage] = &[
         partitions_env: "VIDPULSE_EVENT_PARTITIONS",
     },
     Stage {
+        kind: "Deployment",
         deployment: "api",
         binary: "vidpulse-api",
         admin_port: 8080,
@@ -656,8 +665,8 @@ fn check_container(
 
 /// Probes, resources, security, grace period, flags and env of one stage.
 fn check_stage(cluster: &Cluster<'_>, st: &Stage, help: &Help, uid: i64) -> Vec<String> {
-    let what = format!("Deployment {}", st.deployment);
-    let Some(d) = cluster.find("Deployment", st.deployment) else {
+    let what = format!("{} {}", st.kind, st.deployment);
+    let Some(d) = cluster.find(st.kind, st.deployment) else {
         return vec![format!("{what} is missing")];
     };
     let pod = &d["spec"]["template"];
@@ -762,6 +771,30 @@ fn check_stage(cluster: &Cluster<'_>, st: &Stage, help: &Help, uid: i64) -> Vec<
         ));
     }
     p.extend(check_container(&what, cluster, pod, c, help));
+    // Static membership only where names are stable: a StatefulSet's pod
+    // comes back under its own name and takes its partitions back without a
+    // rebalance; a Deployment's pods are renamed on every rollout, and a
+    // static member that stops does not leave the group (its partitions
+    // would wait out the session timeout).
+    let instance = list(c, "env")
+        .iter()
+        .find(|e| s(e, "/name") == "VIDPULSE_GROUP_INSTANCE_ID");
+    match (st.kind, instance) {
+        ("StatefulSet", Some(e)) if s(e, "/valueFrom/fieldRef/fieldPath") == "metadata.name" => {}
+        ("StatefulSet", _) => p.push(format!(
+            "{what}: VIDPULSE_GROUP_INSTANCE_ID must be the pod name (valueFrom.fieldRef.fieldPath: metadata.name)"
+        )),
+        (_, Some(_)) => p.push(format!(
+            "{what}: VIDPULSE_GROUP_INSTANCE_ID belongs in a StatefulSet (a Deployment renames its pods on every rollout)"
+        )),
+        _ => {}
+    }
+    if st.kind == "StatefulSet" && s(d, "/spec/serviceName") != st.deployment {
+        p.push(format!(
+            "{what}: spec.serviceName must be its headless Service {}",
+            st.deployment
+        ));
+    }
     // A Service on the admin port and a PodDisruptionBudget select the pods.
     let labels = &pod["metadata"]["labels"];
     let selects = |sel: &Value| {
@@ -824,14 +857,28 @@ fn check_autoscaling(cluster: &Cluster<'_>, helps: &BTreeMap<&str, Help>) -> Vec
             ));
             continue;
         };
-        let Some(d) = cluster.find("Deployment", target) else {
+        let Some(d) = cluster.find(st.kind, target) else {
             p.push(format!(
-                "{} {}: Deployment {target} missing",
+                "{} {}: {} {target} missing",
                 kind(o),
-                name(o)
+                name(o),
+                st.kind
             ));
             continue;
         };
+        // KEDA's default target kind is a Deployment.
+        let target_kind = match s(o, "/spec/scaleTargetRef/kind") {
+            "" => "Deployment",
+            k => k,
+        };
+        if target_kind != st.kind {
+            p.push(format!(
+                "{} {}: scaleTargetRef.kind must be {} for {target}",
+                kind(o),
+                name(o),
+                st.kind
+            ));
+        }
         if let (Some(max), Some(parts)) = (max.as_u64(), partitions(st.partitions_env))
             && max > parts
         {
@@ -960,11 +1007,18 @@ fn check_overlay(
     p.extend(check_autoscaling(&cluster, helps));
     p.extend(check_topics_job(&cluster, &helps["vidpulse topics create"]));
     p.extend(check_monitoring(&cluster));
-    // Every stage Deployment in the render is a STAGES entry.
-    for d in objs.iter().filter(|o| kind(o) == "Deployment") {
-        if !STAGES.iter().any(|st| st.deployment == name(d)) {
+    // Every workload in the render is a STAGES entry of its kind.
+    for d in objs
+        .iter()
+        .filter(|o| matches!(kind(o), "Deployment" | "StatefulSet"))
+    {
+        if !STAGES
+            .iter()
+            .any(|st| st.deployment == name(d) && st.kind == kind(d))
+        {
             p.push(format!(
-                "Deployment {} is not in STAGES of manifests.rs",
+                "{} {} is not in STAGES of manifests.rs",
+                kind(d),
                 name(d)
             ));
         }
@@ -1521,6 +1575,35 @@ fn broken_manifests_are_reported() {
     assert!(
         p.iter()
             .any(|x| x.contains("monitor: no PodDisruptionBudget")),
+        "{p:?}"
+    );
+
+    // Static membership: the aggregator's instance id is its pod name, and
+    // no Deployment (renamed pods) sets one.
+    let p = problems_after(|o| {
+        let agg = o
+            .iter_mut()
+            .find(|x| kind(x) == "StatefulSet" && name(x) == "aggregator")
+            .unwrap();
+        let env = list_mut(&mut agg["spec"]["template"]["spec"]["containers"][0], "env");
+        for e in env {
+            if e["name"] == "VIDPULSE_GROUP_INSTANCE_ID" {
+                *e = json!({"name": "VIDPULSE_GROUP_INSTANCE_ID", "value": "aggregator"});
+            }
+        }
+        list_mut(ingest_container(o), "env").push(json!({
+            "name": "VIDPULSE_GROUP_INSTANCE_ID",
+            "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}
+        }));
+    });
+    assert!(
+        p.iter().any(|x| x
+            .contains("StatefulSet aggregator: VIDPULSE_GROUP_INSTANCE_ID must be the pod name")),
+        "{p:?}"
+    );
+    assert!(
+        p.iter().any(|x| x
+            .contains("Deployment ingest: VIDPULSE_GROUP_INSTANCE_ID belongs in a StatefulSet")),
         "{p:?}"
     );
 

@@ -37,6 +37,15 @@ pub struct KafkaArgs {
     /// librdkafka properties, read at start; for secrets mounted as files.
     #[arg(long = "kafka-options-file", env = "VIDPULSE_KAFKA_OPTIONS_FILE")]
     pub options_file: Option<PathBuf>,
+
+    /// Static membership of the consumer group (librdkafka's
+    /// `group.instance.id`): a stable name per instance, such as a
+    /// StatefulSet's pod name. An instance restarted under the same name
+    /// within the session timeout gets its own partitions back without a
+    /// rebalance; one that stops does not leave the group, so its partitions
+    /// wait out the session timeout. Never give two live instances one name.
+    #[arg(long, env = "VIDPULSE_GROUP_INSTANCE_ID")]
+    pub group_instance_id: Option<String>,
 }
 
 /// Where Redis is, for every binary that uses it.
@@ -151,6 +160,7 @@ impl std::fmt::Debug for KafkaArgs {
             .field("topic_prefix", &self.topic_prefix)
             .field("option_keys", &keys)
             .field("options_file", &self.options_file)
+            .field("group_instance_id", &self.group_instance_id)
             .finish()
     }
 }
@@ -411,6 +421,7 @@ mod tests {
             topic_prefix: String::new(),
             options: vec![("sasl.password".into(), "hunter2".into())],
             options_file: None,
+            group_instance_id: None,
         };
         let shown = format!("{args:?}");
         assert!(shown.contains("sasl.password"));

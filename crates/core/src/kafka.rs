@@ -69,6 +69,16 @@ pub fn consumer_config(args: &KafkaArgs, group: &str) -> Result<ClientConfig, Co
         .set("fetch.message.max.bytes", "1048576")
         .set("fetch.queue.backoff.ms", FETCH_QUEUE_BACKOFF_MS)
         .set("statistics.interval.ms", "5000");
+    if let Some(id) = &args.group_instance_id {
+        if id.trim().is_empty() {
+            return Err(ConfigError::Invalid {
+                field: "--group-instance-id".into(),
+                message: "empty; give a name stable across restarts (the pod name) or leave it out"
+                    .into(),
+            });
+        }
+        cfg.set("group.instance.id", id);
+    }
     overlay(&mut cfg, base_config(args)?);
     Ok(cfg)
 }
@@ -255,5 +265,52 @@ pub fn record_lag(
                 })
                 .set(part.consumer_lag as f64);
         }
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    fn args(instance: Option<&str>) -> KafkaArgs {
+        KafkaArgs {
+            brokers: "b:1".into(),
+            topic_prefix: "t1.".into(),
+            options: Vec::new(),
+            options_file: None,
+            group_instance_id: instance.map(str::to_owned),
+        }
+    }
+
+    #[test]
+    fn a_group_instance_id_makes_the_group_consumer_a_static_member_and_nothing_else() {
+        let cfg = consumer_config(&args(Some("aggregator-1")), "g").unwrap();
+        assert_eq!(cfg.get("group.id"), Some("t1.g"));
+        assert_eq!(cfg.get("group.instance.id"), Some("aggregator-1"));
+        // Producers and group-less readers never carry it.
+        assert_eq!(
+            producer_config(&args(Some("a")))
+                .unwrap()
+                .get("group.instance.id"),
+            None
+        );
+        assert_eq!(
+            reader_config(&args(Some("a")))
+                .unwrap()
+                .get("group.instance.id"),
+            None
+        );
+        // Without one, a dynamic member.
+        assert_eq!(
+            consumer_config(&args(None), "g")
+                .unwrap()
+                .get("group.instance.id"),
+            None
+        );
+        let e = consumer_config(&args(Some(" ")), "g")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("--group-instance-id"), "{e}");
     }
 }

@@ -30,6 +30,13 @@ pub const RETRIES: &str = "vidpulse_retries_total";
 pub const SINK_ERRORS: &str = "vidpulse_sink_errors_total";
 /// Sink write latency in seconds. Labels: `stage`.
 pub const SINK_LATENCY: &str = "vidpulse_sink_write_seconds";
+/// Input partitions this instance was given by a group rebalance, and
+/// those taken from it (every rebalance revokes all of an instance's
+/// partitions first: the eager protocol). A static member restarted under
+/// its own name is handed its partitions back without either moving on the
+/// other instances. Labels: `stage`.
+pub const PARTITIONS_ASSIGNED: &str = "vidpulse_partitions_assigned_total";
+pub const PARTITIONS_REVOKED: &str = "vidpulse_partitions_revoked_total";
 /// 1 while the stage's `/readyz` answers 200, else 0 (alerts on not-ready
 /// stages). No labels: Prometheus' `job` and `instance` name the stage.
 pub const STAGE_READY: &str = "vidpulse_stage_ready";
@@ -39,7 +46,12 @@ pub const STAGE_READY: &str = "vidpulse_stage_ready";
 /// (and `increase()` counts that first one). Call at start.
 pub fn register_stage(stage: &'static str) {
     install();
-    for name in [PRODUCE_FAILED, COMMIT_FAILED] {
+    for name in [
+        PRODUCE_FAILED,
+        COMMIT_FAILED,
+        PARTITIONS_ASSIGNED,
+        PARTITIONS_REVOKED,
+    ] {
         metrics::counter!(name, "stage" => stage).increment(0);
     }
 }

@@ -43,6 +43,7 @@ async fn records_land_as_generated() {
         topic_prefix: prefix.clone(),
         options: Vec::new(),
         options_file: None,
+        group_instance_id: None,
     };
     let settings = RunSettings {
         config: config.clone(),

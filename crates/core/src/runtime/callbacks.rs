@@ -253,6 +253,7 @@ impl Shared {
         };
         tracing::info!(stage = self.stage, partitions = ?revoked, "Partitions revoked; in-flight records flushed and offsets committed.");
         if !revoked.is_empty() {
+            counter!(m::PARTITIONS_REVOKED, "stage" => self.stage).increment(revoked.len() as u64);
             self.push(Change::Revoked(revoked));
         }
     }
@@ -333,6 +334,7 @@ impl ConsumerContext for Ctx {
                 tracing::warn!(%error, "Pausing newly assigned partitions failed; records that arrive early are re-read.");
             }
             tracing::info!(stage = self.0.stage, partitions = ?parts, "Partitions assigned.");
+            counter!(m::PARTITIONS_ASSIGNED, "stage" => self.0.stage).increment(parts.len() as u64);
             self.0.push(Change::Assigned(parts));
         }
     }
