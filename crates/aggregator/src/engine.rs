@@ -51,7 +51,8 @@ pub const DEFAULT_DEDUP_HORIZON_MS: i64 = 10 * 60_000;
 /// in the room table.
 pub const DEFAULT_ROOM_IDLE_MS: i64 = 24 * 3_600_000;
 
-/// Rooms' last-seen times are kept to the minute, so an active room's
+/// Rooms' last-seen times are kept to the minute, and written apart from
+/// their profiles (`rs:<id>`, a number), so an active room's
 /// checkpoint field changes once a minute, not on every event.
 const ROOM_SEEN_STEP_MS: i64 = 60_000;
 
@@ -512,7 +513,10 @@ struct Changed {
     /// Fields of closed panes and windows, of forgotten id buckets and of
     /// pruned rooms.
     gone: Vec<String>,
+    /// Rooms whose profile (or start / end) changed: their whole field.
     rooms: BTreeSet<String>,
+    /// Rooms only seen later (once a minute): their small last-seen field.
+    seen: BTreeSet<String>,
     meta: bool,
 }
 
@@ -911,7 +915,7 @@ impl PartitionState {
         {
             entry.seen_ms = seen;
             if self.checkpoints {
-                self.changed.rooms.insert(rec.event.room_id.clone());
+                self.changed.seen.insert(rec.event.room_id.clone());
             }
         }
 
@@ -1297,7 +1301,9 @@ impl PartitionState {
             .set_clock(wm, plan.room_idle_ms, plan.room_after_end_ms);
         for id in self.rooms.prune() {
             self.changed.rooms.remove(&id);
+            self.changed.seen.remove(&id);
             self.changed.gone.push(room_field(&id));
+            self.changed.gone.push(room_seen_field(&id));
         }
         out
     }
@@ -1321,9 +1327,18 @@ impl PartitionState {
         };
         d.set.push(("meta".into(), to_json(&meta)));
         d.del = changed.gone;
-        for id in changed.rooms {
-            if let Some(r) = self.rooms.get(&id) {
-                d.set.push((room_field(&id), to_json(r)));
+        for id in &changed.rooms {
+            if let Some(r) = self.rooms.get(id) {
+                d.set.push((room_field(id), to_json(r)));
+            }
+        }
+        // A room's profile is written whole when it changes; the minute it
+        // was last seen, far more often, on its own (a restore takes the
+        // later of the two).
+        for id in changed.seen.difference(&changed.rooms) {
+            if let Some(r) = self.rooms.get(id) {
+                d.set
+                    .push((room_seen_field(id), r.seen_ms.to_string().into_bytes()));
             }
         }
         for (m, start) in changed.panes {
@@ -1456,9 +1471,18 @@ impl PartitionState {
             .iter()
             .map(|m| m.aggregates.iter().map(|a| a.func.clone()).collect())
             .collect();
+        let mut seen: Vec<(&str, i64)> = Vec::new();
         for (field, value) in fields {
             if let Some(id) = field.strip_prefix("r:") {
                 s.rooms.insert(id.to_owned(), from_json(field, value)?);
+                continue;
+            }
+            if let Some(id) = field.strip_prefix("rs:") {
+                let t = std::str::from_utf8(value)
+                    .ok()
+                    .and_then(|v| v.parse().ok())
+                    .ok_or_else(|| corrupt(field, "not a time in ms"))?;
+                seen.push((id, t));
                 continue;
             }
             let mut parts = field.splitn(4, ':');
@@ -1521,6 +1545,9 @@ impl PartitionState {
                 }
                 _ => {}
             }
+        }
+        for (id, t) in seen {
+            s.rooms.saw(id, t);
         }
         // Each leaderboard window's log in order: a later entry of a member
         // replaces an earlier one.
@@ -1711,6 +1738,10 @@ fn dedup_field(second: i64, seq: u16) -> String {
 
 fn room_field(id: &str) -> String {
     format!("r:{id}")
+}
+
+fn room_seen_field(id: &str) -> String {
+    format!("rs:{id}")
 }
 
 /// Remembered id hashes as a checkpoint value: 8 bytes each, little-endian.

@@ -14,31 +14,67 @@ pub use vidpulse_query::field::{Field, FieldRef, FieldType, Val, ValRef};
 
 /// What the partition knows about a live room from its `live_room_started`
 /// events (the same partition: room events and the room's viewers and gifts
-/// share the room id as key).
+/// share the room id as key). Checkpointed as JSON under short keys (the
+/// long ones of earlier checkpoints are still read).
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct RoomInfo {
-    #[serde(default, skip_serializing_if = "String::is_empty")]
+    #[serde(
+        rename = "ty",
+        alias = "room_type",
+        default,
+        skip_serializing_if = "String::is_empty"
+    )]
     pub room_type: String,
-    #[serde(default, skip_serializing_if = "String::is_empty")]
+    #[serde(
+        rename = "cl",
+        alias = "client",
+        default,
+        skip_serializing_if = "String::is_empty"
+    )]
     pub client: String,
-    #[serde(default, skip_serializing_if = "String::is_empty")]
+    #[serde(
+        rename = "ti",
+        alias = "title",
+        default,
+        skip_serializing_if = "String::is_empty"
+    )]
     pub title: String,
-    #[serde(default, skip_serializing_if = "String::is_empty")]
+    #[serde(
+        rename = "ad",
+        alias = "address",
+        default,
+        skip_serializing_if = "String::is_empty"
+    )]
     pub address: String,
-    #[serde(default, skip_serializing_if = "String::is_empty")]
+    #[serde(
+        rename = "an",
+        alias = "anchor_id",
+        default,
+        skip_serializing_if = "String::is_empty"
+    )]
     pub anchor_id: String,
-    #[serde(default, skip_serializing_if = "String::is_empty")]
+    #[serde(
+        rename = "mo",
+        alias = "module_id",
+        default,
+        skip_serializing_if = "String::is_empty"
+    )]
     pub module_id: String,
     /// Event time (to the minute) of the last event that mentioned the
     /// room: one idle longer than the plan's room timeout is pruned.
-    #[serde(default)]
+    #[serde(rename = "s", alias = "seen_ms", default)]
     pub seen_ms: i64,
     /// When the room ended, if its latest start or end event is an end:
     /// pruned once its windows can no longer take events.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(
+        rename = "e",
+        alias = "ended_ms",
+        default,
+        skip_serializing_if = "Option::is_none"
+    )]
     pub ended_ms: Option<i64>,
     /// Event time of its latest start or end event.
-    #[serde(default)]
+    #[serde(rename = "c", alias = "changed_ms", default)]
     pub changed_ms: i64,
 }
 
@@ -131,6 +167,14 @@ impl RoomTable {
             *r = RoomInfo::default();
         }
         r
+    }
+
+    /// Moves a held room's last-seen time to `t` if that is later (a
+    /// checkpoint's separate last-seen field).
+    pub fn saw(&mut self, id: &str, t: i64) {
+        if let Some(r) = self.rooms.get_mut(id) {
+            r.seen_ms = r.seen_ms.max(t);
+        }
     }
 
     pub fn insert(&mut self, id: String, info: RoomInfo) {
@@ -340,6 +384,26 @@ impl<'a> Rec<'a> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_room_is_checkpointed_under_short_keys_and_read_back_from_long_ones() {
+        let r = RoomInfo {
+            room_type: "game".into(),
+            module_id: "m1".into(),
+            seen_ms: 60_000,
+            ended_ms: Some(61_000),
+            changed_ms: 61_000,
+            ..RoomInfo::default()
+        };
+        let json = serde_json::to_string(&r).unwrap();
+        assert_eq!(
+            json,
+            r#"{"ty":"game","mo":"m1","s":60000,"e":61000,"c":61000}"#
+        );
+        assert_eq!(serde_json::from_str::<RoomInfo>(&json).unwrap(), r);
+        let old = r#"{"room_type":"game","module_id":"m1","seen_ms":60000,"ended_ms":61000,"changed_ms":61000}"#;
+        assert_eq!(serde_json::from_str::<RoomInfo>(old).unwrap(), r);
+    }
     use vidpulse_proto::{GiftSent, LiveRoomStarted, UserAction, Viewer, ViewerLeft};
 
     fn rec(e: &Event) -> Rec<'_> {

@@ -1249,6 +1249,43 @@ fn the_room_table_forgets_ended_and_idle_rooms() {
     assert_eq!(s.rooms(), 2);
 }
 
+#[test]
+fn a_room_seen_every_minute_writes_its_last_seen_minute_not_its_profile() {
+    let p = plan(GIVERS, MIN, 0);
+    let mut s = PartitionState::new(&p, Input::Events);
+    let mut store: HashMap<String, Vec<u8>> = HashMap::new();
+    let mut start = room_event("s1", T0, "busy", true);
+    if let Some(Payload::LiveRoomStarted(st)) = &mut start.payload {
+        let r = st.room.as_mut().unwrap();
+        r.title = "一个很长的直播间标题，主播今晚带来新歌首唱".into();
+        r.address = "浙江省杭州市西湖区文三路".into();
+    }
+    feed(&mut s, &p, &start, 0);
+    let d = s.checkpoint_delta(&p);
+    let profile = d.set.iter().find(|(f, _)| f == "r:busy").unwrap().1.len();
+    store.extend(d.set);
+    for m in 1..=30 {
+        let e = Event {
+            room_id: "busy".into(),
+            ..gift(&format!("g{m}"), T0 + m * MIN, "u1", 1)
+        };
+        feed(&mut s, &p, &e, m as i64);
+        let d = s.checkpoint_delta(&p);
+        let room: Vec<&(String, Vec<u8>)> =
+            d.set.iter().filter(|(f, _)| f.starts_with('r')).collect();
+        assert_eq!(room.len(), 1, "minute {m}: one room field: {room:?}");
+        assert_eq!(room[0].0, "rs:busy", "minute {m}: the last-seen field only");
+        assert!(room[0].1.len() < profile / 4, "minute {m}: {room:?}");
+        for f in &d.del {
+            store.remove(f);
+        }
+        store.extend(d.set);
+    }
+    // The restore takes the later last-seen time over the profile's.
+    let back = PartitionState::restore(&p, Input::Events, &store).unwrap();
+    assert_eq!(back, s);
+}
+
 /// The state a restart finds in `store`'s checkpoint.
 fn restored(p: &Plan, store: &Store) -> PartitionState {
     if store.ckpt.is_empty() {
