@@ -1269,7 +1269,7 @@ fn a_room_seen_every_minute_writes_its_last_seen_minute_not_its_profile() {
             room_id: "busy".into(),
             ..gift(&format!("g{m}"), T0 + m * MIN, "u1", 1)
         };
-        feed(&mut s, &p, &e, m as i64);
+        feed(&mut s, &p, &e, m);
         let d = s.checkpoint_delta(&p);
         let room: Vec<&(String, Vec<u8>)> =
             d.set.iter().filter(|(f, _)| f.starts_with('r')).collect();
