@@ -51,9 +51,10 @@ pub const DEFAULT_DEDUP_HORIZON_MS: i64 = 10 * 60_000;
 /// in the room table.
 pub const DEFAULT_ROOM_IDLE_MS: i64 = 24 * 3_600_000;
 
-/// Rooms' last-seen times are kept to the minute, and written apart from
-/// their profiles (`rs:<id>`, a number), so an active room's
-/// checkpoint field changes once a minute, not on every event.
+/// Rooms' last-seen times are kept to the minute, and a room's times are
+/// written apart from its profile (`rt:<id>`, three numbers), so an active
+/// room's checkpoint changes by a few bytes once a minute and on its start
+/// and end events, not by its whole profile.
 const ROOM_SEEN_STEP_MS: i64 = 60_000;
 
 /// An event id as remembered: a 64-bit hash (xxh3), so an id costs 8 bytes
@@ -513,10 +514,11 @@ struct Changed {
     /// Fields of closed panes and windows, of forgotten id buckets and of
     /// pruned rooms.
     gone: Vec<String>,
-    /// Rooms whose profile (or start / end) changed: their whole field.
+    /// Rooms whose profile changed (or that are new): their whole field.
     rooms: BTreeSet<String>,
-    /// Rooms only seen later (once a minute): their small last-seen field.
-    seen: BTreeSet<String>,
+    /// Rooms whose times only changed (seen a minute later, started or
+    /// ended again): their small times field.
+    times: BTreeSet<String>,
     meta: bool,
 }
 
@@ -883,6 +885,7 @@ impl PartitionState {
         let seen = pane_start(t, ROOM_SEEN_STEP_MS);
         if let Some((id, room)) = rec.room_profile() {
             let info = RoomInfo::from_room(room);
+            let was_live = self.rooms.get(id).is_some();
             let entry = self.rooms.entry(id);
             // An end event may carry a bare profile: keep what is known.
             let ended = matches!(rec.kind, Kind::LiveRoomEnded);
@@ -904,9 +907,14 @@ impl PartitionState {
                 changed_ms: entry.changed_ms.max(t),
             };
             if *entry != merged {
+                let same_profile = was_live && entry.same_profile(&merged);
                 *entry = merged;
                 if self.checkpoints {
-                    self.changed.rooms.insert(id.to_owned());
+                    if same_profile {
+                        self.changed.times.insert(id.to_owned());
+                    } else {
+                        self.changed.rooms.insert(id.to_owned());
+                    }
                 }
             }
         } else if !rec.event.room_id.is_empty()
@@ -915,7 +923,7 @@ impl PartitionState {
         {
             entry.seen_ms = seen;
             if self.checkpoints {
-                self.changed.seen.insert(rec.event.room_id.clone());
+                self.changed.times.insert(rec.event.room_id.clone());
             }
         }
 
@@ -1301,9 +1309,9 @@ impl PartitionState {
             .set_clock(wm, plan.room_idle_ms, plan.room_after_end_ms);
         for id in self.rooms.prune() {
             self.changed.rooms.remove(&id);
-            self.changed.seen.remove(&id);
+            self.changed.times.remove(&id);
             self.changed.gone.push(room_field(&id));
-            self.changed.gone.push(room_seen_field(&id));
+            self.changed.gone.push(room_times_field(&id));
         }
         out
     }
@@ -1327,18 +1335,18 @@ impl PartitionState {
         };
         d.set.push(("meta".into(), to_json(&meta)));
         d.del = changed.gone;
+        // A room's profile is written whole when it changes, and deletes the
+        // times field; its times, far more often, on their own (a restore
+        // takes them over the profile's).
         for id in &changed.rooms {
             if let Some(r) = self.rooms.get(id) {
                 d.set.push((room_field(id), to_json(r)));
+                d.del.push(room_times_field(id));
             }
         }
-        // A room's profile is written whole when it changes; the minute it
-        // was last seen, far more often, on its own (a restore takes the
-        // later of the two).
-        for id in changed.seen.difference(&changed.rooms) {
+        for id in changed.times.difference(&changed.rooms) {
             if let Some(r) = self.rooms.get(id) {
-                d.set
-                    .push((room_seen_field(id), r.seen_ms.to_string().into_bytes()));
+                d.set.push((room_times_field(id), r.times().into_bytes()));
             }
         }
         for (m, start) in changed.panes {
@@ -1471,18 +1479,14 @@ impl PartitionState {
             .iter()
             .map(|m| m.aggregates.iter().map(|a| a.func.clone()).collect())
             .collect();
-        let mut seen: Vec<(&str, i64)> = Vec::new();
+        let mut times: Vec<(&str, &[u8], &str)> = Vec::new();
         for (field, value) in fields {
             if let Some(id) = field.strip_prefix("r:") {
                 s.rooms.insert(id.to_owned(), from_json(field, value)?);
                 continue;
             }
-            if let Some(id) = field.strip_prefix("rs:") {
-                let t = std::str::from_utf8(value)
-                    .ok()
-                    .and_then(|v| v.parse().ok())
-                    .ok_or_else(|| corrupt(field, "not a time in ms"))?;
-                seen.push((id, t));
+            if let Some(id) = field.strip_prefix("rt:") {
+                times.push((id, value, field));
                 continue;
             }
             let mut parts = field.splitn(4, ':');
@@ -1546,8 +1550,10 @@ impl PartitionState {
                 _ => {}
             }
         }
-        for (id, t) in seen {
-            s.rooms.saw(id, t);
+        for (id, value, field) in times {
+            s.rooms
+                .set_times(id, value)
+                .map_err(|e| corrupt(field, e))?;
         }
         // Each leaderboard window's log in order: a later entry of a member
         // replaces an earlier one.
@@ -1740,8 +1746,8 @@ fn room_field(id: &str) -> String {
     format!("r:{id}")
 }
 
-fn room_seen_field(id: &str) -> String {
-    format!("rs:{id}")
+fn room_times_field(id: &str) -> String {
+    format!("rt:{id}")
 }
 
 /// Remembered id hashes as a checkpoint value: 8 bytes each, little-endian.

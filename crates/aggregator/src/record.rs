@@ -91,6 +91,34 @@ impl RoomInfo {
         }
     }
 
+    /// Whether the profile (every text field) is the same as `other`'s.
+    pub fn same_profile(&self, other: &RoomInfo) -> bool {
+        (
+            &self.room_type,
+            &self.client,
+            &self.title,
+            &self.address,
+            &self.anchor_id,
+            &self.module_id,
+        ) == (
+            &other.room_type,
+            &other.client,
+            &other.title,
+            &other.address,
+            &other.anchor_id,
+            &other.module_id,
+        )
+    }
+
+    /// The times as a checkpoint's times field: `seen,ended,changed` (ms;
+    /// `ended` empty while on air).
+    pub fn times(&self) -> String {
+        match self.ended_ms {
+            Some(e) => format!("{},{e},{}", self.seen_ms, self.changed_ms),
+            None => format!("{},,{}", self.seen_ms, self.changed_ms),
+        }
+    }
+
     fn get(&self, f: Field) -> &str {
         match f {
             Field::RoomType => &self.room_type,
@@ -169,12 +197,27 @@ impl RoomTable {
         r
     }
 
-    /// Moves a held room's last-seen time to `t` if that is later (a
-    /// checkpoint's separate last-seen field).
-    pub fn saw(&mut self, id: &str, t: i64) {
+    /// Sets a held room's times from a checkpoint's times field
+    /// ([`RoomInfo::times`]), newer than its profile field's.
+    pub fn set_times(&mut self, id: &str, value: &[u8]) -> Result<(), &'static str> {
+        let bad = "not seen,ended,changed times in ms";
+        let text = std::str::from_utf8(value).map_err(|_| bad)?;
+        let mut it = text.split(',');
+        let (Some(seen), Some(ended), Some(changed), None) =
+            (it.next(), it.next(), it.next(), it.next())
+        else {
+            return Err(bad);
+        };
+        let seen = seen.parse().map_err(|_| bad)?;
+        let ended = match ended {
+            "" => None,
+            e => Some(e.parse().map_err(|_| bad)?),
+        };
+        let changed = changed.parse().map_err(|_| bad)?;
         if let Some(r) = self.rooms.get_mut(id) {
-            r.seen_ms = r.seen_ms.max(t);
+            (r.seen_ms, r.ended_ms, r.changed_ms) = (seen, ended, changed);
         }
+        Ok(())
     }
 
     pub fn insert(&mut self, id: String, info: RoomInfo) {

@@ -1250,7 +1250,7 @@ fn the_room_table_forgets_ended_and_idle_rooms() {
 }
 
 #[test]
-fn a_room_seen_every_minute_writes_its_last_seen_minute_not_its_profile() {
+fn a_room_s_times_are_checkpointed_without_its_profile() {
     let p = plan(GIVERS, MIN, 0);
     let mut s = PartitionState::new(&p, Input::Events);
     let mut store: HashMap<String, Vec<u8>> = HashMap::new();
@@ -1274,16 +1274,59 @@ fn a_room_seen_every_minute_writes_its_last_seen_minute_not_its_profile() {
         let room: Vec<&(String, Vec<u8>)> =
             d.set.iter().filter(|(f, _)| f.starts_with('r')).collect();
         assert_eq!(room.len(), 1, "minute {m}: one room field: {room:?}");
-        assert_eq!(room[0].0, "rs:busy", "minute {m}: the last-seen field only");
+        assert_eq!(room[0].0, "rt:busy", "minute {m}: the times field only");
         assert!(room[0].1.len() < profile / 4, "minute {m}: {room:?}");
         for f in &d.del {
             store.remove(f);
         }
         store.extend(d.set);
     }
-    // The restore takes the later last-seen time over the profile's.
+    // The restore takes the later times over the profile's.
     let back = PartitionState::restore(&p, Input::Events, &store).unwrap();
     assert_eq!(back, s);
+
+    // An end (a bare profile) and a start again with the same profile change
+    // its times only; a new title writes the profile and drops the times.
+    let end = room_event("e1", T0 + 31 * MIN, "busy", false);
+    let mut again = start.clone();
+    again.event_id = "s2".into();
+    again.event_time_ms = T0 + 32 * MIN;
+    let mut retitled = again.clone();
+    retitled.event_id = "s3".into();
+    retitled.event_time_ms = T0 + 33 * MIN;
+    if let Some(Payload::LiveRoomStarted(st)) = &mut retitled.payload {
+        st.room.as_mut().unwrap().title = "新标题".into();
+    }
+    for (off, e, set, del) in [
+        (40, &end, "rt:busy", None),
+        (41, &again, "rt:busy", None),
+        (42, &retitled, "r:busy", Some("rt:busy")),
+    ] {
+        feed(&mut s, &p, e, off);
+        let d = s.checkpoint_delta(&p);
+        let room: Vec<&str> = d
+            .set
+            .iter()
+            .map(|(f, _)| f.as_str())
+            .filter(|f| f.starts_with('r'))
+            .collect();
+        assert_eq!(room, [set], "{}", e.event_id);
+        assert_eq!(
+            d.del
+                .iter()
+                .find(|f| f.starts_with('r'))
+                .map(String::as_str),
+            del,
+            "{}",
+            e.event_id
+        );
+        for f in &d.del {
+            store.remove(f);
+        }
+        store.extend(d.set);
+        let back = PartitionState::restore(&p, Input::Events, &store).unwrap();
+        assert_eq!(back, s, "restored after {}", e.event_id);
+    }
 }
 
 /// The state a restart finds in `store`'s checkpoint.
