@@ -233,6 +233,14 @@ bench_main() {
     awk -v n="$total" -v a="${t_first:-0}" -v b="${t_done:-0}" -v lr="$rate" 'BEGIN {
         if (b > 0) printf "replay: %d records in %.1fs = %d records/s; live: gen at %d raw records/s\n", n, b - a, n / (b - a), lr;
         else print "replay: did not finish" }'
-    [[ -n "${BENCH_SCALE_KEEP:-}" ]] || vp_clickhouse_drop_prefix "$VIDPULSE_TOPIC_PREFIX" || true
-    echo "(tables of prefix $VIDPULSE_TOPIC_PREFIX $([[ -n "${BENCH_SCALE_KEEP:-}" ]] && echo kept || echo dropped); logs in $log)"
+    if [[ -z "${BENCH_SCALE_KEEP:-}" ]]; then
+        vp_clickhouse_drop_prefix "$VIDPULSE_TOPIC_PREFIX" || true
+        # The run's checkpoints and lineage in Redis.
+        local pat
+        for pat in "vp:ckpt:{${VIDPULSE_TOPIC_PREFIX}*" "vp:lineage:{${VIDPULSE_TOPIC_PREFIX}*"; do
+            redis-cli -p "${VIDPULSE_REDIS_PORT:-6379}" --scan --pattern "$pat" |
+                xargs -r redis-cli -p "${VIDPULSE_REDIS_PORT:-6379}" unlink >/dev/null || true
+        done
+    fi
+    echo "(tables and checkpoints of prefix $VIDPULSE_TOPIC_PREFIX $([[ -n "${BENCH_SCALE_KEEP:-}" ]] && echo kept || echo dropped); logs in $log)"
 }
