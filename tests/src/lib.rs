@@ -748,6 +748,52 @@ pub fn gen_truth_over(
     (read_json(&truth), truth)
 }
 
+/// gen writing `count` records at `rate` per second in the background
+/// (10 minutes of event time from 2021-08-16T01:00:00Z, 4 % duplicate and
+/// 4 % late records).
+pub struct LiveGen {
+    proc: Proc,
+    truth: PathBuf,
+}
+
+impl LiveGen {
+    pub fn start(env: &Env, count: u64, rate: u64, seed: u64) -> LiveGen {
+        let truth = scratch(&env.prefix).join(format!("truth-{seed}.json"));
+        let proc = env.spawn(
+            "vidpulse-gen",
+            &[
+                "--count",
+                &count.to_string(),
+                "--rate",
+                &rate.to_string(),
+                "--seed",
+                &seed.to_string(),
+                "--start",
+                "2021-08-16T01:00:00Z",
+                "--span",
+                "10m",
+                "--dup-fraction",
+                "0.04",
+                "--late-fraction",
+                "0.04",
+                "--truth",
+                truth.to_str().unwrap(),
+            ],
+            "gen.log",
+        );
+        LiveGen { proc, truth }
+    }
+
+    /// Waits for gen to finish; its truth.
+    pub fn truth(mut self) -> Value {
+        assert!(
+            self.proc.wait_exit(Duration::from_secs(300)),
+            "gen did not finish"
+        );
+        read_json(&self.truth)
+    }
+}
+
 /// vidpulse-ingest with its defaults, logging to `ingest.log`.
 pub fn spawn_ingest(env: &Env) -> Proc {
     env.spawn_stage("vidpulse-ingest", &[], "ingest.log")

@@ -257,27 +257,7 @@ fn a_static_member_restarted_under_its_name_takes_its_partitions_back_alone() {
     let env = Env::new("aggstatic");
     let _tables = DropTables(env.prefix.clone());
     env.create_topics();
-    let truth_path = scratch(&env.prefix).join("truth.json");
-    let mut generator = env.spawn(
-        "vidpulse-gen",
-        &[
-            "--count",
-            "5000",
-            "--rate",
-            "200",
-            "--seed",
-            "35",
-            "--start",
-            "2021-08-16T01:00:00Z",
-            "--span",
-            "10m",
-            "--dup-fraction",
-            "0.04",
-            "--truth",
-            truth_path.to_str().unwrap(),
-        ],
-        "gen.log",
-    );
+    let generator = LiveGen::start(&env, 5000, 200, 35);
     let _ingest = ingest(&env);
     let mut fwd = Forwarder::start(&env);
     let counter = |port, name| prom_sum(&metrics(port), name, &["stage=\"aggregator\""]);
@@ -330,10 +310,7 @@ fn a_static_member_restarted_under_its_name_takes_its_partitions_back_alone() {
         ) > 0.0,
         "the restarted A restored its checkpoints"
     );
-    wait_for("gen to finish", Duration::from_secs(120), || {
-        (!generator.is_running()).then_some(())
-    });
-    let truth = read_json(&truth_path);
+    let truth = generator.truth();
     let events = truth["expected"]["events"].as_i64().unwrap();
     wait_events(&env, events);
     fwd.finish(events as u64);

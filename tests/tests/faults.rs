@@ -12,7 +12,6 @@
 #![allow(clippy::unwrap_used)]
 
 use std::collections::BTreeMap;
-use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use rdkafka::ClientConfig;
@@ -21,48 +20,9 @@ use rdkafka::client::DefaultClientContext;
 use serde_json::Value;
 use vidpulse_e2e::*;
 
-/// gen writing `count` records at `rate` per second in the background.
-struct LiveGen {
-    proc: Proc,
-    truth: PathBuf,
-}
-
-impl LiveGen {
-    fn start(env: &Env, count: u64, rate: u64, seed: u64) -> LiveGen {
-        let truth = scratch(&env.prefix).join(format!("truth-{seed}.json"));
-        let proc = env.spawn(
-            "vidpulse-gen",
-            &[
-                "--count",
-                &count.to_string(),
-                "--rate",
-                &rate.to_string(),
-                "--seed",
-                &seed.to_string(),
-                "--start",
-                "2021-08-16T01:00:00Z",
-                "--span",
-                "10m",
-                "--dup-fraction",
-                "0.04",
-                "--late-fraction",
-                "0.04",
-                "--truth",
-                truth.to_str().unwrap(),
-            ],
-            "gen.log",
-        );
-        LiveGen { proc, truth }
-    }
-
-    /// Waits for gen to finish; its truth, every name but the monitor's.
-    fn want(mut self) -> BTreeMap<String, Vec<Value>> {
-        assert!(
-            self.proc.wait_exit(Duration::from_secs(300)),
-            "gen did not finish"
-        );
-        expected(&read_json(&self.truth), &FROM_MONITORED)
-    }
+/// Waits for gen to finish; its truth, every name but the monitor's.
+fn want(generator: LiveGen) -> BTreeMap<String, Vec<Value>> {
+    expected(&generator.truth(), &FROM_MONITORED)
 }
 
 fn received(p: &Proc) -> f64 {
@@ -143,7 +103,7 @@ fn sigterm_while_clickhouse_is_down_then_restart_is_exact() {
     );
     drop(back);
     let _agg = spawn_aggregator(&env, "aggregator-2.log", &[]);
-    let want = generator.want();
+    let want = want(generator);
     wait_exact(
         &env,
         &want,
@@ -174,7 +134,7 @@ fn sigterm_while_redis_is_down_then_restart_is_exact() {
     // Redis comes back with its data (persistence on).
     redis.stack("start");
     let _agg = spawn_aggregator(&env, "aggregator-2.log", &[]);
-    let want = generator.want();
+    let want = want(generator);
     wait_exact(&env, &want, "SIGTERM during a Redis outage, then restarted");
 }
 
@@ -226,7 +186,7 @@ fn flushall_mid_run_is_detected_and_replayed_exactly() {
         (n > 0.0).then_some(n)
     });
     println!("{lost} partitions replayed from their earliest offset");
-    let want = run.generator.want();
+    let want = want(run.generator);
     wait_exact(&run.env, &want, "after FLUSHALL mid-run");
     assert!(run.agg.is_running(), "recovered without a restart");
     assert_eq!(run.agg.ready().map(|r| r.0), Some(200));
@@ -321,7 +281,7 @@ fn a_checkpoint_store_that_failed_over_behind_is_restored_from_what_it_holds() {
     // What it wrote since must restore consistently.
     run.agg.kill9();
     let agg = spawn_aggregator(&run.env, "aggregator-2.log", &[]);
-    let want = run.generator.want();
+    let want = want(run.generator);
     wait_exact(&run.env, &want, "after the store fell behind, then kill -9");
     assert_eq!((before, gaps(&agg)), (0.0, 0.0), "offsets skipped");
 }
@@ -350,7 +310,7 @@ fn redis_restarted_without_persistence_mid_run_is_replayed_exactly() {
     wait_for("the loss to be detected", Duration::from_secs(90), || {
         (agg.metric("vidpulse_aggregator_store_lost_total", &[]) > 0.0).then_some(())
     });
-    let want = generator.want();
+    let want = want(generator);
     wait_exact(&env, &want, "after a Redis restart without persistence");
 }
 

@@ -427,6 +427,11 @@ impl<'a> Rec<'a> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use vidpulse_proto::{GiftSent, LiveRoomStarted, UserAction, Viewer, ViewerLeft};
+
+    fn rec(e: &Event) -> Rec<'_> {
+        Rec::new(e, &[], None).unwrap()
+    }
 
     #[test]
     fn a_room_is_checkpointed_under_short_keys_and_read_back_from_long_ones() {
@@ -446,11 +451,6 @@ mod tests {
         assert_eq!(serde_json::from_str::<RoomInfo>(&json).unwrap(), r);
         let old = r#"{"room_type":"game","module_id":"m1","seen_ms":60000,"ended_ms":61000,"changed_ms":61000}"#;
         assert_eq!(serde_json::from_str::<RoomInfo>(old).unwrap(), r);
-    }
-    use vidpulse_proto::{GiftSent, LiveRoomStarted, UserAction, Viewer, ViewerLeft};
-
-    fn rec(e: &Event) -> Rec<'_> {
-        Rec::new(e, &[], None).unwrap()
     }
 
     #[test]
