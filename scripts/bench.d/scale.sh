@@ -156,13 +156,18 @@ bench_main() {
     "$BIN/vidpulse-api" --listen "127.0.0.1:$papi" --live-at "${day}T23:59:00Z" --live-interval 200ms >"$log/api.log" 2>&1 &
     pids+=($!)
     vp_wait_port "$papi" 30 || true
-    local snap rollup m
+    local snap rollup m panels="" p
     # A request 250 ms after the last finds the snapshot stale (--live-interval 200ms) and waits
-    # for one built for it: every panel queried.
-    snap=$(for _ in $(seq 1 50); do
+    # for one built for it: every panel queried. Each snapshot says what each panel took.
+    snap=$(for i in $(seq 1 50); do
         sleep 0.25
-        curl -s -o /dev/null -w '%{time_total}\n' "http://127.0.0.1:$papi/api/live/snapshot" || true
+        curl -s -o "$log/snapshot.$i.json" -w '%{time_total}\n' "http://127.0.0.1:$papi/api/live/snapshot" || true
     done | _sc_percentiles)
+    for p in $(jq -r '.panels | keys[]' "$log/snapshot.1.json" 2>/dev/null); do
+        panels+=$(printf '\n  %-26s %s' "$p" "$(jq -r --arg p "$p" '.panels[$p].build_ms // empty' "$log"/snapshot.*.json \
+            | awk '{print $1 / 1000}' | _sc_percentiles)")
+    done
+    rm -f "$log"/snapshot.*.json
     # Per metric: its cost follows the rows it returns (video_plays_1m has a row per video and hour).
     rollup=""
     for m in user_actions_1m gifts_by_type_1m video_plays_1m; do
@@ -228,7 +233,7 @@ bench_main() {
     else
         echo "NOT exact: these differ from gen's truth: $diff"
     fi
-    echo "dashboard /api/live/snapshot: $snap"
+    echo "dashboard /api/live/snapshot: $snap; each panel (built side by side):$panels"
     echo "vidpulse query --rollup 1h --from $day: $rollup"
     awk -v n="$total" -v a="${t_first:-0}" -v b="${t_done:-0}" -v lr="$rate" 'BEGIN {
         if (b > 0) printf "replay: %d records in %.1fs = %d records/s; live: gen at %d raw records/s\n", n, b - a, n / (b - a), lr;

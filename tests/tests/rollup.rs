@@ -286,3 +286,55 @@ fn rollups_equal_the_minute_rows_and_the_truth() {
     assert!(api.terminate());
     assert!(agg.terminate());
 }
+
+/// `--top N` of one leaderboard window reads its first N members (and the
+/// members tied with the N-th), not the whole set, and ranks them as the
+/// whole set is ranked: score descending, then member ascending, also when
+/// the tie straddles the cut (Redis itself orders a tie by member
+/// descending).
+#[test]
+fn a_leaderboard_s_first_n_are_ranked_like_the_whole_set_across_a_tie() {
+    let env = Env::new("boardtop");
+    let key = format!("{}rankings:user_gifts:{{2021-08-16}}", env.prefix);
+    let mut r = redis_conn();
+    let scores: [(i64, &str); 7] = [
+        (10, "u_a"),
+        (7, "u_b"),
+        (5, "u_c"),
+        (5, "u_d"),
+        (5, "u_e"),
+        (5, "u_f"),
+        (3, "u_g"),
+    ];
+    let _: () = redis::cmd("ZADD")
+        .arg(&key)
+        .arg(&scores[..])
+        .query(&mut r)
+        .unwrap();
+    let day = ["--from", "2021-08-16", "--to", "2021-08-16T00:00:01Z"];
+    let members = |top: Option<&str>| -> Vec<(String, i64, i64)> {
+        let mut args = vec!["user_gifts_daily"];
+        args.extend(day);
+        if let Some(n) = top {
+            args.extend(["--top", n]);
+        }
+        query(&env, &args)
+            .iter()
+            .map(|v| {
+                (
+                    v["user_id"].as_str().unwrap().to_owned(),
+                    num(v, "amount"),
+                    num(v, "rank"),
+                )
+            })
+            .collect()
+    };
+    let all = members(None);
+    let names: Vec<&str> = all.iter().map(|m| m.0.as_str()).collect();
+    assert_eq!(names, ["u_a", "u_b", "u_c", "u_d", "u_e", "u_f", "u_g"]);
+    for n in 1..=8usize {
+        let got = members(Some(&n.to_string()));
+        assert_eq!(got, all[..n.min(all.len())], "--top {n}");
+    }
+    let _: () = redis::cmd("DEL").arg(&key).query(&mut r).unwrap();
+}

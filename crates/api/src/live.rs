@@ -353,11 +353,19 @@ pub fn day_start(zone: Option<Zone>, anchor: i64) -> i64 {
     }
 }
 
-/// Builds one snapshot (every panel at once).
-pub async fn build(st: &Inner, anchor: i64) -> Value {
-    let results = futures::future::join_all(PANELS.iter().map(|p| panel(st, p, anchor))).await;
+/// Builds one snapshot: every panel at once, each in its own task, so that
+/// one panel decoding a large answer does not hold up the others.
+pub async fn build(st: &AppState, anchor: i64) -> Value {
+    let tasks = PANELS.map(|p| {
+        let st = st.clone();
+        tokio::spawn(async move { panel(&st, &p, anchor).await })
+    });
+    let results = futures::future::join_all(tasks).await;
     let mut panels = Map::new();
     for (p, v) in PANELS.iter().zip(results) {
+        let v = v.unwrap_or_else(|e| {
+            json!({"metric": p.metric, "error": format!("the panel's task failed: {e}"), "rows": []})
+        });
         panels.insert(p.id.to_owned(), v);
     }
     let pools = match &st.pools {
@@ -377,6 +385,7 @@ pub async fn build(st: &Inner, anchor: i64) -> Value {
 }
 
 async fn panel(st: &Inner, p: &Panel, anchor: i64) -> Value {
+    let started = Instant::now();
     let result = match Target::find(&st.spec, p.metric) {
         None => Err(ApiError::NotFound {
             message: format!("{} is not in the spec this API was started with", p.metric),
@@ -385,14 +394,18 @@ async fn panel(st: &Inner, p: &Panel, anchor: i64) -> Value {
         }),
         Some(t) => run_panel(st, p, &t, anchor).await,
     };
-    match result {
+    let took = started.elapsed();
+    histogram!(m::LIVE_PANEL_SECONDS, "panel" => p.id).record(took.as_secs_f64());
+    let mut v = match result {
         Ok(mut v) => {
             v["metric"] = json!(p.metric);
             v["error"] = Value::Null;
             v
         }
         Err(e) => json!({"metric": p.metric, "error": e.to_string(), "rows": []}),
-    }
+    };
+    v["build_ms"] = json!(took.as_millis() as u64);
+    v
 }
 
 /// Milliseconds of a row's `window_start`.

@@ -17,5 +17,8 @@ pub const BACKEND_ERRORS: &str = "vidpulse_api_backend_errors_total";
 pub const LIVE_CLIENTS: &str = "vidpulse_api_live_clients";
 /// Time to build one live snapshot (every panel's queries).
 pub const LIVE_BUILD_SECONDS: &str = "vidpulse_api_live_build_seconds";
+/// Time to build one live panel (its queries, run beside the other panels').
+/// Labels: `panel`.
+pub const LIVE_PANEL_SECONDS: &str = "vidpulse_api_live_panel_seconds";
 /// Live panels whose query failed, per build. Labels: `panel`.
 pub const LIVE_PANEL_ERRORS: &str = "vidpulse_api_live_panel_errors_total";

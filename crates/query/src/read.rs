@@ -219,6 +219,32 @@ pub async fn run(
     Ok(out)
 }
 
+/// Enough of one leaderboard set to rank its first `n` members as a whole
+/// read would (score descending, then member ascending): the members Redis
+/// ranks first, those scoring above the `n`-th, and every member tied with
+/// it (Redis orders a tie by member descending, so the cut could fall
+/// elsewhere in it). Reads `n` members and the tie, not the whole set.
+async fn board_top(
+    con: &mut vidpulse_core::redis::RedisConn,
+    key: &str,
+    n: usize,
+) -> Result<Vec<(String, f64)>, QueryError> {
+    let Some(last) = n.checked_sub(1) else {
+        return Ok(Vec::new());
+    };
+    let top: Vec<(String, f64)> = con
+        .zrevrange_withscores(key, 0, isize::try_from(last).unwrap_or(isize::MAX))
+        .await?;
+    if top.len() < n {
+        return Ok(top);
+    }
+    let cut = top[last].1;
+    let mut out: Vec<(String, f64)> = top.into_iter().filter(|(_, s)| *s > cut).collect();
+    let tied: Vec<(String, f64)> = con.zrangebyscore_withscores(key, cut, cut).await?;
+    out.extend(tied);
+    Ok(out)
+}
+
 /// The first window boundary at or after `t`.
 fn align_up(pane: &crate::spec::Window, t: i64) -> i64 {
     let s = pane.start_of(t);
@@ -285,7 +311,13 @@ async fn board_rows(
             continue;
         }
         let key = board_key(prefix, b, Some(w));
-        let members: Vec<(String, f64)> = con.zrevrange_withscores(&key, 0, -1).await?;
+        let members = match f.limit {
+            // One window's first `n`: read only them (and their ties).
+            Some(n) if f.rollup.is_none() && f.wheres.is_empty() => {
+                board_top(&mut con, &key, n).await?
+            }
+            _ => con.zrevrange_withscores(&key, 0, -1).await?,
+        };
         if members.is_empty() {
             continue;
         }

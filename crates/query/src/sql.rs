@@ -136,6 +136,76 @@ fn group_conds(m: &Metric, f: &Filters) -> Result<Conds, QueryError> {
     Ok((conds, post))
 }
 
+/// The per-window deltas of a level metric that [`level_rows`] cumulates:
+/// `_ws`, `_g…`, `_c…` for the windows in `[from, to)`, and, when the range
+/// has a start, one row per group at `_ws = from − 1` holding the sum of
+/// every window before it. The level at a window in the range is then the
+/// cumulated sum from that row on, and the windows before `from` are summed
+/// in one aggregation instead of being gathered into each group's array
+/// (the filter on `_ws` drops the row once cumulated).
+fn level_deltas(
+    table: &str,
+    m: &Metric,
+    conds: &[String],
+    from_s: Option<i64>,
+    to_s: Option<i64>,
+) -> String {
+    let g_alias: Vec<String> = (0..m.group_by.len()).map(|i| format!("_g{i}")).collect();
+    let c_alias: Vec<String> = (0..m.aggregates.len()).map(|i| format!("_c{i}")).collect();
+    let groups_sel: Vec<String> = m
+        .group_by
+        .iter()
+        .zip(&g_alias)
+        .map(|(g, a)| format!("{} AS {a}", ident(&g.name)))
+        .collect();
+    let sums: Vec<String> = m
+        .aggregates
+        .iter()
+        .zip(&c_alias)
+        .map(|(a, c)| format!("sum({}) AS {c}", ident(&a.name)))
+        .collect();
+    let select = |ws: &str, range: &[String], by_window: bool| {
+        let mut sel = vec![format!("{ws} AS _ws")];
+        sel.extend(groups_sel.iter().cloned());
+        sel.extend(sums.iter().cloned());
+        let mut all = conds.to_vec();
+        all.extend(range.iter().cloned());
+        let wh = if all.is_empty() {
+            String::new()
+        } else {
+            format!(" WHERE {}", all.join(" AND "))
+        };
+        let mut by: Vec<String> = by_window.then(|| "_ws".to_owned()).into_iter().collect();
+        by.extend(g_alias.iter().cloned());
+        let group_by = if by.is_empty() {
+            String::new()
+        } else {
+            format!(" GROUP BY {}", by.join(", "))
+        };
+        format!("SELECT {} FROM {table} FINAL{wh}{group_by}", sel.join(", "))
+    };
+    let mut range = Vec::new();
+    let from = from_s.filter(|&fr| fr > 0);
+    if let Some(fr) = from {
+        range.push(format!("window_start >= toDateTime({fr})"));
+    }
+    if let Some(to) = to_s {
+        range.push(format!("window_start < toDateTime({})", to.max(0)));
+    }
+    let windows = select("toUInt32(window_start)", &range, true);
+    match from {
+        Some(fr) => format!(
+            "{windows} UNION ALL {}",
+            select(
+                &format!("toUInt32({})", fr - 1),
+                &[format!("window_start < toDateTime({fr})")],
+                false
+            )
+        ),
+        None => windows,
+    }
+}
+
 /// The running levels of a level metric, one row per window and group
 /// (`_ws`, `_g…`, `_c…`), cumulated from the first window, then restricted
 /// to `where_time`; no ORDER BY.
@@ -238,7 +308,9 @@ fn metric_sql(t: &Tables, m: &Metric, f: &Filters) -> Result<FinalQuery, QueryEr
         format!(" WHERE {}", time_conds.join(" AND "))
     };
 
-    let base = if hopping {
+    let base = if level {
+        level_deltas(&table, m, &conds, from_s, to_s)
+    } else if hopping {
         let raw_sel: Vec<String> = m
             .aggregates
             .iter()
@@ -381,24 +453,10 @@ fn rollup_sql(t: &Tables, m: &Metric, f: &Filters, r: Rollup) -> Result<FinalQue
         v.join(", ")
     };
     let sql = if m.is_level() {
-        // Levels run from the first window on: cumulate over every window,
-        // keep those in the range, then each bucket's last level.
-        let mut base_sel = vec!["toUInt32(window_start) AS _ws".to_owned()];
-        base_sel.extend(groups_sel.iter().cloned());
-        base_sel.extend(
-            m.aggregates
-                .iter()
-                .enumerate()
-                .map(|(i, a)| format!("sum({}) AS {}", ident(&a.name), c_alias[i])),
-        );
-        let mut base_group = vec!["_ws".to_owned()];
-        base_group.extend(g_alias.iter().cloned());
-        let base = format!(
-            "SELECT {} FROM {table} FINAL{} GROUP BY {}",
-            base_sel.join(", "),
-            where_of(&conds),
-            base_group.join(", ")
-        );
+        // Levels run from the first window on: the windows before the range
+        // summed into one row per group, those in it cumulated after it,
+        // then each bucket's last level.
+        let base = level_deltas(&table, m, &conds, from_s, to_s);
         let mut time = Vec::new();
         if let Some(fr) = from_s {
             time.push(format!("_ws >= {fr}"));
@@ -660,8 +718,21 @@ mod tests {
             println!("{}", q.sql);
         }
         assert!(q.sql.contains("argMax(_c0, _ws) AS _c0"), "{}", q.sql);
-        // Levels cumulate from the first window: the range filters after.
-        assert!(!q.sql.contains("window_start >= toDateTime"), "{}", q.sql);
+        // Levels cumulate from the first window: the windows before the
+        // range are summed into one row per group, just before it, and only
+        // the range's windows are gathered and cumulated after that row.
+        assert!(
+            q.sql.contains(
+                "SELECT toUInt32(1629043199) AS _ws, `room_id` AS _g0, sum(`online`) AS _c0"
+            ) && q
+                .sql
+                .contains("window_start < toDateTime(1629043200) GROUP BY _g0")
+                && q.sql
+                    .contains("window_start >= toDateTime(1629043200) GROUP BY _ws, _g0")
+                && q.sql.contains("WHERE _ws >= 1629043200"),
+            "{}",
+            q.sql
+        );
         let q = rollup_of("gifts_6h", Rollup::All, None, None);
         assert!(
             !q.sql.contains("ARRAY JOIN"),
