@@ -20,6 +20,8 @@
 #
 # Sourced by scripts/bench (which provides BIN, WORK, COUNT, pids, vp_* helpers).
 #   BENCH_SCALE_COUNT=20000000 BENCH_SCALE_RATE=40000 scripts/bench scale     (the issue's day)
+#     (on 24 GB, start the stack with VIDPULSE_KAFKA_STORAGE=sqlite first: the in-memory broker
+#     holds every topic, 15.5 GB at 16 M raw records, beside gen's truth, 6.3 GB)
 #   BENCH_SCALE_COUNT=400000 scripts/bench scale                              (a quick look)
 #   BENCH_SCALE_LOG=info … keeps the stages' info logs (in .work/bench/scale/).
 #   Each aggregator instance is a static group member (--group-instance-id agg-PORT), as the
