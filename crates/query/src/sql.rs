@@ -136,6 +136,49 @@ fn group_conds(m: &Metric, f: &Filters) -> Result<Conds, QueryError> {
     Ok((conds, post))
 }
 
+/// The column aliases of a metric's queries: `_g…` per group-by column,
+/// `_c…` per aggregate, and the select items naming the group columns.
+struct Aliases {
+    g: Vec<String>,
+    c: Vec<String>,
+    groups_sel: Vec<String>,
+}
+
+impl Aliases {
+    fn of(m: &Metric) -> Aliases {
+        let g: Vec<String> = (0..m.group_by.len()).map(|i| format!("_g{i}")).collect();
+        let c = (0..m.aggregates.len()).map(|i| format!("_c{i}")).collect();
+        let groups_sel = m
+            .group_by
+            .iter()
+            .zip(&g)
+            .map(|(g, a)| format!("{} AS {a}", ident(&g.name)))
+            .collect();
+        Aliases { g, c, groups_sel }
+    }
+}
+
+/// ` WHERE a AND b…`, or nothing without conditions.
+fn where_of(conds: &[String]) -> String {
+    if conds.is_empty() {
+        String::new()
+    } else {
+        format!(" WHERE {}", conds.join(" AND "))
+    }
+}
+
+/// The conditions on `window_start` of windows starting in `[from, to)`.
+fn window_range(from_s: Option<i64>, to_s: Option<i64>) -> Vec<String> {
+    let mut range = Vec::new();
+    if let Some(fr) = from_s {
+        range.push(format!("window_start >= toDateTime({})", fr.max(0)));
+    }
+    if let Some(to) = to_s {
+        range.push(format!("window_start < toDateTime({})", to.max(0)));
+    }
+    range
+}
+
 /// The per-window deltas of a level metric that [`level_rows`] cumulates:
 /// `_ws`, `_g…`, `_c…` for the windows in `[from, to)`, and, when the range
 /// has a start, one row per group at `_ws = from − 1` holding the sum of
@@ -150,49 +193,34 @@ fn level_deltas(
     from_s: Option<i64>,
     to_s: Option<i64>,
 ) -> String {
-    let g_alias: Vec<String> = (0..m.group_by.len()).map(|i| format!("_g{i}")).collect();
-    let c_alias: Vec<String> = (0..m.aggregates.len()).map(|i| format!("_c{i}")).collect();
-    let groups_sel: Vec<String> = m
-        .group_by
-        .iter()
-        .zip(&g_alias)
-        .map(|(g, a)| format!("{} AS {a}", ident(&g.name)))
-        .collect();
+    let names = Aliases::of(m);
     let sums: Vec<String> = m
         .aggregates
         .iter()
-        .zip(&c_alias)
+        .zip(&names.c)
         .map(|(a, c)| format!("sum({}) AS {c}", ident(&a.name)))
         .collect();
     let select = |ws: &str, range: &[String], by_window: bool| {
         let mut sel = vec![format!("{ws} AS _ws")];
-        sel.extend(groups_sel.iter().cloned());
+        sel.extend(names.groups_sel.iter().cloned());
         sel.extend(sums.iter().cloned());
         let mut all = conds.to_vec();
         all.extend(range.iter().cloned());
-        let wh = if all.is_empty() {
-            String::new()
-        } else {
-            format!(" WHERE {}", all.join(" AND "))
-        };
         let mut by: Vec<String> = by_window.then(|| "_ws".to_owned()).into_iter().collect();
-        by.extend(g_alias.iter().cloned());
+        by.extend(names.g.iter().cloned());
         let group_by = if by.is_empty() {
             String::new()
         } else {
             format!(" GROUP BY {}", by.join(", "))
         };
-        format!("SELECT {} FROM {table} FINAL{wh}{group_by}", sel.join(", "))
+        format!(
+            "SELECT {} FROM {table} FINAL{}{group_by}",
+            sel.join(", "),
+            where_of(&all)
+        )
     };
-    let mut range = Vec::new();
     let from = from_s.filter(|&fr| fr > 0);
-    if let Some(fr) = from {
-        range.push(format!("window_start >= toDateTime({fr})"));
-    }
-    if let Some(to) = to_s {
-        range.push(format!("window_start < toDateTime({})", to.max(0)));
-    }
-    let windows = select("toUInt32(window_start)", &range, true);
+    let windows = select("toUInt32(window_start)", &window_range(from, to_s), true);
     match from {
         Some(fr) => format!(
             "{windows} UNION ALL {}",
@@ -254,19 +282,16 @@ fn metric_sql(t: &Tables, m: &Metric, f: &Filters) -> Result<FinalQuery, QueryEr
         return rollup_sql(t, m, f, r);
     }
     let table = t.qualified(&m.name);
-    let g_alias: Vec<String> = (0..m.group_by.len()).map(|i| format!("_g{i}")).collect();
-    let c_alias: Vec<String> = (0..m.aggregates.len()).map(|i| format!("_c{i}")).collect();
+    let Aliases {
+        g: g_alias,
+        c: c_alias,
+        groups_sel,
+    } = Aliases::of(m);
 
     let (mut conds, post) = group_conds(m, f)?;
     conds.insert(0, generation::current_cond(t, Kind::Metric, &m.name));
     let from_s = f.from_ms.map(secs_ceil);
     let to_s = f.to_ms.map(secs_ceil);
-    let groups_sel: Vec<String> = m
-        .group_by
-        .iter()
-        .zip(&g_alias)
-        .map(|(g, a)| format!("{} AS {a}", ident(&g.name)))
-        .collect();
     let level = m.is_level();
     let hopping = m.window.is_hopping();
 
@@ -285,11 +310,7 @@ fn metric_sql(t: &Tables, m: &Metric, f: &Filters) -> Result<FinalQuery, QueryEr
             ));
         }
     }
-    let where_base = if base_conds.is_empty() {
-        String::new()
-    } else {
-        format!(" WHERE {}", base_conds.join(" AND "))
-    };
+    let where_base = where_of(&base_conds);
     let group_list = |extra: &str| -> String {
         let mut v = vec![extra.to_owned()];
         v.extend(g_alias.iter().cloned());
@@ -302,11 +323,7 @@ fn metric_sql(t: &Tables, m: &Metric, f: &Filters) -> Result<FinalQuery, QueryEr
     if let Some(to) = to_s {
         time_conds.push(format!("_ws < {to}"));
     }
-    let where_time = if time_conds.is_empty() {
-        String::new()
-    } else {
-        format!(" WHERE {}", time_conds.join(" AND "))
-    };
+    let where_time = where_of(&time_conds);
 
     let base = if level {
         level_deltas(&table, m, &conds, from_s, to_s)
@@ -421,32 +438,16 @@ fn rollup_sql(t: &Tables, m: &Metric, f: &Filters, r: Rollup) -> Result<FinalQue
     rollup::check(&target, r, f.zone, f.from_ms, f.to_ms)?;
     let zone = rollup::bucket_zone(&target, f.zone);
     let table = t.qualified(&m.name);
-    let g_alias: Vec<String> = (0..m.group_by.len()).map(|i| format!("_g{i}")).collect();
-    let c_alias: Vec<String> = (0..m.aggregates.len()).map(|i| format!("_c{i}")).collect();
+    let Aliases {
+        g: g_alias,
+        c: c_alias,
+        groups_sel,
+    } = Aliases::of(m);
     let (mut conds, post) = group_conds(m, f)?;
     conds.insert(0, generation::current_cond(t, Kind::Metric, &m.name));
-    let groups_sel: Vec<String> = m
-        .group_by
-        .iter()
-        .zip(&g_alias)
-        .map(|(g, a)| format!("{} AS {a}", ident(&g.name)))
-        .collect();
     let from_s = f.from_ms.map(secs_ceil);
     let to_s = f.to_ms.map(secs_ceil);
-    let mut range = Vec::new();
-    if let Some(fr) = from_s {
-        range.push(format!("window_start >= toDateTime({})", fr.max(0)));
-    }
-    if let Some(to) = to_s {
-        range.push(format!("window_start < toDateTime({})", to.max(0)));
-    }
-    let where_of = |c: &[String]| {
-        if c.is_empty() {
-            String::new()
-        } else {
-            format!(" WHERE {}", c.join(" AND "))
-        }
-    };
+    let range = window_range(from_s, to_s);
     let group_list = {
         let mut v = vec!["_b".to_owned()];
         v.extend(g_alias.iter().cloned());
@@ -611,11 +612,7 @@ fn log_sql(t: &Tables, l: &Log, f: &Filters) -> Result<FinalQuery, QueryError> {
         };
         cols.push((c.name.clone(), format!("_g{i}"), out));
     }
-    let where_ = if conds.is_empty() {
-        String::new()
-    } else {
-        format!(" WHERE {}", conds.join(" AND "))
-    };
+    let where_ = where_of(&conds);
     // Through a Distributed table, ClickHouse 18.16 cannot apply `FINAL`
     // when the columns it merges by (the key, the version) are not selected
     // at the same level ("Cannot find column event_minute in source
