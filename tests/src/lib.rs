@@ -784,6 +784,11 @@ impl LiveGen {
         LiveGen { proc, truth }
     }
 
+    /// Whether gen is still writing.
+    pub fn is_running(&mut self) -> bool {
+        self.proc.is_running()
+    }
+
     /// Waits for gen to finish; its truth.
     pub fn truth(mut self) -> Value {
         assert!(

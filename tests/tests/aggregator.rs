@@ -538,29 +538,7 @@ fn clickhouse_outage_stops_consumption_and_loses_nothing() {
     let env = Env::new("aggch");
     let _tables = DropTables(env.prefix.clone());
     env.create_topics();
-    let truth_path = scratch(&env.prefix).join("truth.json");
-    let mut generator = env.spawn(
-        "vidpulse-gen",
-        &[
-            "--count",
-            "3000",
-            "--rate",
-            "100",
-            "--seed",
-            "44",
-            "--start",
-            "2021-08-16T01:00:00Z",
-            "--span",
-            "10m",
-            "--dup-fraction",
-            "0.04",
-            "--late-fraction",
-            "0.04",
-            "--truth",
-            truth_path.to_str().unwrap(),
-        ],
-        "gen.log",
-    );
+    let mut generator = LiveGen::start(&env, 3000, 100, 44);
     let _ingest = ingest(&env);
     let port = free_port();
     let mut agg = aggregator(&env, port, "aggregator.log", &["--flush-max-rows", "50"]);
@@ -602,7 +580,7 @@ fn clickhouse_outage_stops_consumption_and_loses_nothing() {
     wait_for("gen to finish", Duration::from_secs(120), || {
         (!generator.is_running()).then_some(())
     });
-    let truth = read_json(&truth_path);
+    let truth = generator.truth();
     let want = expected(&truth, &FROM_MONITORED);
     wait_exact(&env, &want, "after a 30 s ClickHouse outage");
     let m = metrics(port);
