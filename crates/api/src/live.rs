@@ -353,19 +353,11 @@ pub fn day_start(zone: Option<Zone>, anchor: i64) -> i64 {
     }
 }
 
-/// Builds one snapshot: every panel at once, each in its own task, so that
-/// one panel decoding a large answer does not hold up the others.
-pub async fn build(st: &AppState, anchor: i64) -> Value {
-    let tasks = PANELS.map(|p| {
-        let st = st.clone();
-        tokio::spawn(async move { panel(&st, &p, anchor).await })
-    });
-    let results = futures::future::join_all(tasks).await;
+/// Builds one snapshot (every panel at once).
+pub async fn build(st: &Inner, anchor: i64) -> Value {
+    let results = futures::future::join_all(PANELS.iter().map(|p| panel(st, p, anchor))).await;
     let mut panels = Map::new();
     for (p, v) in PANELS.iter().zip(results) {
-        let v = v.unwrap_or_else(|e| {
-            json!({"metric": p.metric, "error": format!("the panel's task failed: {e}"), "rows": []})
-        });
         panels.insert(p.id.to_owned(), v);
     }
     let pools = match &st.pools {
